@@ -1,0 +1,179 @@
+"""adamx.Adam and adamx.AdamW: drop-in replacements for torch.optim.Adam / AdamW."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, _get_scalar_dtype
+
+from . import _ops
+from .functional import op_kwargs
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    r"""Adam with a fused step: one compiled pass over memory per step (CPU: SIMD,
+    multithreaded; CUDA: one launch per device and dtype).
+
+    Same arguments, defaults, numbers and ``state_dict`` as ``torch.optim.Adam``, plus
+    ``eps_inside_sqrt``: ``True`` puts eps inside the square root,
+    ``p -= lr * m_hat / sqrt(v_hat + eps)``, as the tutorial loop
+    ``adamx.reference.seed_adam`` does, instead of ``sqrt(v_hat) + eps``.
+
+    ``foreach`` and ``fused`` are accepted for compatibility and ignored: every step is
+    fused. ``differentiable=True`` is not supported. ``capturable`` keeps step counts on
+    the params' device so that a CUDA step can be captured in a graph.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        eps_inside_sqrt: bool = False,
+    ):
+        # The checks and messages of torch.optim.Adam.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise RuntimeError(
+                "adamx does not support differentiable=True: its fused kernel updates params "
+                "in place outside autograd. Use torch.optim.Adam(differentiable=True).")
+        betas = tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        # Also what load_state_dict ends with: groups from a torch.optim.Adam checkpoint
+        # lack adamx's own keys, and old checkpoints may hold steps as numbers.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                               ("capturable", False), ("differentiable", False),
+                               ("fused", None), ("decoupled_weight_decay", False),
+                               ("eps_inside_sqrt", False)):
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = self._new_step(p, group, float(p_state["step"]))
+
+    @staticmethod
+    def _new_step(p, group, value=0.0):
+        # As torch.optim.Adam: on the param's device when capturable (or fused), else CPU.
+        if group["capturable"] or group["fused"]:
+            return torch.tensor(value, dtype=torch.float32, device=p.device)
+        return torch.tensor(value, dtype=_get_scalar_dtype())
+
+    def _new_state(self, p, group):
+        state = {
+            "step": self._new_step(p, group),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _gather(self, group, fresh):
+        """The op's tensor lists for one group. New state goes into ``fresh``, which the
+        step adds to ``self.state`` only once every update has succeeded."""
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        amsgrad = group["amsgrad"]
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            state = self.state.get(p)
+            if not state:
+                state = fresh[p] = self._new_state(p, group)
+            elif amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on later
+                state = fresh[p] = dict(
+                    state, max_exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+
+    @staticmethod
+    def _hyper(group):
+        beta1, beta2 = group["betas"]
+        return op_kwargs(lr=group["lr"], beta1=beta1, beta2=beta2,
+                         weight_decay=group["weight_decay"], eps=group["eps"],
+                         amsgrad=group["amsgrad"], maximize=group["maximize"],
+                         decoupled_weight_decay=group["decoupled_weight_decay"],
+                         eps_inside_sqrt=group["eps_inside_sqrt"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Every group's inputs are checked before any tensor is written: a step that raises
+        leaves params and state exactly as they were.
+        """
+        _ops.require_compiled()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fresh = {}
+        calls = []
+        for group in self.param_groups:
+            lists = self._gather(group, fresh)
+            if lists[0]:
+                calls.append((lists, self._hyper(group)))
+        if len(calls) > 1:  # one call checks itself before writing; several check first
+            for lists, hyper in calls:
+                torch.ops.adamx.adam_check(*lists, **hyper)
+        for lists, hyper in calls:
+            torch.ops.adamx.adam_(*lists, **hyper)
+        self.state.update(fresh)
+        return loss
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay, defaults as ``torch.optim.AdamW``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize: bool = False, foreach: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, eps_inside_sqrt: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

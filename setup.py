@@ -1,0 +1,164 @@
+"""Builds adamx's compiled module, adamx._C.
+
+What it compiles:
+- always, the CPU kernel, once per instruction set (x86-64: default, AVX2, AVX-512; the
+  best one the running CPU supports is picked at import time), plus the op bindings;
+- the CUDA kernels too, when the installed torch is a CUDA build and a CUDA toolkit
+  (nvcc) is found. ADAMX_CUDA=1 insists on them (the build fails rather than skip them),
+  ADAMX_CUDA=0 leaves them out. TORCH_CUDA_ARCH_LIST picks the GPU architectures
+  (default below).
+
+Install with `pip install --no-build-isolation .` into an environment that already has
+torch: the module must be compiled against that torch (see README.md, "Install").
+"""
+
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"  # Turing..Hopper; CUDA 13 has no 7.0
+
+
+def log(msg):
+    print(f"adamx build: {msg}", file=sys.stderr, flush=True)
+
+
+def find_cuda_home():
+    """A toolkit directory with nvcc and the runtime headers, or None.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong where nvcc is a wrapper
+    script outside the toolkit (e.g. /usr/local/bin/nvcc), so look for a real one first.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(d, "include", "cuda_runtime_api.h")
+        ):
+            return d
+    return None
+
+
+def want_cuda(torch):
+    """(build CUDA?, reason), honouring ADAMX_CUDA."""
+    switch = os.environ.get("ADAMX_CUDA", "").strip().lower()
+    if switch in ("0", "off", "false", "no"):
+        return False, "ADAMX_CUDA=0"
+    cuda_home = find_cuda_home()
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is a CPU-only build"
+    elif cuda_home is None:
+        problem = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    if problem:
+        if switch in ("1", "on", "true", "yes"):
+            raise SystemExit(f"adamx build: ADAMX_CUDA=1 but {problem}")
+        return False, problem
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    return True, f"torch CUDA {torch.version.cuda}, toolkit {cuda_home}"
+
+
+def prepare_cuda_env(torch):
+    """Environment fixes a CUDA build needs on machines without a GPU or full toolkit."""
+    # Without a visible GPU torch cannot infer the architectures.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # ATen's CUDA headers include cuBLAS/cuSPARSE headers that a minimal toolkit lacks;
+    # torch's CUDA wheels ship them in nvidia/cu*/include.
+    toolkit_inc = os.path.join(os.environ["CUDA_HOME"], "include")
+    if not os.path.isfile(os.path.join(toolkit_inc, "cusparse.h")) and "CUDA_INC_PATH" not in os.environ:
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        for inc in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))):
+            if os.path.isfile(os.path.join(inc, "cusparse.h")):
+                os.environ["CUDA_INC_PATH"] = inc
+                break
+
+
+# Per instruction set: the macros ATen's Vectorized<T> keys on, and the compiler flags.
+ISA_BUILDS = {
+    "default": ([("CPU_CAPABILITY", "DEFAULT"), ("CPU_CAPABILITY_DEFAULT", None)], []),
+    "avx2": (
+        [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)],
+        ["-mavx2", "-mfma", "-mf16c"],
+    ),
+    "avx512": (
+        [("CPU_CAPABILITY", "AVX512"), ("CPU_CAPABILITY_AVX512", None)],
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    ),
+}
+ISA_KERNEL = "csrc/cpu/adam_cpu_kernel.cpp"
+
+
+def main():
+    import torch
+    from torch.utils.cpp_extension import BuildExtension
+
+    build_cuda, reason = want_cuda(torch)
+    if build_cuda:
+        prepare_cuda_env(torch)
+    # Import only now: cpp_extension reads CUDA_HOME when it is imported.
+    from torch.utils import cpp_extension
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    isas = list(ISA_BUILDS) if x86 else ["default"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    # No FMA contraction: a fused multiply-add only where the source says so, so every
+    # instruction set (and the scalar emulation of the CUDA kernel) rounds alike.
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", abi]
+
+    class BuildExt(BuildExtension):
+        """Compiles the CPU kernel once per instruction set, each with its own flags."""
+
+        def build_extensions(self):
+            for ext in self.extensions:
+                ext.extra_objects = self.isa_objects(ext) + list(ext.extra_objects or [])
+            super().build_extensions()
+
+        def isa_objects(self, ext):
+            objects = []
+            for isa in isas:
+                macros, flags = ISA_BUILDS[isa]
+                objects += self.compiler.compile(
+                    [ISA_KERNEL],
+                    output_dir=os.path.join(self.build_temp, "isa", isa),
+                    macros=macros,
+                    include_dirs=cpp_extension.include_paths(),
+                    extra_postargs=cxx_flags + ["-fPIC"] + flags,
+                    depends=glob.glob("csrc/**/*.h", recursive=True),
+                )
+            return objects
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cuda/*.cpp"))
+    sources.remove(ISA_KERNEL)
+    macros = [("ADAMX_WITH_CUDA", None)] if build_cuda else []
+    kwargs = dict(
+        name="adamx._C",
+        sources=sources,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+    if build_cuda:
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension(**kwargs)
+        log(f"building CPU kernels ({', '.join(isas)}) and CUDA kernels "
+            f"for {os.environ['TORCH_CUDA_ARCH_LIST']} ({reason})")
+    else:
+        ext = cpp_extension.CppExtension(**kwargs)
+        log(f"building CPU kernels ({', '.join(isas)}); CUDA kernels skipped: {reason}")
+
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+
+
+if __name__ == "__main__":
+    os.chdir(HERE)
+    main()
