@@ -132,7 +132,8 @@ def main():
                     output_dir=os.path.join(self.build_temp, "isa", isa),
                     macros=macros,
                     include_dirs=cpp_extension.include_paths(),
-                    extra_postargs=cxx_flags + ["-fPIC"] + flags,
+                    # GCC 12 warns about its own intrinsics headers there.
+                    extra_postargs=cxx_flags + ["-fPIC", "-Wno-maybe-uninitialized"] + flags,
                     depends=glob.glob("csrc/**/*.h", recursive=True),
                 )
             return objects
