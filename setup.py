@@ -141,11 +141,15 @@ def main():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cuda/*.cpp"))
     sources.remove(ISA_KERNEL)
     macros = [("ADAMX_WITH_CUDA", None)] if build_cuda else []
+    # at::parallel_for is inline code that opens an OpenMP region in *our* object files:
+    # without -fopenmp it silently runs on one thread. The OpenMP runtime linked is the
+    # one torch already loaded (same soname, libgomp.so.1), so there is one thread pool.
     kwargs = dict(
         name="adamx._C",
         sources=sources,
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
+        extra_link_args=["-fopenmp"],
     )
     if build_cuda:
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -1,15 +1,39 @@
 """adamx.Adam and adamx.AdamW: drop-in replacements for torch.optim.Adam / AdamW."""
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, _get_scalar_dtype
+from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
+                                   _global_optimizer_pre_hooks)
 
 from . import _ops
 from .functional import op_kwargs
 
 __all__ = ["Adam", "AdamW"]
+
+_NEEDS_STATE = -1  # adamx._C.NEEDS_STATE
+
+
+def _fast_hooks(step):
+    """Wraps ``step`` like torch.optim.Optimizer's profile_hook_step (step hooks and a
+    profiler range) while any hook or the profiler is active, and calls it bare otherwise:
+    the profiler range alone costs about as much as a small model's whole update."""
+    hooked = Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                or torch.autograd.profiler._is_profiler_enabled):
+            return hooked(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    wrapper.hooked = True  # tells Optimizer.__init__ not to wrap it again
+    return wrapper
 
 
 class Adam(Optimizer):
@@ -134,7 +158,7 @@ class Adam(Optimizer):
                          decoupled_weight_decay=group["decoupled_weight_decay"],
                          eps_inside_sqrt=group["eps_inside_sqrt"])
 
-    @torch.no_grad()
+    @_fast_hooks
     def step(self, closure=None):
         """Performs a single optimization step.
 
@@ -146,6 +170,31 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            if torch.compiler.is_compiling() or not self._step_fast():
+                self._step_lists()
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        return loss
+
+    def _step_fast(self):
+        """The step through adamx._C.step_group, which reads each group's params, grads
+        and state in C++. Returns False, having written nothing, when some param still
+        needs its state made (its first step), which _step_lists does."""
+        step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
+        if len(groups) == 1:
+            return step_group(groups[0], state) != _NEEDS_STATE
+        for group in groups:  # several groups: check them all before updating any
+            if step_group(group, state, True) == _NEEDS_STATE:
+                return False
+        for group in groups:
+            step_group(group, state)
+        return True
+
+    def _step_lists(self):
+        """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
         for group in self.param_groups:
@@ -158,7 +207,6 @@ class Adam(Optimizer):
         for lists, hyper in calls:
             torch.ops.adamx.adam_(*lists, **hyper)
         self.state.update(fresh)
-        return loss
 
 
 class AdamW(Adam):

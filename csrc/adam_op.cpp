@@ -1,8 +1,12 @@
 #include "adam_op.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include <cmath>
 
@@ -95,13 +99,51 @@ void check_args(const AdamArgs& a, c10::DeviceType device_type) {
 }
 
 namespace {
+
 void check_only(const AdamArgs& a) {
   if (!a.params.empty()) check_args(a, a.params[0].device().type());
 }
+
+// adam_'s Autograd kernel. An optimizer step is not differentiable, so it records
+// nothing; what it does is what ATen's in-place ops get from their ADInplaceOrView
+// kernels: it bumps the version counter of every tensor the step writes, so autograd
+// notices a param that changed after it was saved for backward. It refuses inference
+// tensors outside inference mode before anything is written. Being an unboxed kernel,
+// it also spares each call the boxing that the generic autograd fallback would do.
+template <class Signature>
+struct AutogradKernel;
+
+template <class... Args>
+struct AutogradKernel<void(Args...)> {
+  static void call(c10::DispatchKeySet keys, Args... args) {
+    auto all = std::forward_as_tuple(args...);
+    // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps (grads is read-only).
+    const at::TensorList written[] = {std::get<0>(all), std::get<2>(all), std::get<3>(all),
+                                      std::get<4>(all), std::get<5>(all)};
+    if (!c10::InferenceMode::is_enabled())
+      for (at::TensorList list : written)
+        for (const at::Tensor& t : list)
+          TORCH_CHECK(!t.is_inference(),
+                      "adamx: an in-place update of an inference tensor outside "
+                      "InferenceMode is not allowed");
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("adamx::adam_", "")
+                               .typed<AdamOpSignature>();
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, args...);
+    for (at::TensorList list : written)
+      for (const at::Tensor& t : list)
+        if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adamx, CompositeExplicitAutograd, m) {
   m.impl("adam_check", &adam_op<check_only>);
+}
+
+TORCH_LIBRARY_IMPL(adamx, Autograd, m) {
+  m.impl("adam_", &AutogradKernel<AdamOpSignature>::call);
 }
 
 }  // namespace adamx

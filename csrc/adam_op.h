@@ -36,4 +36,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
                    decoupled_weight_decay, eps_inside_sqrt});
 }
 
+// The C++ signature of adamx::adam_ (and adamx::adam_check).
+using AdamOpSignature = decltype(adam_op<nullptr>);
+
 }  // namespace adamx

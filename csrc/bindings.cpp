@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "python_step.h"
 
 namespace {
 
@@ -52,4 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_capabilities", &supported_isa_names,
         "The instruction sets this machine can run, narrowest first.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("step_group", &adamx::step_group, pybind11::arg("group"), pybind11::arg("state"),
+        pybind11::arg("check_only") = false,
+        "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts. "
+        "Returns the number of params stepped, or -1 if one needs its state made first.");
+  m.attr("NEEDS_STATE") = adamx::kNeedsState;
 }

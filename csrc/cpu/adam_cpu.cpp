@@ -4,9 +4,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "../adam_op.h"
@@ -16,12 +14,11 @@
 namespace adamx::cpu {
 namespace {
 
-// Work is cut into chunks of this many elements (a multiple of every vector width), so
-// threads share a step however its elements are spread over tensors; below
-// kSerialElems in all, one thread does it (a parallel region costs microseconds).
-constexpr int64_t kChunkElems = 32 * 1024;
-constexpr int64_t kSerialElems = 64 * 1024;
-static_assert(kChunkElems % kMaxVectorElems == 0);
+// Threads split the step's elements evenly, across tensor boundaries: each tensor takes
+// a span of the step's element space padded to whole vectors, and thread ranges are
+// cut at multiples of kMaxVectorElems, so no vector straddles two threads and the
+// results are the same for any thread count. Below kGrainElems, one thread does all.
+constexpr int64_t kGrainElems = 32 * 1024;
 
 Dtype dtype_of(at::ScalarType t) {
   switch (t) {
@@ -51,11 +48,6 @@ struct TensorWork {
   int64_t numel;
   StepScalars<double> scalars;
   RangeKernel kernel;
-};
-
-struct Chunk {
-  const TensorWork* work;
-  int64_t begin, end;
 };
 
 // The tensors the kernel runs on for one param: the user's own when they are all dense
@@ -108,7 +100,6 @@ void adam_cpu(const AdamArgs& a) {
   std::vector<Operands> operands(n);
   std::vector<TensorWork> work(n);
   std::vector<size_t> copied;  // params that run on temporaries
-  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     operands[i] = operands_for(a, i);
     if (uses_temporaries(operands[i], a, i)) copied.push_back(i);
@@ -119,7 +110,6 @@ void adam_cpu(const AdamArgs& a) {
     work[i].numel = o.param.numel();
     // One kernel per dtype and variant, looked up once per tensor, not per chunk.
     work[i].kernel = range_kernel(isa, dtype_of(o.param.scalar_type()), flags);
-    total += work[i].numel;
   }
   for (size_t i = 0; i < n; ++i) {
     const double step = increment_step(a.state_steps[i]);
@@ -127,22 +117,22 @@ void adam_cpu(const AdamArgs& a) {
                                         : step_scalars<double, false>(step, lr, a.hyper);
   }
 
-  if (total <= kSerialElems) {
-    for (const TensorWork& w : work)
-      if (w.numel) w.kernel(w.buffers, 0, w.numel, w.scalars);
-  } else {
-    std::vector<Chunk> chunks;
-    chunks.reserve(total / kChunkElems + n);
-    for (const TensorWork& w : work)
-      for (int64_t b = 0; b < w.numel; b += kChunkElems)
-        chunks.push_back({&w, b, std::min(b + kChunkElems, w.numel)});
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        const TensorWork& w = *chunks[c].work;
-        w.kernel(w.buffers, chunks[c].begin, chunks[c].end, w.scalars);
-      }
-    });
-  }
+  // Where each tensor's span starts in the step's element space.
+  std::vector<int64_t> start(n + 1, 0);
+  for (size_t i = 0; i < n; ++i)
+    start[i + 1] = start[i] + at::divup(work[i].numel, kMaxVectorElems) * kMaxVectorElems;
+  at::parallel_for(0, start[n], kGrainElems, [&](int64_t lo, int64_t hi) {
+    auto cut = [&](int64_t x) { return x == start[n] ? x : x / kMaxVectorElems * kMaxVectorElems; };
+    lo = cut(lo);
+    hi = cut(hi);
+    size_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; i < n && start[i] < hi; ++i) {
+      const TensorWork& w = work[i];
+      const int64_t begin = std::max(lo, start[i]) - start[i];
+      const int64_t end = std::min(hi - start[i], w.numel);
+      if (begin < end) w.kernel(w.buffers, begin, end, w.scalars);
+    }
+  });
   for (size_t i : copied) copy_back(operands[i], a, i);
 }
 
