@@ -129,7 +129,7 @@ def main():
                 macros, flags = ISA_BUILDS[isa]
                 objects += self.compiler.compile(
                     [ISA_KERNEL],
-                    output_dir=os.path.join(self.build_temp, "isa", isa),
+                    output_dir=os.path.join(self.build_temp, "isa", torch.__version__, isa),
                     macros=macros,
                     include_dirs=cpp_extension.include_paths(),
                     # GCC 12 warns about its own intrinsics headers there.

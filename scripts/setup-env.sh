@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment with torch and builds adamx into it.
+#   ADAMX_VENV   where the environment lives      (default: .venv in the repo)
+#   ADAMX_TORCH  the torch requirement to install (default: torch==2.13.0, CPU build)
+# Prints the environment's python on its last line. Sourced by test.sh and bench.sh.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${ADAMX_VENV:-$repo/.venv}"
+torch_req="${ADAMX_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+# torch first, so the build compiles against it; ninja parallelizes the compile.
+"$py" -m pip install -q --disable-pip-version-check "$torch_req" numpy pytest ninja setuptools wheel matplotlib
+# --no-build-isolation: an isolated build would install a second torch to compile against,
+# whose C++ ABI need not match the torch installed here (see README, Install).
+start=$(date +%s)
+"$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps "$repo"
+echo "adamx built and installed in $(( $(date +%s) - start )) s into $venv" >&2
+# (from / so that the installed package is imported, not the source tree)
+(cd / && "$py" -c "import adamx, sys; i = adamx.build_info(); print('adamx', i, file=sys.stderr); assert i['compiled'], 'adamx._C did not build'")
+echo "$py"
