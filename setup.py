@@ -99,7 +99,13 @@ ISA_KERNEL = "csrc/cpu/adam_cpu_kernel.cpp"
 
 
 def main():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "adamx build: torch is not importable here. adamx compiles against the torch you "
+            "already have: install torch first, then `pip install --no-build-isolation .` "
+            "(an isolated build environment has no torch, or a different one).")
     from torch.utils.cpp_extension import BuildExtension
 
     build_cuda, reason = want_cuda(torch)
