@@ -6,14 +6,18 @@
 // parameters of `Variant`; per-step quantities (bias corrections, step size) are
 // computed once per tensor in `StepScalars` and broadcast to the value type.
 //
-// The formula follows torch's fused Adam kernels, operation for operation:
+// The formula follows torch's Adam operation for operation, but for one thing: the bias
+// correction of v multiplies by a reciprocal computed once per step instead of dividing
+// each element (a division is the costliest operation here, and the CPU kernel is
+// division-bound on cache-resident tensors; see benchmarks/RESULTS.md). It changes the
+// result by at most a rounding.
 //   g    = maximize ? -g : g
 //   g   += wd * p                         (Adam's L2 penalty, wd != 0)
 //   p   *= 1 - lr * wd                    (AdamW's decoupled decay, wd != 0)
 //   m    = lerp(m, g, 1 - beta1)
 //   v    = v * beta2 + (1 - beta2) * g * g
 //   vmax = max(vmax, v)                   (amsgrad; vmax replaces v below)
-//   den  = sqrt(v) / sqrt(bc2) + eps      (torch)  |  sqrt(v / bc2 + eps)  (tutorial)
+//   den  = sqrt(v) * (1/sqrt(bc2)) + eps  (torch)  |  sqrt(v * (1/bc2) + eps)  (tutorial)
 //   p    = p + (-lr / bc1) * m / den
 // with bc1 = 1 - beta1^t and bc2 = 1 - beta2^t for the step t after its increment.
 #pragma once
@@ -51,7 +55,7 @@ struct StepScalars {
   T beta2;
   T one_minus_beta2;
   T neg_step_size;   // -lr / bc1
-  T bc2_term;        // sqrt(bc2) (torch placement) or bc2 (eps inside the sqrt)
+  T inv_bc2_term;    // 1/sqrt(bc2) (torch placement) or 1/bc2 (eps inside the sqrt)
   T eps;
   T weight_decay;    // L2 coefficient (0: no penalty)
   T decay_factor;    // 1 - lr * wd (decoupled decay)
@@ -61,7 +65,7 @@ struct StepScalars {
   // Broadcast to another compute type (e.g. a SIMD vector of T).
   template <class U>
   ADAMX_HD StepScalars<U> as() const {
-    return {U(lerp_coeff), U(beta2), U(one_minus_beta2), U(neg_step_size), U(bc2_term),
+    return {U(lerp_coeff), U(beta2), U(one_minus_beta2), U(neg_step_size), U(inv_bc2_term),
             U(eps), U(weight_decay), U(decay_factor), lerp_from_grad, has_weight_decay};
   }
 };
@@ -83,7 +87,7 @@ ADAMX_HD StepScalars<S> step_scalars(S step, S lr, const Hyper& h) {
   s.beta2 = beta2;
   s.one_minus_beta2 = S(1) - beta2;
   s.neg_step_size = -(lr / bc1);
-  s.bc2_term = kEpsInsideSqrt ? bc2 : sqrt(bc2);
+  s.inv_bc2_term = S(1) / (kEpsInsideSqrt ? bc2 : sqrt(bc2));
   s.eps = S(h.eps);
   s.weight_decay = S(h.weight_decay);
   s.decay_factor = S(1) - lr * S(h.weight_decay);
@@ -111,15 +115,17 @@ ADAMX_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const StepScalars<T>& 
     if (Var::decoupled) p = p * s.decay_factor;
     else g = g + p * s.weight_decay;
   }
-  m = M::fma(s.lerp_coeff, g - m, s.lerp_from_grad ? g : m);
+  // Two calls rather than one with a selected third operand: selecting between two SIMD
+  // vectors made GCC spill both to the stack each iteration (1.7x slower).
+  m = s.lerp_from_grad ? M::fma(s.lerp_coeff, g - m, g) : M::fma(s.lerp_coeff, g - m, m);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   T second = v;
   if (Var::amsgrad) {
     vmax = M::max(vmax, v);
     second = vmax;
   }
-  const T denom = Var::eps_inside_sqrt ? M::sqrt(second / s.bc2_term + s.eps)
-                                       : M::sqrt(second) / s.bc2_term + s.eps;
+  const T denom = Var::eps_inside_sqrt ? M::sqrt(second * s.inv_bc2_term + s.eps)
+                                       : M::sqrt(second) * s.inv_bc2_term + s.eps;
   p = p + s.neg_step_size * m / denom;
 }
 
