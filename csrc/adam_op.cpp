@@ -136,7 +136,37 @@ struct AutogradKernel<void(Args...)> {
   }
 };
 
+// Sparse tensors dispatch to their own keys; these kernels make that the same clear
+// error as any other bad input (check_args rejects every sparse tensor).
+void reject_sparse(const AdamArgs& a) {
+  check_args(a, a.params.empty() ? c10::DeviceType::CPU : a.params[0].device().type());
+  TORCH_CHECK(false, "adamx: sparse tensors are not supported");
+}
+
+#ifndef ADAMX_WITH_CUDA
+void no_cuda_kernels(const AdamArgs&) {
+  TORCH_CHECK(false,
+              "adamx was built without its CUDA kernels (the torch it was built against was a "
+              "CPU-only build, no nvcc was found, or ADAMX_CUDA=0). Rebuild it with a CUDA "
+              "build of torch installed: pip install --no-build-isolation . (see README.md)");
+}
+#endif
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(adamx, SparseCPU, m) {
+  m.impl("adam_", &adam_op<reject_sparse>);
+}
+
+TORCH_LIBRARY_IMPL(adamx, SparseCUDA, m) {
+  m.impl("adam_", &adam_op<reject_sparse>);
+}
+
+#ifndef ADAMX_WITH_CUDA
+TORCH_LIBRARY_IMPL(adamx, CUDA, m) {
+  m.impl("adam_", &adam_op<no_cuda_kernels>);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(adamx, CompositeExplicitAutograd, m) {
   m.impl("adam_check", &adam_op<check_only>);
