@@ -63,6 +63,16 @@ void check_args(const AdamArgs& a, c10::DeviceType device_type) {
     check_hyper(a.hyper.lr, "lr");
   }
 
+  if (!c10::InferenceMode::is_enabled()) {
+    for (at::TensorList list : {a.params, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs,
+                                a.state_steps})
+      for (const at::Tensor& t : list)
+        TORCH_CHECK(!t.defined() || !t.is_inference(),
+                    "adamx: an in-place update of an inference tensor outside InferenceMode "
+                    "is not allowed (a param or state tensor was made under "
+                    "torch.inference_mode())");
+  }
+
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     TORCH_CHECK(p.defined(), "adamx: params[", i, "] is undefined");
@@ -107,8 +117,8 @@ void check_only(const AdamArgs& a) {
 // adam_'s Autograd kernel. An optimizer step is not differentiable, so it records
 // nothing; what it does is what ATen's in-place ops get from their ADInplaceOrView
 // kernels: it bumps the version counter of every tensor the step writes, so autograd
-// notices a param that changed after it was saved for backward. It refuses inference
-// tensors outside inference mode before anything is written. Being an unboxed kernel,
+// notices a param that changed after it was saved for backward (check_args has refused
+// inference tensors outside inference mode, which have no counter). Being an unboxed kernel,
 // it also spares each call the boxing that the generic autograd fallback would do.
 template <class Signature>
 struct AutogradKernel;
@@ -120,12 +130,6 @@ struct AutogradKernel<void(Args...)> {
     // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps (grads is read-only).
     const at::TensorList written[] = {std::get<0>(all), std::get<2>(all), std::get<3>(all),
                                       std::get<4>(all), std::get<5>(all)};
-    if (!c10::InferenceMode::is_enabled())
-      for (at::TensorList list : written)
-        for (const at::Tensor& t : list)
-          TORCH_CHECK(!t.is_inference(),
-                      "adamx: an in-place update of an inference tensor outside "
-                      "InferenceMode is not allowed");
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
                                .typed<AdamOpSignature>();
