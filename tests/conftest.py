@@ -1,0 +1,255 @@
+"""Shared helpers for adamx's CPU tests: tolerances, a float64 reference of the update,
+deterministic inputs, and snapshot/compare utilities.
+
+Everything numeric that the tests compare against lives here, so that the tolerances are
+written down (and justified) in one place.
+"""
+
+import math
+
+import pytest
+import torch
+
+import adamx
+
+# --------------------------------------------------------------------------------------
+# Tolerances.
+#
+# Two kinds of comparison are made, each with its own table.
+#
+# REF_TOL: adamx against `RefAdam` below, a float64 evaluation of the same formula that
+#   rounds every stored tensor (param, exp_avg, exp_avg_sq, max_exp_avg_sq) to the param
+#   dtype after each step, exactly where the kernel stores them. So the only differences
+#   are (a) the kernel's per-operation rounding in its compute type (float32 for
+#   float32/float16/bfloat16, float64 for float64), a few units in the last place (ulp)
+#   of the compute type per step, and (b) for float16/bfloat16, the rare element whose
+#   value lies so close to a rounding boundary of the storage type that (a) moves it to
+#   the neighbouring value: one ulp of the storage type, which later steps carry along but
+#   do not grow (the grads do not depend on the param except through weight decay).
+#   rtol is therefore a few ulp of the storage type (finfo.eps is one ulp at 1.0; the
+#   relative size of one ulp is at most eps). atol covers values that cancel towards zero
+#   (exp_avg of alternating grads), where a relative bound means nothing: their absolute
+#   error is a few ulp of the quantities they came from, which are O(1) here (grads and
+#   params are N(0, 1) draws), so atol is a few eps too. float64: the kernel and the
+#   reference round differently in a handful of operations per step; after 15 steps the
+#   largest difference measured is ~2e-16 (in units of 1 + |value|), so 1e-13 leaves a wide
+#   margin while still catching any formula error (a wrong beta or bias correction moves
+#   results by >1e-4). Measured worst case as a fraction of REF_TOL over the whole option
+#   grid: float32 0.54, float16 0.34, bfloat16 0.008, float64 0.002.
+#
+# TORCH_TOL: adamx against torch.optim.Adam/AdamW (foreach=False, or fused=True). Same
+#   formula, different operation order (torch's loop uses addcdiv, a separate bias
+#   correction, ...), so float32/float64 differ by a few ulp per step, as against the
+#   reference. Reduced precision is only compared with torch's fused CPU kernel (it
+#   computes in float32 and stores in the param dtype, as adamx does; measured: bitwise
+#   equal for bfloat16/float16), because torch's foreach=False loop computes every op in
+#   the reduced dtype (float16 even underflows eps=1e-8 to 0 and divides by zero).
+# --------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+REF_TOL = {
+    torch.float64: dict(rtol=1e-13, atol=1e-13),
+    torch.float32: dict(rtol=8 * _eps(torch.float32), atol=8 * _eps(torch.float32)),
+    # one or two storage ulp, see above
+    torch.float16: dict(rtol=2 * _eps(torch.float16), atol=2 * _eps(torch.float16)),
+    torch.bfloat16: dict(rtol=2 * _eps(torch.bfloat16), atol=2 * _eps(torch.bfloat16)),
+}
+
+TORCH_TOL = {
+    torch.float64: dict(rtol=1e-13, atol=1e-13),
+    torch.float32: dict(rtol=8 * _eps(torch.float32), atol=8 * _eps(torch.float32)),
+    torch.float16: dict(rtol=2 * _eps(torch.float16), atol=2 * _eps(torch.float16)),
+    torch.bfloat16: dict(rtol=2 * _eps(torch.bfloat16), atol=2 * _eps(torch.bfloat16)),
+}
+
+# The learning rate most tests use: large enough that every step visibly moves a
+# bfloat16 param of size ~1 (one bfloat16 ulp at 1.0 is 2**-7 ~ 0.008; an Adam step moves
+# by about lr), so reduced-precision tests are not vacuous.
+LR = 0.03
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+# Every test module of the optimizer applies this; the missing-build path has its own
+# tests that run either way.
+needs_build = pytest.mark.skipif(
+    not adamx.is_compiled(),
+    reason="adamx._C is not built (run `python setup.py build_ext --inplace`)")
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_cpu_capability():
+    original = adamx.cpu_capability()
+    yield original
+    adamx.set_cpu_capability(original)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (2, 3, 4, 5), (1031,)]
+
+
+def make_tensors(shapes, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype)
+            for s in shapes]
+
+
+def make_grad_seq(shapes, dtype, steps, seed, scale=1.0):
+    """grads[step][i]: deterministic N(0, scale^2) grads, already in ``dtype``."""
+    return [make_tensors(shapes, dtype, seed * 1000 + k, scale) for k in range(steps)]
+
+
+# --------------------------------------------------------------------------------------
+# The float64 reference
+# --------------------------------------------------------------------------------------
+class RefAdam:
+    """The update of issue 2 in float64, rounding each stored tensor to ``dtype`` after
+    each step (where adamx stores it). Written from the formula, not from adamx."""
+
+    def __init__(self, params, dtype, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False, decoupled=False, eps_inside_sqrt=False):
+        self.dtype = dtype
+        self.p = [p.detach().to(torch.float64).clone() for p in params]
+        self.m = [torch.zeros_like(p) for p in self.p]
+        self.v = [torch.zeros_like(p) for p in self.p]
+        self.vmax = [torch.zeros_like(p) for p in self.p]
+        self.t = 0
+        self.lr, (self.b1, self.b2), self.eps = float(lr), betas, eps
+        self.wd, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
+        self.decoupled, self.inside = decoupled, eps_inside_sqrt
+
+    def _round(self, x):
+        return x.to(self.dtype).to(torch.float64)
+
+    def step(self, grads):
+        self.t += 1
+        t, b1, b2, lr, wd = self.t, self.b1, self.b2, self.lr, self.wd
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        for i, grad in enumerate(grads):
+            g = grad.to(torch.float64)
+            p = self.p[i]
+            if self.maximize:
+                g = -g
+            if wd != 0:
+                if self.decoupled:
+                    p = p * (1 - lr * wd)
+                else:
+                    g = g + wd * p
+            m = self.m[i] + (1 - b1) * (g - self.m[i])
+            v = self.v[i] * b2 + (1 - b2) * g * g
+            second = v
+            if self.amsgrad:
+                vmax = torch.maximum(self.vmax[i], v)
+                second = vmax
+                self.vmax[i] = self._round(vmax)
+            if self.inside:
+                denom = torch.sqrt(second / bc2 + self.eps)
+            else:
+                denom = torch.sqrt(second) / math.sqrt(bc2) + self.eps
+            p = p - (lr / bc1) * m / denom
+            self.p[i], self.m[i], self.v[i] = self._round(p), self._round(m), self._round(v)
+
+    def state_of(self, i):
+        s = {"exp_avg": self.m[i], "exp_avg_sq": self.v[i]}
+        if self.amsgrad:
+            s["max_exp_avg_sq"] = self.vmax[i]
+        return s
+
+
+# --------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------
+def assert_close(actual, expected, tol, msg=""):
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
+                               equal_nan=True, msg=lambda m: f"{msg}\n{m}" if msg else m,
+                               **tol)
+
+
+def assert_opt_matches_ref(opt, params, ref, dtype, tol=None, what=""):
+    tol = tol or REF_TOL[dtype]
+    for i, p in enumerate(params):
+        assert p.dtype == dtype
+        assert_close(p, ref.p[i], tol, f"{what} param {i} {tuple(p.shape)}")
+        st = opt.state[p]
+        assert float(st["step"]) == ref.t
+        for key, value in ref.state_of(i).items():
+            assert st[key].dtype == dtype
+            assert_close(st[key], value, tol, f"{what} {key} {i} {tuple(p.shape)}")
+
+
+def assert_same_state(opt_a, params_a, opt_b, params_b, tol=None, exact=False):
+    """Params and every state tensor of two optimizers over corresponding params."""
+    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+        check = (lambda a, b, m: _assert_equal(a, b, m)) if exact else \
+            (lambda a, b, m: assert_close(a, b, tol, m))
+        check(pa, pb, f"param {i}")
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert sa.keys() == sb.keys(), (i, sa.keys(), sb.keys())
+        for key in sa:
+            if key == "step":
+                assert float(sa[key]) == float(sb[key]), (i, sa[key], sb[key])
+            else:
+                check(sa[key], sb[key], f"{key} {i}")
+
+
+def _assert_equal(a, b, msg):
+    assert a.dtype == b.dtype and a.shape == b.shape, msg
+    # bitwise, NaN payloads aside
+    assert torch.equal(a, b) or (
+        torch.equal(torch.isnan(a), torch.isnan(b))
+        and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])), msg
+
+
+def snapshot(opt, params):
+    """Deep copies of the params and the whole optimizer state (tensors cloned)."""
+    state = {}
+    for p in params:
+        if p in opt.state:
+            state[p] = {k: (v.clone() if torch.is_tensor(v) else v)
+                        for k, v in opt.state[p].items()}
+    return [p.detach().clone() for p in params], state
+
+
+def assert_unchanged(opt, params, snap):
+    """Everything ``snapshot`` saw is bitwise the same, and no state was added."""
+    saved_params, saved_state = snap
+    for i, (p, saved) in enumerate(zip(params, saved_params)):
+        if p.device.type == "meta":  # no data to compare
+            continue
+        assert p.dtype == saved.dtype and torch.equal(p.detach(), saved), f"param {i} changed"
+    current = {p: s for p, s in opt.state.items() if s}
+    assert set(current.keys()) == set(saved_state.keys()), "state entries added or removed"
+    for p, saved in saved_state.items():
+        now = opt.state[p]
+        assert now.keys() == saved.keys()
+        for k, v in saved.items():
+            if torch.is_tensor(v):
+                if v.device.type == "meta":
+                    continue
+                assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"state {k} changed"
+            else:
+                assert now[k] == v
