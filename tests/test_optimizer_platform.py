@@ -93,8 +93,11 @@ def test_cpu_capability_from_environment():
     supported = adamx.supported_cpu_capabilities()
     want = supported[0]  # the narrowest, so it differs from the default choice if possible
     env = dict(os.environ, ADAMX_CPU_CAPABILITY=want)
+    # Run where the adamx under test is importable first (installed or in-tree build),
+    # not from the source tree, whose adamx/ may have no compiled module.
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(adamx.__file__)))
     out = subprocess.run(
         [sys.executable, "-c", "import adamx; print(adamx.cpu_capability())"],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == want
