@@ -21,7 +21,9 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"  # Turing..Hopper; CUDA 13 has no 7.0
+# Turing..Blackwell (CUDA 13 has no 7.0), with PTX for later GPUs. Used when no GPU is
+# visible; with one, torch builds for the visible GPUs' architectures.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
 
 def log(msg):
@@ -71,7 +73,8 @@ def want_cuda(torch):
 def prepare_cuda_env(torch):
     """Environment fixes a CUDA build needs on machines without a GPU or full toolkit."""
     # Without a visible GPU torch cannot infer the architectures.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     # ATen's CUDA headers include cuBLAS/cuSPARSE headers that a minimal toolkit lacks;
     # torch's CUDA wheels ship them in nvidia/cu*/include.
     toolkit_inc = os.path.join(os.environ["CUDA_HOME"], "include")
@@ -106,13 +109,13 @@ def main():
             "adamx build: torch is not importable here. adamx compiles against the torch you "
             "already have: install torch first, then `pip install --no-build-isolation .` "
             "(an isolated build environment has no torch, or a different one).")
-    from torch.utils.cpp_extension import BuildExtension
 
     build_cuda, reason = want_cuda(torch)
     if build_cuda:
         prepare_cuda_env(torch)
     # Import only now: cpp_extension reads CUDA_HOME when it is imported.
     from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
     isas = list(ISA_BUILDS) if x86 else ["default"]
@@ -159,10 +162,14 @@ def main():
     )
     if build_cuda:
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        # -fmad=false: no FMA contraction on the device either (as -ffp-contract=off on the
+        # host), so the GPU rounds exactly as the CPU emulation of its kernel body does.
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
+                                                "-fmad=false"]
         ext = cpp_extension.CUDAExtension(**kwargs)
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs"
         log(f"building CPU kernels ({', '.join(isas)}) and CUDA kernels "
-            f"for {os.environ['TORCH_CUDA_ARCH_LIST']} ({reason})")
+            f"for {archs} ({reason})")
     else:
         ext = cpp_extension.CppExtension(**kwargs)
         log(f"building CPU kernels ({', '.join(isas)}); CUDA kernels skipped: {reason}")

@@ -1,0 +1,218 @@
+// The multi-tensor CUDA Adam kernel's launch table and kernel body.
+//
+// Everything here is __host__ __device__ (ADAMX_HD) plain C++: no CUDA header, no ATen.
+// The __global__ kernel (adam_cuda_kernel.cu) only forwards blockIdx/threadIdx/blockDim
+// to `adam_block_body`; the CPU emulation (emulate.cpp) calls the very same function for
+// every (block, thread) of every launch, so the tests run this exact code without a GPU.
+//
+// One launch updates up to kMaxTensors tensors of one dtype, in up to kMaxBlocks blocks;
+// each block owns one chunk (`chunk_size` elements) of one tensor. The table is passed by
+// value as the kernel's argument (it fits in the 4 KiB every CUDA version accepts).
+// Threads of a block share nothing: each thread updates the elements
+//   chunk_start + thread * W + k * block_dim * W  (+ 0..W-1)
+// with W-element, 16-byte loads and stores when the block's pointers allow it, and one
+// element at a time otherwise. All sizes and offsets are 64-bit.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../adam_math.h"
+
+#if defined(__CUDACC__)
+#define ADAMX_UNROLL _Pragma("unroll")
+#else
+#define ADAMX_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace adamx::cuda {
+
+// Capacity of one launch table. sizeof(LaunchTable) stays below the 4 KiB kernel
+// parameter limit (static_assert below).
+constexpr int kMaxTensors = 36;
+constexpr int kMaxBlocks = 320;
+constexpr int kMaxScalarSets = 2;
+
+// Defaults of the CUDA launch (the emulation may override them for tests).
+constexpr int64_t kDefaultChunkSize = 65536;  // elements per block
+constexpr int kBlockDim = 512;                // threads per block
+constexpr int kVectorBytes = 16;
+
+// Where a tensor's step scalars come from.
+enum StepSource : uint8_t {
+  kHostScalars = 0,  // precomputed on the host: sets[scalar_set[t]]
+  kStepFloat = 1,    // read *(const float*)step[t].ptr in the kernel (capturable)
+  kStepDouble = 2,   // read *(const double*)step[t].ptr in the kernel
+  kStepValue = 3,    // step[t].value, with a device lr (computed in the kernel)
+};
+
+// The dtype of a device lr tensor (lr_dtype), or kNone: use hyper.lr.
+enum ScalarCode : uint8_t { kNone = 0, kFloat32 = 1, kFloat64 = 2, kFloat16 = 3, kBFloat16 = 4 };
+
+union StepRef {
+  const void* ptr;  // kStepFloat / kStepDouble: the step count (already incremented)
+  double value;     // kStepValue: the step count
+};
+
+struct LaunchTable {
+  // Per tensor (index < num_tensors).
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  void* exp_avg[kMaxTensors];
+  void* exp_avg_sq[kMaxTensors];
+  void* max_exp_avg_sq[kMaxTensors];  // only read for amsgrad
+  int64_t numel[kMaxTensors];
+  StepRef step[kMaxTensors];
+  // Per launch.
+  StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
+  Hyper hyper;                               // for scalars computed in the kernel
+  const void* lr_ptr;                        // device lr tensor (lr_dtype != kNone)
+  int64_t chunk_size;
+  int32_t num_tensors;
+  int32_t num_blocks;
+  // Per block (index < num_blocks): which tensor, which chunk of it.
+  int32_t block_chunk[kMaxBlocks];
+  uint8_t block_tensor[kMaxBlocks];
+  // Per tensor, small.
+  uint8_t step_source[kMaxTensors];
+  uint8_t scalar_set[kMaxTensors];
+  uint8_t lr_dtype;
+};
+
+static_assert(sizeof(LaunchTable) <= 4000, "the launch table must fit in 4 KiB of kernel parameters");
+static_assert(kMaxTensors <= 256 && kMaxScalarSets <= 256, "uint8_t indices");
+static_assert(std::is_trivially_copyable_v<LaunchTable>, "passed by value to a kernel");
+
+// The type the math runs in: float for float/half/bfloat16, double for double (as torch).
+template <class T>
+using OpMath = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elements per 16-byte vector.
+template <class T>
+constexpr int kVecElems = kVectorBytes / sizeof(T);
+
+template <class T>
+struct alignas(kVectorBytes) Pack {
+  T v[kVecElems<T>];
+};
+
+template <class P>
+ADAMX_HD P load_pack(const void* ptr) {
+#if defined(__CUDA_ARCH__)
+  return *static_cast<const P*>(ptr);  // one 16-byte load
+#else
+  P x;
+  std::memcpy(&x, ptr, sizeof(P));  // the same bytes, without breaking aliasing rules
+  return x;
+#endif
+}
+
+template <class P>
+ADAMX_HD void store_pack(void* ptr, const P& x) {
+#if defined(__CUDA_ARCH__)
+  *static_cast<P*>(ptr) = x;
+#else
+  std::memcpy(ptr, &x, sizeof(P));
+#endif
+}
+
+ADAMX_HD bool aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
+}
+
+ADAMX_HD double read_scalar(const void* ptr, uint8_t code) {
+  switch (code) {
+    case kFloat64: return *static_cast<const double*>(ptr);
+    case kFloat16: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
+    case kBFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
+    default: return *static_cast<const float*>(ptr);
+  }
+}
+
+// The step scalars of tensor `t`: host-computed, or computed here from a step count in
+// memory (and the lr, possibly in device memory). Both compute in double, as the CPU
+// kernel does, so they agree bitwise whenever pow() does.
+template <bool kEpsInsideSqrt>
+ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
+  const uint8_t source = tab.step_source[t];
+  if (source == kHostScalars) return tab.sets[tab.scalar_set[t]];
+  const double step = source == kStepFloat    ? double(*static_cast<const float*>(tab.step[t].ptr))
+                      : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
+                                              : tab.step[t].value;
+  const double lr = tab.lr_dtype == kNone ? tab.hyper.lr : read_scalar(tab.lr_ptr, tab.lr_dtype);
+  return step_scalars<double, kEpsInsideSqrt>(step, lr, tab.hyper);
+}
+
+// Whether block `block` takes the 16-byte vector path: every pointer it touches, at its
+// chunk's start, is 16-byte aligned (which also makes the start a whole vector).
+template <class Var, class T>
+ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
+  const int t = tab.block_tensor[block];
+  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
+  bool ok = aligned(static_cast<const T*>(tab.param[t]) + start) &&
+            aligned(static_cast<const T*>(tab.grad[t]) + start) &&
+            aligned(static_cast<const T*>(tab.exp_avg[t]) + start) &&
+            aligned(static_cast<const T*>(tab.exp_avg_sq[t]) + start);
+  if (Var::amsgrad) ok = ok && aligned(static_cast<const T*>(tab.max_exp_avg_sq[t]) + start);
+  return ok;
+}
+
+// One element: widen to the math type, update, round back to the storage type.
+template <class Var, class T>
+ADAMX_HD void update_one(T& p, T g, T& m, T& v, T* vmax, const StepScalars<OpMath<T>>& s) {
+  using C = OpMath<T>;
+  C pc = static_cast<C>(p), mc = static_cast<C>(m), vc = static_cast<C>(v);
+  C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
+  adam_update<Var>(pc, static_cast<C>(g), mc, vc, xc, s);
+  p = static_cast<T>(pc);
+  m = static_cast<T>(mc);
+  v = static_cast<T>(vc);
+  if (Var::amsgrad) *vmax = static_cast<T>(xc);
+}
+
+// The kernel body: what thread `thread` of block `block` (of `block_dim` threads) does.
+template <class Var, class T>
+ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const LaunchTable& tab) {
+  using C = OpMath<T>;
+  constexpr int W = kVecElems<T>;
+  const int t = tab.block_tensor[block];
+  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
+  const int64_t rest = tab.numel[t] - start;
+  const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
+  // Round the scalars to the math type first, as torch (and the CPU kernel) do.
+  const StepScalars<C> s = tensor_scalars<Var::eps_inside_sqrt>(tab, t).template as<C>();
+
+  T* p = static_cast<T*>(tab.param[t]) + start;
+  const T* g = static_cast<const T*>(tab.grad[t]) + start;
+  T* m = static_cast<T*>(tab.exp_avg[t]) + start;
+  T* v = static_cast<T*>(tab.exp_avg_sq[t]) + start;
+  T* x = Var::amsgrad ? static_cast<T*>(tab.max_exp_avg_sq[t]) + start : nullptr;
+
+  int64_t scalar_from = 0;  // elements before this went through the vector path
+  if (block_is_vectorized<Var, T>(tab, block)) {
+    using P = Pack<T>;
+    const int64_t vectors = len / W;
+    for (int64_t j = thread; j < vectors; j += block_dim) {
+      const int64_t i = j * W;
+      P pp = load_pack<P>(p + i), gp = load_pack<P>(g + i), mp = load_pack<P>(m + i),
+        vp = load_pack<P>(v + i), xp{};
+      if (Var::amsgrad) xp = load_pack<P>(x + i);
+      ADAMX_UNROLL
+      for (int k = 0; k < W; ++k)
+        update_one<Var, T>(pp.v[k], gp.v[k], mp.v[k], vp.v[k], &xp.v[k], s);
+      store_pack(p + i, pp);
+      store_pack(m + i, mp);
+      store_pack(v + i, vp);
+      if (Var::amsgrad) store_pack(x + i, xp);
+    }
+    scalar_from = vectors * W;
+  }
+  for (int64_t i = scalar_from + thread; i < len; i += block_dim)
+    update_one<Var, T>(p[i], g[i], m[i], v[i], x ? x + i : nullptr, s);
+}
+
+}  // namespace adamx::cuda
