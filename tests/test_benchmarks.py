@@ -1,0 +1,160 @@
+"""The benchmark scripts run end to end on tiny configurations, so that they cannot rot.
+
+Each script runs as a subprocess (as the README runs it) with --quick; the test checks its
+exit status, its tables and its JSON. The MNIST script reads $ADAMX_MNIST_DIR when it is
+set and otherwise runs on the synthetic stand-in (--no-download, so that a test never
+reaches for the network).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import adamx
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+MNIST_DIR = os.environ.get("ADAMX_MNIST_DIR")
+
+try:
+    import matplotlib  # noqa: F401  (only whether it is there)
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+
+
+def run_script(name, *args, env=None, timeout=600):
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env or os.environ.copy(),
+                          cwd=str(REPO))
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_mnist_mlp_quick(tmp_path):
+    args = ["--quick", "--out", str(tmp_path)]
+    if not MNIST_DIR:
+        args.append("--no-download")
+    proc = run_script("mnist_mlp.py", *args)
+    out = proc.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["synthetic"] == (not MNIST_DIR)
+    if not MNIST_DIR:
+        assert "SYNTHETIC" in out and "SYNTHETIC" in res["data"]
+    assert res["train_images"] == 2048 and res["test_images"] == 1000
+
+    optimizers = ["python-loop", "torch", "torch-foreach", "torch-fused"]
+    if adamx.is_compiled():
+        optimizers += ["adamx", "adamx-eps-inside"]
+    runs = {(r["optimizer"], r["data_mode"]) for r in res["runs"]}
+    for name in optimizers:
+        for mode in ("transform", "tensors"):
+            assert (name, mode) in runs, (name, mode)
+    for r in res["runs"]:
+        assert r["epochs"] == 1 and len(r["epoch_losses"]) == 1
+        assert r["steps"] == 32 and r["steps_per_epoch"] == 32
+        assert 0 < r["step_median_s"] <= r["step_total_s"] <= r["wall_s"]
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["loss_curve_every_30"][0][0] == 0 and r["loss_curve_every_30"][1][0] == 30
+    # The tutorial's table, the summary and the checks were printed.
+    assert "epoch: 1, Train Loss: " in out
+    assert "## Summary, data path 'transform'" in out and "published" in out
+    # Both data paths see identical batches, so every optimizer's losses agree exactly.
+    for c in res["checks"]:
+        if "path" in c["check"]:
+            assert c["match"] and c["max_abs_loss_diff"] == 0.0, c
+    if adamx.is_compiled():
+        wanted = {"adamx == torch", "adamx-eps-inside == python-loop"}
+        got = {c["check"]: c for c in res["checks"] if c["check"] in wanted}
+        assert set(got) == wanted
+        for c in got.values():
+            assert c["match"], c
+            assert "MATCH: " + c["check"] in out
+        # One step from the same state: the updates agree to a few ulps of the params.
+        assert {s["pair"] for s in res["step_checks"]} == {"adamx vs torch",
+                                                           "adamx-eps-inside vs python-loop"}
+        for s in res["step_checks"]:
+            assert s["points"] >= 1 and s["max_ulps"] <= 64 and s["frac_identical"] > 0.9, s
+    if HAVE_MPL:
+        assert (tmp_path / "loss_curves.png").stat().st_size > 0
+        assert (tmp_path / "step_time.png").stat().st_size > 0
+    # Not a terminal: the progress bar stays quiet.
+    assert "\r" not in proc.stderr
+
+
+def test_mnist_mlp_subset_and_one_mode(tmp_path):
+    proc = run_script("mnist_mlp.py", "--quick", "--synthetic", "--out", str(tmp_path),
+                      "--optimizers", "torch-fused,python-loop", "--data-mode", "tensors",
+                      "--limit-train", "640")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["synthetic"] and "SYNTHETIC" in proc.stdout
+    assert [(r["optimizer"], r["data_mode"]) for r in res["runs"]] == [
+        ("torch-fused", "tensors"), ("python-loop", "tensors")]
+    assert all(r["steps"] == 10 for r in res["runs"])
+
+
+def test_step_bench_quick(tmp_path):
+    proc = run_script("step_bench.py", "--quick", "--dtype", "float32,bfloat16",
+                      "--device", "cpu", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "step_bench.json").read_text())
+    recs = res["records"]
+    peers = {"python-loop", "torch-forloop", "torch-foreach", "torch-fused"}
+    if adamx.is_compiled():
+        peers.add("adamx")
+    for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+        for case, n in (("mnist", 159010), ("sweep-1e3", 1000), ("sweep-1e5", 100000)):
+            got = {r["peer"]: r for r in recs if r["dtype"] == dtype and r["case"] == case}
+            assert peers <= set(got), (dtype, case, set(got))
+            assert "ceiling" in got and got["ceiling"]["stream"] in ("adam-like", "rmw", "scale")
+            for peer in peers:
+                r = got[peer]
+                assert r["elements"] == n and r["bytes_moved"] == 7 * itemsize * n
+                assert r["n"] >= 3 and r["median_s"] > 0
+                assert abs(r["gb_s"] - r["bytes_moved"] / r["median_s"] / 1e9) < 1e-6 * r["gb_s"]
+                assert r["ceiling_share"] > 0
+            assert got["torch-fused"]["ratio_to_torch_fused"] == 1.0
+    assert recs[0]["tensors"] == 4  # the MNIST MLP's 4 tensors
+    if adamx.is_compiled():
+        # The issue-5 targets that --quick covers (MNIST: float32 twice, bfloat16 once).
+        assert len(res["targets"]) == 3
+        assert sum(("PASS: issue-5" in line or "FAIL: issue-5" in line)
+                   for line in proc.stdout.splitlines()) == 3
+    if HAVE_MPL:
+        for dtype in ("float32", "bfloat16"):
+            assert (tmp_path / f"step_bench_cpu_{dtype}.png").stat().st_size > 0
+    assert "\r" not in proc.stderr
+
+
+def test_step_bench_gpt2_shapes():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import step_bench
+    finally:
+        sys.path.remove(str(BENCH))
+    shapes = step_bench.gpt2_small_shapes()
+    assert len(shapes) == 148
+    assert sum(step_bench.numel(s) for s in shapes) == 124_439_808
+    assert sum(step_bench.numel(s) for s in step_bench.MNIST_SHAPES) == 159_010
+
+
+def test_scripts_run_without_adamx(tmp_path):
+    """With adamx unimportable, both scripts say so and still run the torch peers."""
+    fake = tmp_path / "fake"
+    (fake / "adamx").mkdir(parents=True)
+    (fake / "adamx" / "__init__.py").write_text("raise ImportError('adamx deliberately broken')\n")
+    env = os.environ.copy()
+    env["PYTHONPATH"] = str(fake) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = run_script("step_bench.py", "--quick", "--cases", "mnist", "--out",
+                      str(tmp_path / "s"), env=env)
+    assert "adamx: UNAVAILABLE" in proc.stdout and "deliberately broken" in proc.stdout
+    res = json.loads((tmp_path / "s" / "step_bench.json").read_text())
+    assert {r["peer"] for r in res["records"]} == {"torch-forloop", "torch-foreach",
+                                                   "torch-fused", "ceiling"}
+    assert any(k.endswith("/adamx") for k in res["unavailable"])
+    proc = run_script("mnist_mlp.py", "--quick", "--synthetic", "--data-mode", "tensors",
+                      "--out", str(tmp_path / "m"), env=env)
+    assert "UNAVAILABLE: adamx" in proc.stdout
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert {r["optimizer"] for r in res["runs"]} == {"torch", "torch-foreach", "torch-fused"}
