@@ -146,8 +146,8 @@ def test_scripts_run_without_adamx(tmp_path):
     (fake / "adamx" / "__init__.py").write_text("raise ImportError('adamx deliberately broken')\n")
     env = os.environ.copy()
     env["PYTHONPATH"] = str(fake) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = run_script("step_bench.py", "--quick", "--cases", "mnist", "--out",
-                      str(tmp_path / "s"), env=env)
+    proc = run_script("step_bench.py", "--quick", "--cases", "mnist", "--device", "cpu",
+                      "--out", str(tmp_path / "s"), env=env)  # on a GPU, +graph peers too
     assert "adamx: UNAVAILABLE" in proc.stdout and "deliberately broken" in proc.stdout
     res = json.loads((tmp_path / "s" / "step_bench.json").read_text())
     assert {r["peer"] for r in res["records"]} == {"torch-forloop", "torch-foreach",

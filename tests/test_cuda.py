@@ -99,9 +99,14 @@ def test_optimizer_matches_torch_on_cuda(dtype, decoupled, amsgrad, capturable):
     p0 = make_tensors(shapes, dtype, seed=5)
     ours = [p.cuda().requires_grad_() for p in p0]
     theirs = [p.cuda().requires_grad_() for p in p0]
-    kw = dict(lr=LR, weight_decay=0.1, amsgrad=amsgrad, capturable=capturable)
+    kw = dict(lr=LR, weight_decay=0.1, amsgrad=amsgrad)
     impl = {"fused": True} if dtype in REDUCED else {"foreach": False}
-    opt = (adamx.AdamW if decoupled else adamx.Adam)(ours, **kw)
+    opt = (adamx.AdamW if decoupled else adamx.Adam)(ours, **kw, capturable=capturable)
+    # The reference is torch with capturable=False whatever ours is: capturable only moves
+    # where the bias corrections are computed, and adamx computes them in double on the GPU
+    # as on the host. torch's capturable single-tensor loop computes them from its float32
+    # step tensor in float32 (measured on an H100: float64 params then differ from torch's
+    # non-capturable result by 1.7e-6 relative after 5 steps, float32 ones by ~10 ulp).
     ref = (torch.optim.AdamW if decoupled else torch.optim.Adam)(theirs, **kw, **impl)
     for grads in make_grad_seq(shapes, dtype, 5, seed=6):
         for a, b, g in zip(ours, theirs, grads):
