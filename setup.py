@@ -16,6 +16,7 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -101,6 +102,32 @@ ISA_BUILDS = {
 ISA_KERNEL = "csrc/cpu/adam_cpu_kernel.cpp"
 
 
+def check_shared_libstdcxx(path):
+    """Fail the build if the compiler linked its own copy of libstdc++ into the module.
+
+    torch has already loaded the system's libstdc++.so when the module is imported; a
+    second, static copy in the module shares no locale state with it, and the first
+    error message that formats a number is cut short there (reproduced here with
+    LDFLAGS=-static-libstdc++) or crashes the process (seen on a lent GPU machine
+    whose g++ in /opt/gcc linked libstdc++ statically: a segmentation fault inside
+    std::ostream::operator<<(unsigned long)). Checked with binutils' nm where present.
+    """
+    nm = shutil.which("nm")
+    if nm is None:
+        log("cannot check how libstdc++ was linked: no nm (binutils) found")
+        return
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True)
+    own = [line.split()[-1] for line in out.stdout.splitlines()
+           if "_ZNSt6locale" in line or "_ZNSo9_M_insert" in line]
+    if own:
+        raise SystemExit(
+            f"adamx build: the compiler linked a static copy of libstdc++ into {path} "
+            f"(it defines {own[0]}, ...). Beside the libstdc++.so that torch loads, the first "
+            "error message that formats a number is cut short or crashes the process. Build with a compiler that "
+            "links libstdc++ as a shared library, e.g. CXX=/usr/bin/g++, and without "
+            "-static-libstdc++ in LDFLAGS.")
+
+
 def main():
     try:
         import torch
@@ -131,6 +158,8 @@ def main():
             for ext in self.extensions:
                 ext.extra_objects = self.isa_objects(ext) + list(ext.extra_objects or [])
             super().build_extensions()
+            for ext in self.extensions:
+                check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
 
         def isa_objects(self, ext):
             objects = []

@@ -3,6 +3,9 @@ and all optimizer state (step counts included) are exactly as before the failing
 and no state is created for params that had none."""
 
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -378,3 +381,18 @@ def test_second_group_goes_bad_after_every_param_has_state(kind):
         second[0].grad = second[0].grad.to_sparse()
         second[1].grad = None
     _expect_failure(opt, params, match)
+
+
+def test_module_links_the_shared_libstdcxx():
+    """A compiled module carrying its own static libstdc++ crashes the process on the
+    first error message that formats a number (two libstdc++ copies, one locale state
+    each; seen on a GPU machine whose g++ linked it statically). setup.py refuses to
+    finish such a build; this checks the module under test."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) to read the module's symbol table")
+    import adamx._C as ext
+    out = subprocess.run([nm, "-D", "--defined-only", ext.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    own = [line for line in out.splitlines() if "_ZNSt6locale" in line or "_ZNSo9_M_insert" in line]
+    assert not own, f"{ext.__file__} defines libstdc++'s own symbols, e.g. {own[0]}"
