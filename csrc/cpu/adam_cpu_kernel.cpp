@@ -103,9 +103,12 @@ void update_range(const Buffers& b, int64_t begin, int64_t end, const StepScalar
   const auto s = s64.as<Compute>().template as<Vectorized<Compute>>();
   constexpr int64_t kStep = Vectorized<T>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
+  // A local copy of the pointers: the stores through them cannot alias it, so the loop
+  // keeps them in registers instead of reloading them from `b` after every store.
+  const Buffers local = b;
   int64_t i = begin;
-  for (; i + kStep <= end; i += kStep) update_vector<Var, T, false>(b, i, kStep, s);
-  if (i < end) update_vector<Var, T, true>(b, i, end - i, s);
+  for (; i + kStep <= end; i += kStep) update_vector<Var, T, false>(local, i, kStep, s);
+  if (i < end) update_vector<Var, T, true>(local, i, end - i, s);
 }
 
 template <class T>
