@@ -102,6 +102,19 @@ ISA_BUILDS = {
 ISA_KERNEL = "csrc/cpu/adam_cpu_kernel.cpp"
 
 
+def static_libstdcxx_symbols(path):
+    """The symbols of libstdc++'s own that the module at `path` defines: none when it
+    links the shared libstdc++, some when the compiler put a static copy in it; None when
+    there is no nm (binutils) to read its symbol table. tests/test_errors.py calls this."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.split()[-1] for line in out.splitlines()
+            if "_ZNSt6locale" in line or "_ZNSo9_M_insert" in line]
+
+
 def check_shared_libstdcxx(path):
     """Fail the build if the compiler linked its own copy of libstdc++ into the module.
 
@@ -110,22 +123,22 @@ def check_shared_libstdcxx(path):
     error message that formats a number is cut short there (reproduced here with
     LDFLAGS=-static-libstdc++) or crashes the process (seen on a lent GPU machine
     whose g++ in /opt/gcc linked libstdc++ statically: a segmentation fault inside
-    std::ostream::operator<<(unsigned long)). Checked with binutils' nm where present.
+    std::ostream::operator<<(unsigned long)).
     """
-    nm = shutil.which("nm")
-    if nm is None:
-        log("cannot check how libstdc++ was linked: no nm (binutils) found")
+    try:
+        own = static_libstdcxx_symbols(path)
+    except subprocess.CalledProcessError as e:
+        log(f"cannot check how libstdc++ was linked: nm failed on {path}: {e.stderr.strip()}")
         return
-    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True)
-    own = [line.split()[-1] for line in out.stdout.splitlines()
-           if "_ZNSt6locale" in line or "_ZNSo9_M_insert" in line]
-    if own:
+    if own is None:
+        log("cannot check how libstdc++ was linked: no nm (binutils) found")
+    elif own:
         raise SystemExit(
             f"adamx build: the compiler linked a static copy of libstdc++ into {path} "
-            f"(it defines {own[0]}, ...). Beside the libstdc++.so that torch loads, the first "
-            "error message that formats a number is cut short or crashes the process. Build with a compiler that "
-            "links libstdc++ as a shared library, e.g. CXX=/usr/bin/g++, and without "
-            "-static-libstdc++ in LDFLAGS.")
+            f"(it defines {own[0]}, ...). Beside the libstdc++.so that torch loads, the "
+            "first error message that formats a number is cut short or crashes the "
+            "process. Build with a compiler that links libstdc++ as a shared library, "
+            "e.g. CXX=/usr/bin/g++, and without -static-libstdc++ in LDFLAGS.")
 
 
 def main():

@@ -80,8 +80,7 @@ def main():
         time_it("torch fused opt.step()", opt.step)
         p, g, m, v, s = lists(make())
         time_it("torch._fused_adam_", lambda: torch._fused_adam_(
-            p, g, m, v, [], s, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
-            amsgrad=False, maximize=False))
+            p, g, m, v, [], s, **hyper, amsgrad=False, maximize=False))
 
         def stream():
             for a, b, c, d in zip(p, m, v, g):

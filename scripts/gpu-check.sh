@@ -29,7 +29,6 @@ cxx="${ADAMX_CXX:-}"
 if [ -z "$cxx" ] && [ -x /usr/bin/g++ ]; then cxx=/usr/bin/g++; fi
 if [ -n "$cxx" ]; then export CC="$cxx" CXX="$cxx"; fi
 summary=()
-t0=$(date +%s)
 took() { echo "$(( $(date +%s) - t0 )) s"; }
 
 nvidia-smi -L | tee "$out/gpu.txt"

@@ -3,8 +3,8 @@ and all optimizer state (step counts included) are exactly as before the failing
 and no state is created for params that had none."""
 
 
-import shutil
-import subprocess
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,12 +387,13 @@ def test_module_links_the_shared_libstdcxx():
     """A compiled module carrying its own static libstdc++ crashes the process on the
     first error message that formats a number (two libstdc++ copies, one locale state
     each; seen on a GPU machine whose g++ linked it statically). setup.py refuses to
-    finish such a build; this checks the module under test."""
-    nm = shutil.which("nm")
-    if nm is None:
-        pytest.skip("no nm (binutils) to read the module's symbol table")
+    finish such a build; this checks the module under test with setup.py's own scan."""
+    spec = importlib.util.spec_from_file_location(
+        "adamx_setup", Path(__file__).resolve().parents[1] / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)
     import adamx._C as ext
-    out = subprocess.run([nm, "-D", "--defined-only", ext.__file__], capture_output=True,
-                         text=True, check=True).stdout
-    own = [line for line in out.splitlines() if "_ZNSt6locale" in line or "_ZNSo9_M_insert" in line]
+    own = setup_py.static_libstdcxx_symbols(ext.__file__)
+    if own is None:
+        pytest.skip("no nm (binutils) to read the module's symbol table")
     assert not own, f"{ext.__file__} defines libstdc++'s own symbols, e.g. {own[0]}"
