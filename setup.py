@@ -99,7 +99,7 @@ ISA_BUILDS = {
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     ),
 }
-ISA_KERNEL = "csrc/cpu/adam_cpu_kernel.cpp"
+ISA_KERNEL = "csrc/backends/cpu/kernel.cpp"
 
 
 def static_libstdcxx_symbols(path):
@@ -189,7 +189,7 @@ def main():
                 )
             return objects
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cuda/*.cpp"))
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     sources.remove(ISA_KERNEL)
     macros = [("ADAMX_WITH_CUDA", None)] if build_cuda else []
     # at::parallel_for is inline code that opens an OpenMP region in *our* object files:
@@ -203,7 +203,7 @@ def main():
         extra_link_args=["-fopenmp"],
     )
     if build_cuda:
-        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["sources"] += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         # -fmad=false: no FMA contraction on the device either (as -ffp-contract=off on the
         # host), so the GPU rounds exactly as the CPU emulation of its kernel body does.
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr",

@@ -1,7 +1,11 @@
-"""Loads the compiled module and registers the fake (meta) kernels of its ops.
+"""The ops of adamx: their schemas and fake kernels, defined here once; their CPU and CUDA
+kernels are in the compiled module, which registers them when ``adamx._C`` is loaded.
 
-The ops themselves are defined in C++ (csrc/bindings.cpp) and live in ``torch.ops.adamx``;
-their CPU and CUDA kernels register with the dispatcher when ``adamx._C`` is loaded.
+Backends (csrc/backends/<device>/) register kernels for these schemas; the op-level
+registrations every backend shares (autograd, sparse inputs, the input checks) are in
+csrc/op/adam_op.cpp. The switches of the update (``amsgrad``, ``maximize``, ...) come from
+the compiled module (``_C.SWITCHES``), so that adding one to the C++ list adds it to every
+schema here.
 """
 
 import torch
@@ -13,7 +17,7 @@ BUILD_HINT = (
 )
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+    from . import _C  # noqa: F401  (loading it registers the kernels)
 except ImportError as exc:  # keep `import adamx` working; say why when a kernel is used
     _C = None
     _IMPORT_ERROR = exc
@@ -31,9 +35,21 @@ def require_compiled():
         raise RuntimeError(BUILD_HINT.format(why=f" ({_IMPORT_ERROR})"))
 
 
-def _check_one_device(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
-    # The dispatcher picks a kernel from the devices of all tensors together: a stray meta
-    # tensor among CPU ones would select this fake kernel, so it must refuse mixed devices.
+def adam_arguments(mutable: bool) -> str:
+    """The arguments of adamx::adam_ (``mutable``: with the marks of what it writes)."""
+    mark = (lambda alias: f"({alias}!)") if mutable else (lambda alias: "")
+    switches = "".join(f", bool {name}" for name in _C.SWITCHES)
+    return (f"Tensor{mark('a')}[] params, Tensor[] grads, Tensor{mark('b')}[] exp_avgs, "
+            f"Tensor{mark('c')}[] exp_avg_sqs, Tensor{mark('d')}[] max_exp_avg_sqs, "
+            f"Tensor{mark('e')}[] state_steps, *, float lr, Tensor? lr_tensor=None, "
+            f"float beta1, float beta2, float weight_decay, float eps{switches}")
+
+
+def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                   lr_tensor):
+    """The device rules of the op's checks (csrc/op/adam_op.cpp), for the fake kernel: the
+    dispatcher picks a kernel from the devices of all tensors together, so a stray meta or
+    CUDA tensor among CPU ones (the lr, a step count) routes the call here or elsewhere."""
     if not params:
         return
     device = params[0].device
@@ -44,13 +60,41 @@ def _check_one_device(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
                 raise RuntimeError(
                     f"adamx: {name}[{i}] is on {t.device} but params[0] is on {device}; "
                     "one step takes the tensors of one device")
+    scalars = [(f"state_steps[{i}]", s) for i, s in enumerate(state_steps)]
+    for name, t in scalars + [("the lr tensor", lr_tensor)]:
+        if t is not None and t.device.type != "cpu" and t.device != device:
+            raise RuntimeError(f"adamx: {name} is on {t.device}; it must be on the CPU or on "
+                               f"the params' device {device}")
 
 
 if _C is not None:
+    _lib = torch.library.Library("adamx", "DEF")
 
-    @torch.library.register_fake("adamx::adam_")
+    # One Adam/AdamW step over lists of tensors of one device, in place. Increments each
+    # state_steps[i] by one, then updates params, exp_avgs, exp_avg_sqs (and
+    # max_exp_avg_sqs when amsgrad). lr_tensor, when given, replaces lr. Checks all its
+    # inputs before it writes anything.
+    _lib.define(f"adam_({adam_arguments(mutable=True)}) -> ()")
+    # The same checks alone, writing nothing: lets a multi-group step check every group
+    # before it updates the first.
+    _lib.define(f"adam_check({adam_arguments(mutable=False)}) -> ()")
+
+    @torch.library.register_fake("adamx::adam_", lib=_lib)
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                   lr, lr_tensor=None, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                   decoupled_weight_decay, eps_inside_sqrt):
-        # In place, no outputs: nothing to compute, but the device rule still holds.
-        _check_one_device(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+                   lr_tensor=None, **hyper):
+        # In place, no outputs: nothing to compute, but the device rules still hold.
+        _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                       lr_tensor)
+
+    # Test-only (csrc/backends/cuda/emulate.cpp): adam_ run as the CUDA backend runs it,
+    # with the kernel body executed on the CPU for every block and thread; the extra
+    # arguments shrink the launch geometry. Returns [launches, vectorized blocks, blocks].
+    _geometry = (f"int chunk_size={_C.CUDA_CHUNK_SIZE}, int max_tensors={_C.CUDA_MAX_TENSORS}, "
+                 f"int max_blocks={_C.CUDA_MAX_BLOCKS}")
+    _lib.define(f"_adam_emulated_cuda_({adam_arguments(mutable=True)}, "
+                f"bool steps_in_kernel=False, bool lr_in_kernel=False, {_geometry}, "
+                f"int block_dim={_C.CUDA_BLOCK_DIM}, "
+                f"int max_scalar_sets={_C.CUDA_MAX_SCALAR_SETS}, "
+                f"bool edge_blocks_only=False) -> int[]")
+    # Test-only: the CUDA launch plan for tensors of these sizes (nothing is allocated).
+    _lib.define(f"_cuda_launch_plan(int[] numels, {_geometry}) -> int[]")

@@ -8,17 +8,32 @@ from torch import Tensor
 from . import _ops
 
 
-def op_kwargs(*, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-              decoupled_weight_decay, eps_inside_sqrt):
-    """The keyword arguments of torch.ops.adamx.adam_ for these hyper-parameters."""
+def _number(value, name):
+    """``value`` as a float, if it is a number as torch's step takes one (float, int, numpy
+    scalar, one-element tensor); a string is a TypeError, as in torch.optim.Adam."""
+    kind = type(value)
+    if isinstance(value, (str, bytes)) or not (hasattr(kind, "__float__")
+                                               or hasattr(kind, "__index__")):
+        raise TypeError(f"adamx: {name} must be a number, got {kind.__name__}")
+    return float(value)
+
+
+def op_kwargs(*, lr, beta1, beta2, weight_decay, eps, **switches):
+    """The keyword arguments of torch.ops.adamx.adam_ for these hyper-parameters and
+    switches (``amsgrad``, ``maximize``, ... : ``adamx._C.SWITCHES``, default False)."""
+    _ops.require_compiled()
+    unknown = set(switches) - set(_ops._C.SWITCHES)
+    if unknown:
+        raise TypeError(f"adamx: unknown argument(s) {sorted(unknown)}; the switches are "
+                        f"{list(_ops._C.SWITCHES)}")
     if isinstance(lr, Tensor):
         lr, lr_tensor = 0.0, lr
     else:
-        lr, lr_tensor = float(lr), None
-    return dict(lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
-                weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
-                maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay),
-                eps_inside_sqrt=bool(eps_inside_sqrt))
+        lr, lr_tensor = _number(lr, "lr"), None
+    return dict(lr=lr, lr_tensor=lr_tensor, beta1=_number(beta1, "beta1"),
+                beta2=_number(beta2, "beta2"), weight_decay=_number(weight_decay, "weight_decay"),
+                eps=_number(eps, "eps"),
+                **{name: bool(switches.get(name, False)) for name in _ops._C.SWITCHES})
 
 
 @torch.no_grad()
@@ -35,24 +50,22 @@ def adam(
     beta2: float,
     weight_decay: float,
     eps: float,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    eps_inside_sqrt: bool = False,
+    **switches: bool,
 ) -> None:
-    """One fused Adam (or AdamW, with ``decoupled_weight_decay``) step, in place.
+    """One fused Adam step, in place.
+
+    The switches, all False by default, are those of ``adamx.Adam``: ``amsgrad``,
+    ``maximize``, ``decoupled_weight_decay`` (AdamW) and ``eps_inside_sqrt``.
 
     Unlike ``torch.optim._functional``, this increments each ``state_steps[i]`` (a
-    one-element float tensor) by one itself before updating. ``max_exp_avg_sqs`` may be
-    empty unless ``amsgrad``. All params must be on one device (one kernel launch on a
-    GPU). Every input is checked before anything is written.
+    one-element float tensor, one per param) by one itself before updating.
+    ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. All params must be on one device
+    (one kernel launch on a GPU), and no two of the tensors a step writes may share memory.
+    Every input is checked before anything is written.
     """
-    _ops.require_compiled()
+    kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                       **switches)
     if not params:
         return
-    torch.ops.adamx.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
-        **op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                    amsgrad=amsgrad, maximize=maximize,
-                    decoupled_weight_decay=decoupled_weight_decay,
-                    eps_inside_sqrt=eps_inside_sqrt))
+    torch.ops.adamx.adam_(params, grads, exp_avgs, exp_avg_sqs,
+                          max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs)

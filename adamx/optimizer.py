@@ -13,7 +13,9 @@ from .functional import op_kwargs
 
 __all__ = ["Adam", "AdamW"]
 
-_NEEDS_STATE = -1  # adamx._C.NEEDS_STATE
+# torch.optim.Adam's group keys that adamx reads or keeps, with their defaults (the
+# switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False).
+_TORCH_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None)
 
 
 def _fast_hooks(step):
@@ -97,11 +99,10 @@ class Adam(Optimizer):
         # Also what load_state_dict ends with: groups from a torch.optim.Adam checkpoint
         # lack adamx's own keys, and old checkpoints may hold steps as numbers.
         super().__setstate__(state)
+        defaults = dict(_TORCH_DEFAULTS, **dict.fromkeys(_ops._C.SWITCHES if _ops._C else (),
+                                                         False))
         for group in self.param_groups:
-            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
-                               ("capturable", False), ("differentiable", False),
-                               ("fused", None), ("decoupled_weight_decay", False),
-                               ("eps_inside_sqrt", False)):
+            for key, value in defaults.items():
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p)
@@ -126,15 +127,22 @@ class Adam(Optimizer):
         return state
 
     def _gather(self, group, fresh):
-        """The op's tensor lists for one group. New state goes into ``fresh``, which the
-        step adds to ``self.state`` only once every update has succeeded."""
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        """The op's tensor lists for one group, one set per round: a param listed k times
+        in the group (torch warns) is stepped k times, in round 1, ..., k, as torch's loop
+        steps it. New state goes into ``fresh``, which the step adds to ``self.state`` only
+        once every update has succeeded."""
+        rounds = []
+        seen = {}
         amsgrad = group["amsgrad"]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            state = self.state.get(p)
+            k = seen[p] = seen.get(p, -1) + 1
+            if k == len(rounds):
+                rounds.append(([], [], [], [], [], []))
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = rounds[k]
+            state = fresh.get(p) or self.state.get(p)
             if not state:
                 state = fresh[p] = self._new_state(p, group)
             elif amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on later
@@ -147,16 +155,29 @@ class Adam(Optimizer):
             if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        return rounds
 
     @staticmethod
     def _hyper(group):
-        beta1, beta2 = group["betas"]
-        return op_kwargs(lr=group["lr"], beta1=beta1, beta2=beta2,
-                         weight_decay=group["weight_decay"], eps=group["eps"],
-                         amsgrad=group["amsgrad"], maximize=group["maximize"],
-                         decoupled_weight_decay=group["decoupled_weight_decay"],
-                         eps_inside_sqrt=group["eps_inside_sqrt"])
+        values = {key: group[key] for key in _ops._C.GROUP_KEYS}
+        beta1, beta2 = values.pop("betas")
+        return op_kwargs(beta1=beta1, beta2=beta2, **values)
+
+    def _check_capturable(self):
+        """As torch.optim.Adam (but for fused=True): capturable=True needs params on a
+        device whose steps can be captured in a graph, which the CPU is not. (Not checked
+        while torch.compile traces a step: it sets capturable itself, as torch does.)"""
+        if torch.compiler.is_compiling():
+            return
+        for group in self.param_groups:
+            if not group["capturable"] or group["fused"]:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and p.device.type == "cpu":
+                    raise AssertionError(
+                        "adamx: If capturable=True, params and state_steps must be on "
+                        "supported devices: ['cuda'] (a param is on the CPU; use "
+                        "capturable=False there)")
 
     @_fast_hooks
     def step(self, closure=None):
@@ -170,6 +191,7 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_capturable()
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -181,13 +203,14 @@ class Adam(Optimizer):
 
     def _step_fast(self):
         """The step through adamx._C.step_group, which reads each group's params, grads
-        and state in C++. Returns False, having written nothing, when some param still
-        needs its state made (its first step), which _step_lists does."""
+        and state in C++. Returns False, having written nothing, when it leaves a group to
+        _step_lists (a param needs its state made, or is listed twice)."""
         step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
+        not_handled = _ops._C.NOT_HANDLED
         if len(groups) == 1:
-            return step_group(groups[0], state) != _NEEDS_STATE
+            return step_group(groups[0], state) != not_handled
         for group in groups:  # several groups: check them all before updating any
-            if step_group(group, state, True) == _NEEDS_STATE:
+            if step_group(group, state, True) == not_handled:
                 return False
         for group in groups:
             step_group(group, state)
@@ -198,9 +221,10 @@ class Adam(Optimizer):
         fresh = {}
         calls = []
         for group in self.param_groups:
-            lists = self._gather(group, fresh)
-            if lists[0]:
-                calls.append((lists, self._hyper(group)))
+            rounds = self._gather(group, fresh)
+            if rounds:
+                hyper = self._hyper(group)
+                calls += [(lists, hyper) for lists in rounds]
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
                 torch.ops.adamx.adam_check(*lists, **hyper)

@@ -1,10 +1,13 @@
-// The per-element Adam / AdamW update: the one place where the math lives.
+// The per-element Adam / AdamW update, and the compile-time vocabulary every kernel shares:
+// the switches of the formula, the storage dtypes, the per-tensor pointers. The one place
+// where the math lives.
 //
 // Both kernels call `adam_update`: the CPU kernel with SIMD vector types
-// (at::vec::Vectorized<float>, see cpu/adam_cpu_kernel.h) and the CUDA kernel with
-// plain float/double. The switches that change the formula are compile-time
-// parameters of `Variant`; per-step quantities (bias corrections, step size) are
-// computed once per tensor in `StepScalars` and broadcast to the value type.
+// (at::vec::Vectorized<float>, see backends/cpu/kernel.cpp) and the CUDA kernel with plain
+// float/double. The switches that change the formula are listed once, in ADAMX_SWITCHES;
+// from that list come the `Switches` struct, the compile-time `Variant`, the dispatch from
+// one to the other, the op's schema and the param-group keys the optimizer reads. Per-step
+// quantities (bias corrections, step size) are computed once per tensor in `StepScalars`.
 //
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
@@ -22,8 +25,13 @@
 // with bc1 = 1 - beta1^t and bc2 = 1 - beta2^t for the step t after its increment.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADAMX_HD __host__ __device__ __forceinline__
@@ -31,15 +39,96 @@
 #define ADAMX_HD inline
 #endif
 
+// The switches of the update, in the order the op's schema lists them. Each is a bool op
+// argument and a param-group key of the same name (default False). Adding one here and
+// using it in adam_update is all the kernels need: everything else is generated from it.
+#define ADAMX_SWITCHES(X) \
+  X(amsgrad)              \
+  X(maximize)             \
+  X(decoupled_weight_decay) /* AdamW's decay instead of an L2 penalty */ \
+  X(eps_inside_sqrt)        /* the tutorial's placement of eps */
+
 namespace adamx {
 
-// The compile-time switches of the update.
-template <bool kDecoupled, bool kAmsgrad, bool kMaximize, bool kEpsInsideSqrt>
+// The switches as run-time values.
+struct Switches {
+#define ADAMX_SWITCH_FIELD(name) bool name = false;
+  ADAMX_SWITCHES(ADAMX_SWITCH_FIELD)
+#undef ADAMX_SWITCH_FIELD
+};
+
+#define ADAMX_COUNT_SWITCH(name) +1
+constexpr unsigned kNumSwitches = 0 ADAMX_SWITCHES(ADAMX_COUNT_SWITCH);
+#undef ADAMX_COUNT_SWITCH
+constexpr unsigned kNumVariants = 1u << kNumSwitches;
+
+constexpr unsigned switch_bits(const Switches& s) {
+  unsigned bits = 0, k = 0;
+#define ADAMX_SWITCH_BIT(name) bits |= unsigned(s.name) << k++;
+  ADAMX_SWITCHES(ADAMX_SWITCH_BIT)
+#undef ADAMX_SWITCH_BIT
+  return bits;
+}
+
+constexpr Switches switches_from_bits(unsigned bits) {
+  Switches s;
+  unsigned k = 0;
+#define ADAMX_SWITCH_FROM_BIT(name) s.name = (bits >> k++) & 1u;
+  ADAMX_SWITCHES(ADAMX_SWITCH_FROM_BIT)
+#undef ADAMX_SWITCH_FROM_BIT
+  return s;
+}
+
+// The switches as compile-time constants: Variant<bits>::amsgrad, ...
+template <unsigned kBits>
 struct Variant {
-  static constexpr bool decoupled = kDecoupled;          // AdamW decay instead of L2
-  static constexpr bool amsgrad = kAmsgrad;
-  static constexpr bool maximize = kMaximize;
-  static constexpr bool eps_inside_sqrt = kEpsInsideSqrt;  // the tutorial's placement
+  static constexpr Switches on = switches_from_bits(kBits);
+#define ADAMX_SWITCH_CONSTANT(name) static constexpr bool name = on.name;
+  ADAMX_SWITCHES(ADAMX_SWITCH_CONSTANT)
+#undef ADAMX_SWITCH_CONSTANT
+};
+
+namespace detail {
+template <class F, unsigned... kBits>
+void dispatch_bits(unsigned bits, F& f, std::integer_sequence<unsigned, kBits...>) {
+  ((bits == kBits ? (f.template operator()<Variant<kBits>>(), 0) : 0), ...);
+}
+}  // namespace detail
+
+// Calls f.template operator()<Variant<...>>() with the variant matching `s`: the single
+// place where run-time switches become template parameters.
+template <class F>
+void dispatch_switches(const Switches& s, F&& f) {
+  detail::dispatch_bits(switch_bits(s), f, std::make_integer_sequence<unsigned, kNumVariants>{});
+}
+
+// The storage dtypes of params and state.
+enum class Dtype : uint8_t { Float32, Float64, Float16, BFloat16 };
+
+// Calls f.template operator()<T>() with T the C++ type of `d`: the single dtype dispatch.
+template <class F>
+void dispatch_dtype(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::Float64: return f.template operator()<double>();
+    case Dtype::Float16: return f.template operator()<c10::Half>();
+    case Dtype::BFloat16: return f.template operator()<c10::BFloat16>();
+    case Dtype::Float32: return f.template operator()<float>();
+  }
+}
+
+// The type the math runs in: float for float/half/bfloat16, double for double (as torch).
+template <class T>
+using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// One tensor's buffers as a kernel sees them: all laid out alike (same sizes and strides,
+// non-overlapping and dense), `numel` elements each.
+struct TensorPointers {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // null unless amsgrad
+  int64_t numel;
 };
 
 // Hyper-parameters of one step, as the user gave them (double, host or device).
@@ -70,27 +159,25 @@ struct StepScalars {
   }
 };
 
-// Bias corrections and step size for step `step` (already incremented), computed in
-// the precision of S (double on the host, as torch does; float on the device for
-// capturable steps whose count lives in device memory).
-template <class S, bool kEpsInsideSqrt>
-ADAMX_HD StepScalars<S> step_scalars(S step, S lr, const Hyper& h) {
+// Bias corrections and step size for step `step` (already incremented), in double, on the
+// host or in a kernel that reads the step count from memory (capturable steps).
+ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h,
+                                          bool eps_inside_sqrt) {
   using std::pow;
   using std::sqrt;
-  const S beta1 = S(h.beta1), beta2 = S(h.beta2);
-  const S bc1 = S(1) - pow(beta1, step);
-  const S bc2 = S(1) - pow(beta2, step);
-  const S w = S(1) - beta1;  // lerp weight; torch's lerp picks its form by |w| < 0.5
-  StepScalars<S> s;
-  s.lerp_from_grad = !(w < S(0.5));
-  s.lerp_coeff = s.lerp_from_grad ? w - S(1) : w;
-  s.beta2 = beta2;
-  s.one_minus_beta2 = S(1) - beta2;
+  const double bc1 = 1.0 - pow(h.beta1, step);
+  const double bc2 = 1.0 - pow(h.beta2, step);
+  const double w = 1.0 - h.beta1;  // lerp weight; torch's lerp picks its form by |w| < 0.5
+  StepScalars<double> s;
+  s.lerp_from_grad = !(w < 0.5);
+  s.lerp_coeff = s.lerp_from_grad ? w - 1.0 : w;
+  s.beta2 = h.beta2;
+  s.one_minus_beta2 = 1.0 - h.beta2;
   s.neg_step_size = -(lr / bc1);
-  s.inv_bc2_term = S(1) / (kEpsInsideSqrt ? bc2 : sqrt(bc2));
-  s.eps = S(h.eps);
-  s.weight_decay = S(h.weight_decay);
-  s.decay_factor = S(1) - lr * S(h.weight_decay);
+  s.inv_bc2_term = 1.0 / (eps_inside_sqrt ? bc2 : sqrt(bc2));
+  s.eps = h.eps;
+  s.weight_decay = h.weight_decay;
+  s.decay_factor = 1.0 - lr * h.weight_decay;
   s.has_weight_decay = h.weight_decay != 0;
   return s;
 }
@@ -100,19 +187,20 @@ ADAMX_HD StepScalars<S> step_scalars(S step, S lr, const Hyper& h) {
 template <class T>
 struct MathOps {
   static ADAMX_HD T sqrt(T x) { using std::sqrt; return sqrt(x); }
-  // NaN-propagating, like torch.maximum.
+  // NaN-propagating, like torch.maximum; a NaN result is `a` if `a` is NaN, else `b`
+  // (the SIMD versions pick the same operand, so NaN payloads agree across kernels).
   static ADAMX_HD T max(T a, T b) { return (a != a || b < a) ? a : b; }
   static ADAMX_HD T fma(T a, T b, T c) { using std::fma; return fma(a, b, c); }
 };
 
 // One Adam update of one element (or one SIMD vector of elements), in place.
-// `vmax` is only read or written when V::amsgrad.
+// `vmax` is only read or written when Var::amsgrad.
 template <class Var, class T>
 ADAMX_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const StepScalars<T>& s) {
   using M = MathOps<T>;
   if (Var::maximize) g = g * T(-1);
   if (s.has_weight_decay) {
-    if (Var::decoupled) p = p * s.decay_factor;
+    if (Var::decoupled_weight_decay) p = p * s.decay_factor;
     else g = g + p * s.weight_decay;
   }
   // Two calls rather than one with a selected third operand: selecting between two SIMD
@@ -129,27 +217,6 @@ ADAMX_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const StepScalars<T>& 
   const T denom = Var::eps_inside_sqrt ? M::sqrt(second * s.inv_bc2_term + s.eps)
                                        : M::sqrt(second) * s.inv_bc2_term + s.eps;
   p = p + s.neg_step_size * m / denom;
-}
-
-// Calls f.template operator()<Variant<...>>() with the variant matching the runtime
-// switches: the single place where runtime flags become template parameters.
-template <class F>
-inline void dispatch_variant(bool decoupled, bool amsgrad, bool maximize, bool eps_inside,
-                               F&& f) {
-#define ADAMX_VARIANT_CASE(D, A, M, E)                                                    \
-  if (decoupled == D && amsgrad == A && maximize == M && eps_inside == E) {               \
-    f.template operator()<Variant<D, A, M, E>>();                                         \
-    return;                                                                               \
-  }
-#define ADAMX_VARIANT_E(D, A, M) ADAMX_VARIANT_CASE(D, A, M, false) ADAMX_VARIANT_CASE(D, A, M, true)
-#define ADAMX_VARIANT_M(D, A) ADAMX_VARIANT_E(D, A, false) ADAMX_VARIANT_E(D, A, true)
-#define ADAMX_VARIANT_A(D) ADAMX_VARIANT_M(D, false) ADAMX_VARIANT_M(D, true)
-  ADAMX_VARIANT_A(false)
-  ADAMX_VARIANT_A(true)
-#undef ADAMX_VARIANT_A
-#undef ADAMX_VARIANT_M
-#undef ADAMX_VARIANT_E
-#undef ADAMX_VARIANT_CASE
 }
 
 }  // namespace adamx

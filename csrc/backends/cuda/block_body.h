@@ -1,7 +1,7 @@
 // The multi-tensor CUDA Adam kernel's launch table and kernel body.
 //
 // Everything here is __host__ __device__ (ADAMX_HD) plain C++: no CUDA header, no ATen.
-// The __global__ kernel (adam_cuda_kernel.cu) only forwards blockIdx/threadIdx/blockDim
+// The __global__ kernel (kernel.cu) only forwards blockIdx/threadIdx/blockDim
 // to `adam_block_body`; the CPU emulation (emulate.cpp) calls the very same function for
 // every (block, thread) of every launch, so the tests run this exact code without a GPU.
 //
@@ -14,14 +14,11 @@
 // element at a time otherwise. All sizes and offsets are 64-bit.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
-#include "../adam_math.h"
+#include "../../adam_math.h"
 
 #if defined(__CUDACC__)
 #define ADAMX_UNROLL _Pragma("unroll")
@@ -50,9 +47,6 @@ enum StepSource : uint8_t {
   kStepValue = 3,    // step[t].value, with a device lr (computed in the kernel)
 };
 
-// The dtype of a device lr tensor (lr_dtype), or kNone: use hyper.lr.
-enum ScalarCode : uint8_t { kNone = 0, kFloat32 = 1, kFloat64 = 2, kFloat16 = 3, kBFloat16 = 4 };
-
 union StepRef {
   const void* ptr;  // kStepFloat / kStepDouble: the step count (already incremented)
   double value;     // kStepValue: the step count
@@ -60,17 +54,12 @@ union StepRef {
 
 struct LaunchTable {
   // Per tensor (index < num_tensors).
-  void* param[kMaxTensors];
-  const void* grad[kMaxTensors];
-  void* exp_avg[kMaxTensors];
-  void* exp_avg_sq[kMaxTensors];
-  void* max_exp_avg_sq[kMaxTensors];  // only read for amsgrad
-  int64_t numel[kMaxTensors];
+  TensorPointers tensors[kMaxTensors];
   StepRef step[kMaxTensors];
   // Per launch.
   StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
   Hyper hyper;                               // for scalars computed in the kernel
-  const void* lr_ptr;                        // device lr tensor (lr_dtype != kNone)
+  const void* lr_ptr;                        // a tensor lr in device memory, or null
   int64_t chunk_size;
   int32_t num_tensors;
   int32_t num_blocks;
@@ -80,16 +69,12 @@ struct LaunchTable {
   // Per tensor, small.
   uint8_t step_source[kMaxTensors];
   uint8_t scalar_set[kMaxTensors];
-  uint8_t lr_dtype;
+  Dtype lr_dtype;
 };
 
 static_assert(sizeof(LaunchTable) <= 4000, "the launch table must fit in 4 KiB of kernel parameters");
 static_assert(kMaxTensors <= 256 && kMaxScalarSets <= 256, "uint8_t indices");
 static_assert(std::is_trivially_copyable_v<LaunchTable>, "passed by value to a kernel");
-
-// The type the math runs in: float for float/half/bfloat16, double for double (as torch).
-template <class T>
-using OpMath = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Elements per 16-byte vector.
 template <class T>
@@ -124,27 +109,28 @@ ADAMX_HD bool aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
 }
 
-ADAMX_HD double read_scalar(const void* ptr, uint8_t code) {
-  switch (code) {
-    case kFloat64: return *static_cast<const double*>(ptr);
-    case kFloat16: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
-    case kBFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
-    default: return *static_cast<const float*>(ptr);
+ADAMX_HD double read_scalar(const void* ptr, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::Float64: return *static_cast<const double*>(ptr);
+    case Dtype::Float16: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
+    case Dtype::BFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
+    case Dtype::Float32: break;
   }
+  return *static_cast<const float*>(ptr);
 }
 
 // The step scalars of tensor `t`: host-computed, or computed here from a step count in
 // memory (and the lr, possibly in device memory). Both compute in double, as the CPU
 // kernel does, so they agree bitwise whenever pow() does.
-template <bool kEpsInsideSqrt>
+template <class Var>
 ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
   const uint8_t source = tab.step_source[t];
   if (source == kHostScalars) return tab.sets[tab.scalar_set[t]];
   const double step = source == kStepFloat    ? double(*static_cast<const float*>(tab.step[t].ptr))
                       : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
                                               : tab.step[t].value;
-  const double lr = tab.lr_dtype == kNone ? tab.hyper.lr : read_scalar(tab.lr_ptr, tab.lr_dtype);
-  return step_scalars<double, kEpsInsideSqrt>(step, lr, tab.hyper);
+  const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
+  return step_scalars(step, lr, tab.hyper, Var::eps_inside_sqrt);
 }
 
 // Whether block `block` takes the 16-byte vector path: every pointer it touches, at its
@@ -153,18 +139,19 @@ template <class Var, class T>
 ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
   const int t = tab.block_tensor[block];
   const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
-  bool ok = aligned(static_cast<const T*>(tab.param[t]) + start) &&
-            aligned(static_cast<const T*>(tab.grad[t]) + start) &&
-            aligned(static_cast<const T*>(tab.exp_avg[t]) + start) &&
-            aligned(static_cast<const T*>(tab.exp_avg_sq[t]) + start);
-  if (Var::amsgrad) ok = ok && aligned(static_cast<const T*>(tab.max_exp_avg_sq[t]) + start);
+  const TensorPointers& x = tab.tensors[t];
+  bool ok = aligned(static_cast<const T*>(x.param) + start) &&
+            aligned(static_cast<const T*>(x.grad) + start) &&
+            aligned(static_cast<const T*>(x.exp_avg) + start) &&
+            aligned(static_cast<const T*>(x.exp_avg_sq) + start);
+  if (Var::amsgrad) ok = ok && aligned(static_cast<const T*>(x.max_exp_avg_sq) + start);
   return ok;
 }
 
 // One element: widen to the math type, update, round back to the storage type.
 template <class Var, class T>
-ADAMX_HD void update_one(T& p, T g, T& m, T& v, T* vmax, const StepScalars<OpMath<T>>& s) {
-  using C = OpMath<T>;
+ADAMX_HD void update_one(T& p, T g, T& m, T& v, T* vmax, const StepScalars<ComputeType<T>>& s) {
+  using C = ComputeType<T>;
   C pc = static_cast<C>(p), mc = static_cast<C>(m), vc = static_cast<C>(v);
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
   adam_update<Var>(pc, static_cast<C>(g), mc, vc, xc, s);
@@ -177,20 +164,21 @@ ADAMX_HD void update_one(T& p, T g, T& m, T& v, T* vmax, const StepScalars<OpMat
 // The kernel body: what thread `thread` of block `block` (of `block_dim` threads) does.
 template <class Var, class T>
 ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const LaunchTable& tab) {
-  using C = OpMath<T>;
+  using C = ComputeType<T>;
   constexpr int W = kVecElems<T>;
   const int t = tab.block_tensor[block];
   const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
-  const int64_t rest = tab.numel[t] - start;
+  const TensorPointers& tensor = tab.tensors[t];
+  const int64_t rest = tensor.numel - start;
   const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
   // Round the scalars to the math type first, as torch (and the CPU kernel) do.
-  const StepScalars<C> s = tensor_scalars<Var::eps_inside_sqrt>(tab, t).template as<C>();
+  const StepScalars<C> s = tensor_scalars<Var>(tab, t).template as<C>();
 
-  T* p = static_cast<T*>(tab.param[t]) + start;
-  const T* g = static_cast<const T*>(tab.grad[t]) + start;
-  T* m = static_cast<T*>(tab.exp_avg[t]) + start;
-  T* v = static_cast<T*>(tab.exp_avg_sq[t]) + start;
-  T* x = Var::amsgrad ? static_cast<T*>(tab.max_exp_avg_sq[t]) + start : nullptr;
+  T* p = static_cast<T*>(tensor.param) + start;
+  const T* g = static_cast<const T*>(tensor.grad) + start;
+  T* m = static_cast<T*>(tensor.exp_avg) + start;
+  T* v = static_cast<T*>(tensor.exp_avg_sq) + start;
+  T* x = Var::amsgrad ? static_cast<T*>(tensor.max_exp_avg_sq) + start : nullptr;
 
   int64_t scalar_from = 0;  // elements before this went through the vector path
   if (block_is_vectorized<Var, T>(tab, block)) {

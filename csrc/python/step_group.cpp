@@ -3,19 +3,25 @@
 // and calls adamx::adam_ through the dispatcher. It saves building six Python lists and
 // parsing them against the op's schema at every step, which for a small model costs
 // more than the kernel itself. The op does all the checking.
-#include <torch/extension.h>
+#include "step_group.h"
+
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
-
-#include "python_step.h"
 
 namespace adamx {
 namespace {
 
 namespace py = pybind11;
+
+constexpr const char* kLr = "lr";
+constexpr const char* kBetas = "betas";
+constexpr const char* kWeightDecay = "weight_decay";
+constexpr const char* kEps = "eps";
 
 PyObject* group_item(PyObject* group, const char* key) {
   PyObject* value = PyDict_GetItemString(group, key);  // borrowed
@@ -23,10 +29,14 @@ PyObject* group_item(PyObject* group, const char* key) {
   return value;
 }
 
-double group_number(PyObject* group, const char* key) {
-  const double value = PyFloat_AsDouble(group_item(group, key));
-  if (value == -1.0 && PyErr_Occurred()) throw py::error_already_set();
-  return value;
+// A number as torch's step takes it (a float, int, numpy scalar or 0-d tensor); a string
+// is a TypeError, as in torch.optim.Adam, on every step.
+double as_number(PyObject* value, const char* key) {
+  TORCH_CHECK_TYPE(PyNumber_Check(value) && !PyUnicode_Check(value), "adamx: group['", key,
+                   "'] must be a number, got ", Py_TYPE(value)->tp_name);
+  const double number = PyFloat_AsDouble(value);
+  if (number == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return number;
 }
 
 bool group_flag(PyObject* group, const char* key) {
@@ -46,32 +56,47 @@ std::optional<at::Tensor> state_tensor(PyObject* state, const char* key) {
 
 }  // namespace
 
+py::tuple group_keys() {
+  std::vector<std::string> keys = {kLr, kBetas, kWeightDecay, kEps};
+#define ADAMX_SWITCH_KEY(name) keys.push_back(#name);
+  ADAMX_SWITCHES(ADAMX_SWITCH_KEY)
+#undef ADAMX_SWITCH_KEY
+  return py::cast(keys);
+}
+
 int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only) {
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
-  const bool amsgrad = group_flag(group, "amsgrad");
+  Switches switches;
+#define ADAMX_SWITCH_READ(name) switches.name = group_flag(group, #name);
+  ADAMX_SWITCHES(ADAMX_SWITCH_READ)
+#undef ADAMX_SWITCH_READ
 
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
-  PyObject* group_params = group_item(group, "params");
-  TORCH_CHECK_TYPE(PyList_Check(group_params), "adamx: group['params'] must be a list");
-  const Py_ssize_t count = PyList_GET_SIZE(group_params);
+  std::vector<PyObject*> seen;  // the params with grads, to find one listed twice
+  const py::object group_params = py::reinterpret_steal<py::object>(
+      PySequence_Fast(group_item(group, "params"), "adamx: group['params'] must be a sequence"));
+  if (!group_params) throw py::error_already_set();
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(group_params.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(group_params.ptr());
   for (Py_ssize_t k = 0; k < count; ++k) {
-    PyObject* obj = PyList_GET_ITEM(group_params, k);
+    PyObject* obj = items[k];
     TORCH_CHECK_TYPE(THPVariable_Check(obj), "adamx: group['params'] holds a non-tensor");
     const at::Tensor& p = THPVariable_Unpack(obj);
     const at::Tensor& grad = p.grad();
     if (!grad.defined()) continue;
     PyObject* p_state = PyDict_GetItem(state, obj);  // no __missing__: nothing is created
-    if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNeedsState;
+    if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNotHandled;
     auto exp_avg = state_tensor(p_state, "exp_avg");
     auto exp_avg_sq = state_tensor(p_state, "exp_avg_sq");
     auto step = state_tensor(p_state, "step");
-    if (!exp_avg || !exp_avg_sq || !step) return kNeedsState;
-    if (amsgrad) {
+    if (!exp_avg || !exp_avg_sq || !step) return kNotHandled;
+    if (switches.amsgrad) {
       auto max_exp_avg_sq = state_tensor(p_state, "max_exp_avg_sq");
-      if (!max_exp_avg_sq) return kNeedsState;
+      if (!max_exp_avg_sq) return kNotHandled;
       max_exp_avg_sqs.push_back(*max_exp_avg_sq);
     }
+    seen.push_back(obj);
     params.push_back(p);
     grads.push_back(grad);
     exp_avgs.push_back(*exp_avg);
@@ -79,27 +104,25 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only) {
     steps.push_back(*step);
   }
   if (params.empty()) return 0;
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return kNotHandled;
 
-  PyObject* lr_obj = group_item(group, "lr");
+  PyObject* lr_obj = group_item(group, kLr);
   std::optional<at::Tensor> lr_tensor;
   double lr = 0;
   if (THPVariable_Check(lr_obj)) lr_tensor = THPVariable_Unpack(lr_obj);
-  else lr = group_number(group, "lr");
-  PyObject* betas = group_item(group, "betas");
+  else lr = as_number(lr_obj, kLr);
+  PyObject* betas = group_item(group, kBetas);
   TORCH_CHECK_TYPE(PySequence_Check(betas) && PySequence_Size(betas) == 2,
                    "adamx: group['betas'] must hold two numbers");
   double beta[2];
   for (int b = 0; b < 2; ++b) {
     py::object item = py::reinterpret_steal<py::object>(PySequence_GetItem(betas, b));
     if (!item) throw py::error_already_set();
-    beta[b] = PyFloat_AsDouble(item.ptr());
-    if (beta[b] == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+    beta[b] = as_number(item.ptr(), kBetas);
   }
-  const double weight_decay = group_number(group, "weight_decay");
-  const double eps = group_number(group, "eps");
-  const bool maximize = group_flag(group, "maximize");
-  const bool decoupled = group_flag(group, "decoupled_weight_decay");
-  const bool eps_inside = group_flag(group, "eps_inside_sqrt");
+  const double weight_decay = as_number(group_item(group, kWeightDecay), kWeightDecay);
+  const double eps = as_number(group_item(group, kEps), kEps);
 
   static const auto adam = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
@@ -109,9 +132,11 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only) {
                                 .typed<AdamOpSignature>();
   {
     py::gil_scoped_release no_gil;
+#define ADAMX_SWITCH_ARG(name) , switches.name
     (check_only ? check : adam)
         .call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-              beta[0], beta[1], weight_decay, eps, amsgrad, maximize, decoupled, eps_inside);
+              beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG));
+#undef ADAMX_SWITCH_ARG
   }
   return static_cast<int64_t>(params.size());
 }

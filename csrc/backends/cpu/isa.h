@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "adam_cpu.h"
+#include "kernel.h"
 
 namespace adamx::cpu {
 

@@ -7,7 +7,7 @@
 
 #include <type_traits>
 
-#include "adam_cpu.h"
+#include "kernel.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
 #define ADAMX_ISA_ENTRY range_kernel_avx512
@@ -24,7 +24,10 @@ template <class T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V sqrt(const V& x) { return x.sqrt(); }
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // NaN-propagating
+  // NaN-propagating, picking the operand the scalar MathOps::max picks (at::vec::maximum
+  // would return an all-ones NaN instead), so NaN payloads agree across ISAs and the CUDA
+  // kernel body.
+  static V max(const V& a, const V& b) { return V::blendv(b, a, (a != a) | (b < a)); }
   static V fma(const V& a, const V& b, const V& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     return at::vec::fmadd(a, b, c);
@@ -56,13 +59,13 @@ inline namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 
 template <class T>
-constexpr bool kReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kReduced = !std::is_same_v<T, ComputeType<T>>;
 
 // Loads, updates and stores one vector of the storage type (`count` < a full vector
 // only at the end of a range). Reduced precision is widened to two float vectors.
 template <class Var, class T, bool kPartial>
-inline void update_vector(const Buffers& b, int64_t i, int64_t count,
-                          const StepScalars<Vectorized<std::conditional_t<kReduced<T>, float, T>>>& s) {
+inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
+                          const StepScalars<Vectorized<ComputeType<T>>>& s) {
   using V = Vectorized<T>;
   auto load = [&](const void* base) {
     const T* ptr = static_cast<const T*>(base) + i;
@@ -97,38 +100,29 @@ inline void update_vector(const Buffers& b, int64_t i, int64_t count,
 }
 
 template <class Var, class T>
-void update_range(const Buffers& b, int64_t begin, int64_t end, const StepScalars<double>& s64) {
-  using Compute = std::conditional_t<kReduced<T>, float, T>;
+void update_range(const TensorPointers& b, int64_t begin, int64_t end,
+                  const StepScalars<double>& scalars) {
+  using Compute = ComputeType<T>;
   // Round the scalars to the compute type first, as torch does, then broadcast.
-  const auto s = s64.as<Compute>().template as<Vectorized<Compute>>();
+  const auto s = scalars.as<Compute>().template as<Vectorized<Compute>>();
   constexpr int64_t kStep = Vectorized<T>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
   // A local copy of the pointers: the stores through them cannot alias it, so the loop
   // keeps them in registers instead of reloading them from `b` after every store.
-  const Buffers local = b;
+  const TensorPointers local = b;
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) update_vector<Var, T, false>(local, i, kStep, s);
   if (i < end) update_vector<Var, T, true>(local, i, end - i, s);
 }
 
-template <class T>
-RangeKernel select(Flags f) {
-  RangeKernel k = nullptr;
-  dispatch_variant(f.decoupled, f.amsgrad, f.maximize, f.eps_inside_sqrt,
-                   [&]<class Var>() { k = &update_range<Var, T>; });
-  return k;
-}
-
 }  // namespace CPU_CAPABILITY
 
-RangeKernel ADAMX_ISA_ENTRY(Dtype dtype, Flags flags) {
-  switch (dtype) {
-    case Dtype::Float: return select<float>(flags);
-    case Dtype::Double: return select<double>(flags);
-    case Dtype::Half: return select<c10::Half>(flags);
-    case Dtype::BFloat16: return select<c10::BFloat16>(flags);
-  }
-  return nullptr;
+RangeKernel ADAMX_ISA_ENTRY(Dtype dtype, Switches switches) {
+  RangeKernel kernel = nullptr;
+  dispatch_dtype(dtype, [&]<class T>() {
+    dispatch_switches(switches, [&]<class Var>() { kernel = &update_range<Var, T>; });
+  });
+  return kernel;
 }
 
 }  // namespace cpu

@@ -1,0 +1,28 @@
+// The contract between the CPU op (adam_cpu.cpp) and its per-ISA kernels (kernel.cpp,
+// compiled once per instruction set). Plain types only: the kernels never see an
+// at::Tensor, so nothing but SIMD code differs between them.
+#pragma once
+
+#include <cstdint>
+
+#include "../../adam_math.h"
+
+namespace adamx::cpu {
+
+// The instruction sets a kernel is compiled for, widest last.
+enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
+
+// Updates elements [begin, end) of one tensor.
+using RangeKernel = void (*)(const TensorPointers&, int64_t begin, int64_t end,
+                             const StepScalars<double>&);
+
+// Elements per SIMD step of the widest kernel for any dtype; a range that starts at a
+// multiple of it never splits a vector, whatever the ISA.
+constexpr int64_t kMaxVectorElems = 64;
+
+// The kernel for one dtype and set of switches, per ISA.
+RangeKernel range_kernel_default(Dtype, Switches);
+RangeKernel range_kernel_avx2(Dtype, Switches);
+RangeKernel range_kernel_avx512(Dtype, Switches);
+
+}  // namespace adamx::cpu

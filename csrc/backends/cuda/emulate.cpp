@@ -1,0 +1,109 @@
+// Test-only ops that run the CUDA step on the CPU, compiled in every build (their schemas
+// are defined in adamx/_ops.py, the emulation's as adam_'s plus launch-geometry arguments):
+//
+// adamx::_adam_emulated_cuda_ takes adam_'s arguments (CPU tensors) and does what the
+// CUDA backend does, with the same host code (check_args, the operands, the launch
+// tables), except that instead of launching the kernel it calls the kernel body,
+// adam_block_body, for every block and thread of every launch, one after the other.
+// Extra arguments shrink the launch geometry so that small tensors exercise several
+// chunks, blocks and tables, and force the capturable path (step counts and lr read by
+// the kernel body). Returns [launches, blocks that took the vector path, blocks].
+//
+// adamx::_cuda_launch_plan(numels, ...) returns the plan alone, for tensors of any size
+// (nothing is allocated): per block, (launch, tensor index, chunk index).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "launch_table.h"
+
+namespace adamx::cuda {
+namespace {
+
+template <class Var, class T>
+void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge_blocks_only,
+                int64_t counts[3]) {
+  for (const LaunchTable& tab : tables) {
+    ++counts[0];
+    for (int block = 0; block < tab.num_blocks; ++block) {
+      if (edge_blocks_only) {
+        const int64_t numel = tab.tensors[tab.block_tensor[block]].numel;
+        const int64_t last = (numel - 1) / tab.chunk_size;
+        const int64_t chunk = tab.block_chunk[block];
+        if (chunk != 0 && chunk != last) continue;
+      }
+      counts[1] += block_is_vectorized<Var, T>(tab, block);
+      ++counts[2];
+      for (int thread = 0; thread < block_dim; ++thread)
+        adam_block_body<Var, T>(block, thread, block_dim, tab);
+    }
+  }
+}
+
+// A boxed kernel: it reads adam_'s arguments with BoxedAdamArgs and its own by name.
+void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t num_args = schema.arguments().size();
+  const c10::IValue* args = stack->data() + stack->size() - num_args;
+  auto arg = [&](const char* name) -> const c10::IValue& {
+    return args[*schema.argumentIndexWithName(name)];
+  };
+  const BoxedAdamArgs boxed(args);
+  const AdamArgs& a = boxed.args();
+  check_args(a, CheckContext{c10::DeviceType::CPU});
+  const int64_t block_dim = arg("block_dim").toInt();
+  TORCH_CHECK(block_dim >= 1, "adamx: block_dim must be positive");
+  const PlanOptions options{arg("chunk_size").toInt(), int(arg("max_tensors").toInt()),
+                            int(arg("max_blocks").toInt()), int(arg("max_scalar_sets").toInt())};
+  const bool edge_blocks_only = arg("edge_blocks_only").toBool();
+  const StepOperands operands(a, InKernel{arg("steps_in_kernel").toBool(),
+                                          arg("lr_in_kernel").toBool()});
+  const std::vector<LaunchGroup> groups = plan_launches(operands, a, options);
+  operands.increment_steps();
+  int64_t counts[3] = {0, 0, 0};
+  for (const LaunchGroup& group : groups)
+    dispatch_dtype(group.dtype, [&]<class T>() {
+      dispatch_switches(a.switches, [&]<class Var>() {
+        run_tables<Var, T>(group.tables, int(block_dim), edge_blocks_only, counts);
+      });
+    });
+  operands.copy_back();
+  torch::jit::drop(*stack, num_args);
+  torch::jit::push(*stack, std::vector<int64_t>{counts[0], counts[1], counts[2]});
+}
+
+std::vector<int64_t> cuda_launch_plan(c10::IntArrayRef numels, int64_t chunk_size,
+                                      int64_t max_tensors, int64_t max_blocks) {
+  std::vector<TensorSlot> slots(numels.size());
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK(numels[i] >= 0, "adamx: numels must not be negative");
+    slots[i].pointers.numel = numels[i];
+    slots[i].host_step = 1;
+  }
+  const PlanOptions options{chunk_size, static_cast<int>(max_tensors),
+                            static_cast<int>(max_blocks), kMaxScalarSets};
+  std::vector<std::vector<int64_t>> ids;
+  const auto tables = build_tables(slots, LaunchScalars{Hyper{1e-3, 0.9, 0.999, 1e-8, 0}},
+                                   options, &ids);
+  std::vector<int64_t> out;
+  for (size_t k = 0; k < tables.size(); ++k)
+    for (int b = 0; b < tables[k].num_blocks; ++b) {
+      out.push_back(static_cast<int64_t>(k));
+      out.push_back(ids[k][tables[k].block_tensor[b]]);
+      out.push_back(tables[k].block_chunk[b]);
+    }
+  return out;
+}
+
+}  // namespace
+
+// Any key, so that an empty list (no tensor to dispatch on) works too; check_args
+// refuses tensors that are not on the CPU.
+TORCH_LIBRARY_IMPL(adamx, CompositeExplicitAutograd, m) {
+  m.impl("_adam_emulated_cuda_",
+         torch::CppFunction::makeFromBoxedFunction<&adam_emulated_cuda>());
+  m.impl("_cuda_launch_plan", &cuda_launch_plan);
+}
+
+}  // namespace adamx::cuda

@@ -1,0 +1,53 @@
+// Host side of the multi-tensor CUDA step, shared by the CUDA backend (adam_cuda.cpp)
+// and its CPU emulation (emulate.cpp): both turn the step's operands into the same launch
+// tables with this code, so what the emulation tests is what a GPU runs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../../op/operands.h"
+#include "block_body.h"
+
+namespace adamx::cuda {
+
+struct PlanOptions {
+  int64_t chunk_size = kDefaultChunkSize;
+  int max_tensors = kMaxTensors;
+  int max_blocks = kMaxBlocks;
+  int max_scalar_sets = kMaxScalarSets;
+};
+
+// One tensor as the planner sees it.
+struct TensorSlot {
+  TensorPointers pointers;
+  uint8_t step_source;  // StepSource
+  StepRef step;         // unused for kHostScalars
+  double host_step;     // kHostScalars: the step count, after its increment
+};
+
+// Launch-wide inputs of the planner.
+struct LaunchScalars {
+  Hyper hyper;                // hyper.lr: the lr, unless lr_ptr is set
+  const void* lr_ptr = nullptr;
+  Dtype lr_dtype = Dtype::Float32;
+  bool eps_inside_sqrt = false;
+};
+
+// The launch tables for `slots` (all of one dtype), in order: each tensor's chunks go to
+// consecutive blocks; a table is closed when it has max_blocks blocks, max_tensors
+// tensors or max_scalar_sets distinct host step counts. Empty tensors get no block.
+// `tensor_ids`, when given, receives per table the index in `slots` of each table tensor.
+std::vector<LaunchTable> build_tables(const std::vector<TensorSlot>& slots,
+                                      const LaunchScalars& scalars, const PlanOptions& options,
+                                      std::vector<std::vector<int64_t>>* tensor_ids = nullptr);
+
+// The launches of one step: per dtype, in order of first appearance, its launch tables.
+struct LaunchGroup {
+  Dtype dtype;
+  std::vector<LaunchTable> tables;
+};
+std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamArgs& a,
+                                       const PlanOptions& options);
+
+}  // namespace adamx::cuda

@@ -1,0 +1,289 @@
+// The checks every adamx::adam_ kernel runs before it writes, and the op's registrations
+// that are not a backend's: autograd (version counters), sparse inputs, a build without
+// CUDA kernels, adam_check.
+#include "adam_op.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <ostream>
+#include <string>
+#include <tuple>
+
+namespace adamx {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A state tensor (or grad) must look exactly like its param.
+void check_like_param(const at::Tensor& x, const char* list, const at::Tensor& p, size_t i) {
+  TORCH_CHECK(x.defined(), "adamx: ", list, "[", i, "] is undefined");
+  TORCH_CHECK(x.layout() == at::kStrided, "adamx: ", list, "[", i, "] has layout ", x.layout(),
+              "; only dense (strided) tensors are supported");
+  TORCH_CHECK(x.sizes() == p.sizes(), "adamx: ", list, "[", i, "] has shape ", x.sizes(),
+              " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK(x.scalar_type() == p.scalar_type(), "adamx: ", list, "[", i, "] has dtype ",
+              x.scalar_type(), " but params[", i, "] has dtype ", p.scalar_type());
+  TORCH_CHECK(x.device() == p.device(), "adamx: ", list, "[", i, "] is on ", x.device(),
+              " but params[", i, "] is on ", p.device());
+}
+
+// A tensor the step writes must not have several elements in one memory location.
+void check_no_self_overlap(const at::Tensor& x, const char* list, size_t i) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "adamx: ", list, "[", i,
+              "] has overlapping memory (e.g. from expand()); it cannot be updated in place");
+}
+
+void check_hyper(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value), "adamx: ", name, " must be a finite number, got ",
+                    value);
+}
+
+// The lr and step tensors are scalars: on the CPU (read on the host) or on the params'
+// device (read by the kernel). Anywhere else they would route the op to another device's
+// kernel.
+// (`index` < 0: the lr tensor; else state_steps[index]. Formatted only on failure.)
+struct ScalarName {
+  int64_t index;
+};
+std::ostream& operator<<(std::ostream& out, ScalarName n) {
+  if (n.index < 0) return out << "the lr tensor";
+  return out << "state_steps[" << n.index << "]";
+}
+
+void check_scalar_device(const at::Tensor& t, ScalarName what, const at::Device& params,
+                         const CheckContext& context) {
+  TORCH_CHECK(t.is_cpu() || t.device() == params, "adamx: ", what, " is on ", t.device(),
+              "; it must be on the CPU or on the params' device ", params);
+  TORCH_CHECK(!(context.capturing_graph && t.is_cpu()), "adamx: capturing a CUDA graph of a "
+              "step needs ", what, " on the GPU (capturable=True for step counts, a CUDA "
+              "tensor lr), but it is on the CPU");
+}
+
+// The tensors a step writes must not share memory with each other: a param listed twice,
+// or one state or step tensor used for two params, would be updated twice in one pass (in
+// an order that depends on threads). Sorted by start address, each tensor is compared with
+// those whose memory range it overlaps; tensors whose layouts make the test too hard for
+// at::get_overlap_status (interleaved strided views) are let through.
+void check_no_shared_memory(const AdamArgs& a) {
+  struct Span {
+    uintptr_t begin, end;
+    const char* list;
+    size_t index;
+    const at::Tensor* tensor;
+  };
+  std::vector<Span> spans;
+  auto add = [&](at::TensorList list, const char* name) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor& t = list[i];
+      if (t.numel() == 0 || t.is_meta() || !t.has_storage()) continue;
+      int64_t last = 0;  // offset of the last element, in elements
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      spans.push_back({begin, begin + uintptr_t(last + 1) * t.element_size(), name, i, &t});
+    }
+  };
+  add(a.params, "params");
+  add(a.exp_avgs, "exp_avgs");
+  add(a.exp_avg_sqs, "exp_avg_sqs");
+  if (a.switches.amsgrad) add(a.max_exp_avg_sqs, "max_exp_avg_sqs");
+  add(a.state_steps, "state_steps");
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) {
+    return x.begin < y.begin;
+  });
+  std::vector<const Span*> open;  // spans that may still overlap later ones
+  for (const Span& s : spans) {
+    std::erase_if(open, [&](const Span* o) { return o->end <= s.begin; });
+    for (const Span* o : open) {
+      const at::MemOverlapStatus status = at::get_overlap_status(*o->tensor, *s.tensor);
+      if (status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial)
+        continue;
+      const bool same_list = o->list == s.list;
+      TORCH_CHECK(false, "adamx: ", o->list, "[", std::min(o->index, s.index), "] and ",
+                  s.list, "[", same_list ? std::max(o->index, s.index) : s.index,
+                  "] share memory; a step writes each element once",
+                  same_list && o->list == std::string("params")
+                      ? " (is a param listed twice?)"
+                      : ", so each param needs state tensors of its own");
+    }
+    open.push_back(&s);
+  }
+}
+
+}  // namespace
+
+void check_args(const AdamArgs& a, const CheckContext& context) {
+  const size_t n = a.params.size();
+  auto check_len = [&](at::TensorList l, const char* name) {
+    TORCH_CHECK_VALUE(l.size() == n, "adamx: got ", n, " params but ", l.size(), " ", name);
+  };
+  check_len(a.grads, "grads");
+  check_len(a.exp_avgs, "exp_avgs");
+  check_len(a.exp_avg_sqs, "exp_avg_sqs");
+  check_len(a.state_steps, "state_steps");
+  if (a.switches.amsgrad) check_len(a.max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
+
+  check_hyper(a.hyper.beta1, "beta1");
+  check_hyper(a.hyper.beta2, "beta2");
+  check_hyper(a.hyper.eps, "eps");
+  check_hyper(a.hyper.weight_decay, "weight_decay");
+  if (!a.lr_tensor) check_hyper(a.hyper.lr, "lr");
+  if (n == 0) return;
+  const at::Device device = a.params[0].device();
+
+  if (a.lr_tensor) {
+    const at::Tensor& lr = *a.lr_tensor;
+    TORCH_CHECK_VALUE(lr.numel() == 1 && at::isFloatingType(lr.scalar_type()),
+                      "adamx: a tensor lr must hold one floating-point value, got shape ",
+                      lr.sizes(), " and dtype ", lr.scalar_type());
+    check_scalar_device(lr, ScalarName{-1}, device, context);
+    // A device lr is not read here: that would synchronize (and break graph capture).
+    if (lr.is_cpu()) check_hyper(lr.item<double>(), "lr");
+  }
+
+  if (!c10::InferenceMode::is_enabled()) {
+    for (at::TensorList list : {a.params, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs,
+                                a.state_steps})
+      for (const at::Tensor& t : list)
+        TORCH_CHECK(!t.defined() || !t.is_inference(),
+                    "adamx: an in-place update of an inference tensor outside InferenceMode "
+                    "is not allowed (a param or state tensor was made under "
+                    "torch.inference_mode())");
+  }
+
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.defined(), "adamx: params[", i, "] is undefined");
+    TORCH_CHECK(p.layout() == at::kStrided, "adamx: params[", i, "] has layout ", p.layout(),
+                "; only dense (strided) tensors are supported");
+    TORCH_CHECK_TYPE(is_supported_dtype(p.scalar_type()), "adamx: params[", i, "] has dtype ",
+                     p.scalar_type(), "; supported: float32, float64, float16, bfloat16");
+    TORCH_CHECK(p.device() == device, "adamx: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device, "; one step takes the params of one device");
+    check_no_self_overlap(p, "params", i);
+
+    const at::Tensor& g = a.grads[i];
+    TORCH_CHECK(g.defined(), "adamx: params[", i, "] has no grad");
+    TORCH_CHECK(!g.is_sparse(),
+                "adamx: Adam does not support sparse gradients, please consider SparseAdam "
+                "instead (grads[", i, "] is sparse)");
+    check_like_param(g, "grads", p, i);
+    check_like_param(a.exp_avgs[i], "exp_avgs", p, i);
+    check_like_param(a.exp_avg_sqs[i], "exp_avg_sqs", p, i);
+    check_no_self_overlap(a.exp_avgs[i], "exp_avgs", i);
+    check_no_self_overlap(a.exp_avg_sqs[i], "exp_avg_sqs", i);
+    if (a.switches.amsgrad) {
+      check_like_param(a.max_exp_avg_sqs[i], "max_exp_avg_sqs", p, i);
+      check_no_self_overlap(a.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+    }
+
+    const at::Tensor& step = a.state_steps[i];
+    TORCH_CHECK(step.defined() && step.numel() == 1 &&
+                    (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+                "adamx: state_steps[", i, "] must be a one-element float32 or float64 tensor");
+    check_scalar_device(step, ScalarName{int64_t(i)}, device, context);
+  }
+  // Last among the device checks, so that a stray tensor is named rather than the kernel.
+  TORCH_CHECK(device.type() == context.device_type, "adamx: the params are on ", device,
+              " but this kernel runs on ", context.device_type, " tensors");
+  check_no_shared_memory(a);
+}
+
+BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
+  for (int k = 0; k < 6; ++k) lists_[k] = args[k].toTensorVector();
+  if (!args[7].isNone()) lr_tensor_ = args[7].toTensor();
+  Switches switches;
+  size_t next = 12;
+#define ADAMX_SWITCH_FROM_STACK(name) switches.name = args[next++].toBool();
+  ADAMX_SWITCHES(ADAMX_SWITCH_FROM_STACK)
+#undef ADAMX_SWITCH_FROM_STACK
+  args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
+                   Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
+                         args[11].toDouble(), args[10].toDouble()},
+                   lr_tensor_ ? &*lr_tensor_ : nullptr, switches};
+}
+
+namespace {
+
+// adam_check's kernel where no backend registers its own: the checks of the params'
+// device, writing nothing. Lets a multi-group step check every group before it updates
+// the first.
+void check_only(const AdamArgs& a) {
+  if (!a.params.empty()) check_args(a, CheckContext{a.params[0].device().type()});
+}
+
+// adam_'s Autograd kernel. An optimizer step is not differentiable, so it records
+// nothing; what it does is what ATen's in-place ops get from their ADInplaceOrView
+// kernels: it bumps the version counter of every tensor the step writes, so autograd
+// notices a param that changed after it was saved for backward (check_args has refused
+// inference tensors outside inference mode, which have no counter). Being an unboxed
+// kernel, it also spares each call the boxing that the generic autograd fallback would do.
+template <class Signature>
+struct AutogradKernel;
+
+template <class... Args>
+struct AutogradKernel<void(Args...)> {
+  static void call(c10::DispatchKeySet keys, Args... args) {
+    auto all = std::forward_as_tuple(args...);
+    // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps (grads is read-only).
+    const at::TensorList written[] = {std::get<0>(all), std::get<2>(all), std::get<3>(all),
+                                      std::get<4>(all), std::get<5>(all)};
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("adamx::adam_", "")
+                               .typed<AdamOpSignature>();
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, args...);
+    for (at::TensorList list : written)
+      for (const at::Tensor& t : list)
+        if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+};
+
+// Sparse tensors dispatch to their own keys; these kernels make that the same clear
+// error as any other bad input (check_args rejects every sparse tensor).
+void reject_sparse(const AdamArgs& a) {
+  check_only(a);
+  TORCH_CHECK(false, "adamx: sparse tensors are not supported");
+}
+
+#ifndef ADAMX_WITH_CUDA
+void no_cuda_kernels(const AdamArgs& a) {
+  check_args(a, CheckContext{c10::DeviceType::CUDA});  // names a stray CUDA lr or step first
+  TORCH_CHECK(false,
+              "adamx was built without its CUDA kernels (the torch it was built against was a "
+              "CPU-only build, no nvcc was found, or ADAMX_CUDA=0). Rebuild it with a CUDA "
+              "build of torch installed: pip install . (see README.md)");
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adamx, SparseCPU, m) {
+  m.impl("adam_", &adam_op<reject_sparse>);
+}
+
+TORCH_LIBRARY_IMPL(adamx, SparseCUDA, m) {
+  m.impl("adam_", &adam_op<reject_sparse>);
+}
+
+#ifndef ADAMX_WITH_CUDA
+TORCH_LIBRARY_IMPL(adamx, CUDA, m) {
+  m.impl("adam_", &adam_op<no_cuda_kernels>);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(adamx, CompositeExplicitAutograd, m) {
+  m.impl("adam_check", &adam_op<check_only>);
+}
+
+TORCH_LIBRARY_IMPL(adamx, Autograd, m) {
+  m.impl("adam_", &AutogradKernel<AdamOpSignature>::call);
+}
+
+}  // namespace adamx

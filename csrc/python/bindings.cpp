@@ -1,0 +1,51 @@
+// The Python module adamx._C: loading it registers the op kernels with the dispatcher
+// (the ops' schemas are defined in adamx/_ops.py); it also holds the few non-op helpers
+// and the constants the Python side reads instead of repeating them.
+#include <torch/extension.h>
+
+#include "../backends/cpu/isa.h"
+#include "../backends/cuda/block_body.h"
+#include "step_group.h"
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef ADAMX_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace adamx::cpu;
+  namespace cuda = adamx::cuda;
+  m.doc() = "adamx compiled kernels (the ops live in torch.ops.adamx)";
+  m.def("cpu_capability", [] { return std::string(isa_name(current_isa())); },
+        "The SIMD instruction set the CPU kernel uses now.");
+  m.def("set_cpu_capability", [](const std::string& name) { set_isa(isa_from_name(name)); },
+        "Use the CPU kernel for this instruction set (one the machine supports).");
+  m.def("supported_cpu_capabilities", &supported_isa_names,
+        "The instruction sets this machine can run, narrowest first.");
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("step_group", &adamx::step_group, pybind11::arg("group"), pybind11::arg("state"),
+        pybind11::arg("check_only") = false,
+        "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts. "
+        "Returns the number of params stepped, or NOT_HANDLED.");
+  m.attr("NOT_HANDLED") = adamx::kNotHandled;
+  m.attr("GROUP_KEYS") = adamx::group_keys();
+  std::vector<std::string> switches;
+#define ADAMX_SWITCH_NAME(name) switches.push_back(#name);
+  ADAMX_SWITCHES(ADAMX_SWITCH_NAME)
+#undef ADAMX_SWITCH_NAME
+  m.attr("SWITCHES") = pybind11::tuple(pybind11::cast(switches));
+  m.attr("NUM_VARIANTS") = adamx::kNumVariants;
+  // The CUDA launch geometry, the defaults of the emulation's arguments.
+  m.attr("CUDA_CHUNK_SIZE") = cuda::kDefaultChunkSize;
+  m.attr("CUDA_BLOCK_DIM") = cuda::kBlockDim;
+  m.attr("CUDA_MAX_TENSORS") = cuda::kMaxTensors;
+  m.attr("CUDA_MAX_BLOCKS") = cuda::kMaxBlocks;
+  m.attr("CUDA_MAX_SCALAR_SETS") = cuda::kMaxScalarSets;
+}

@@ -1,0 +1,23 @@
+// adamx.Adam's eager fast path (step_group.cpp), bound in bindings.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include "../op/adam_op.h"
+
+namespace adamx {
+
+// step_group's answer when it leaves a group to the Python step: a param with a grad has
+// no (complete) state yet, or is listed twice. Nothing was checked or written.
+constexpr int64_t kNotHandled = -1;
+
+// The param-group keys step_group reads, besides "params": torch's hyper-parameters,
+// then one per switch. Exported as adamx._C.GROUP_KEYS, which the Python step reads.
+pybind11::tuple group_keys();
+
+// Runs adamx::adam_ (or, with check_only, adamx::adam_check) on one param group of an
+// adamx.Adam: `group` is the group dict, `state` the optimizer's state dict. Returns the
+// number of params stepped, or kNotHandled.
+int64_t step_group(pybind11::dict group, pybind11::dict state, bool check_only);
+
+}  // namespace adamx
