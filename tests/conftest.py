@@ -2,9 +2,11 @@
 deterministic inputs, and snapshot/compare utilities.
 
 Everything numeric that the tests compare against lives here, so that the tolerances are
-written down (and justified) in one place.
+written down (and justified) in one place; so do the option grid and the op-level state
+helper that the CPU, emulated-CUDA and CUDA tests share.
 """
 
+import itertools
 import math
 
 import pytest
@@ -13,34 +15,31 @@ import torch
 import adamx
 
 # --------------------------------------------------------------------------------------
-# Tolerances.
+# Tolerances: one table, TOL, for every comparison that is not bitwise.
 #
-# Two kinds of comparison are made, each with its own table.
+# adamx against `RefAdam` below, a float64 evaluation of the same formula that rounds every
+#   stored tensor (param, exp_avg, exp_avg_sq, max_exp_avg_sq) to the param dtype after each
+#   step, exactly where the kernel stores them. So the only differences are (a) the kernel's
+#   per-operation rounding in its compute type (float32 for float32/float16/bfloat16,
+#   float64 for float64), a few units in the last place (ulp) of the compute type per step,
+#   and (b) for float16/bfloat16, the rare element whose value lies so close to a rounding
+#   boundary of the storage type that (a) moves it to the neighbouring value: one ulp of the
+#   storage type, which later steps carry along but do not grow (the grads do not depend on
+#   the param except through weight decay). rtol is therefore a few ulp of the storage type
+#   (finfo.eps is one ulp at 1.0; the relative size of one ulp is at most eps). atol covers
+#   values that cancel towards zero (exp_avg of alternating grads), where a relative bound
+#   means nothing: their absolute error is a few ulp of the quantities they came from, which
+#   are O(1) here (grads and params are N(0, 1) draws), so atol is a few eps too. float64:
+#   the kernel and the reference round differently in a handful of operations per step;
+#   after 15 steps the largest difference measured is ~2e-16 (in units of 1 + |value|), so
+#   1e-13 leaves a wide margin while still catching any formula error (a wrong beta or bias
+#   correction moves results by >1e-4). Measured worst case as a fraction of TOL over the
+#   whole option grid: float32 0.54, float16 0.34, bfloat16 0.008, float64 0.002.
 #
-# REF_TOL: adamx against `RefAdam` below, a float64 evaluation of the same formula that
-#   rounds every stored tensor (param, exp_avg, exp_avg_sq, max_exp_avg_sq) to the param
-#   dtype after each step, exactly where the kernel stores them. So the only differences
-#   are (a) the kernel's per-operation rounding in its compute type (float32 for
-#   float32/float16/bfloat16, float64 for float64), a few units in the last place (ulp)
-#   of the compute type per step, and (b) for float16/bfloat16, the rare element whose
-#   value lies so close to a rounding boundary of the storage type that (a) moves it to
-#   the neighbouring value: one ulp of the storage type, which later steps carry along but
-#   do not grow (the grads do not depend on the param except through weight decay).
-#   rtol is therefore a few ulp of the storage type (finfo.eps is one ulp at 1.0; the
-#   relative size of one ulp is at most eps). atol covers values that cancel towards zero
-#   (exp_avg of alternating grads), where a relative bound means nothing: their absolute
-#   error is a few ulp of the quantities they came from, which are O(1) here (grads and
-#   params are N(0, 1) draws), so atol is a few eps too. float64: the kernel and the
-#   reference round differently in a handful of operations per step; after 15 steps the
-#   largest difference measured is ~2e-16 (in units of 1 + |value|), so 1e-13 leaves a wide
-#   margin while still catching any formula error (a wrong beta or bias correction moves
-#   results by >1e-4). Measured worst case as a fraction of REF_TOL over the whole option
-#   grid: float32 0.54, float16 0.34, bfloat16 0.008, float64 0.002.
-#
-# TORCH_TOL: adamx against torch.optim.Adam/AdamW (foreach=False, or fused=True). Same
-#   formula, different operation order (torch's loop uses addcdiv, a separate bias
-#   correction, ...), so float32/float64 differ by a few ulp per step, as against the
-#   reference. Reduced precision is only compared with torch's fused CPU kernel (it
+# adamx against torch.optim.Adam/AdamW (foreach=False, or fused=True): the same formula in
+#   a different operation order (torch's loop uses addcdiv, a separate bias correction,
+#   ...), so float32/float64 differ by a few ulp per step, as against the reference, and the
+#   same table applies. Reduced precision is only compared with torch's fused CPU kernel (it
 #   computes in float32 and stores in the param dtype, as adamx does; measured: bitwise
 #   equal for bfloat16/float16), because torch's foreach=False loop computes every op in
 #   the reduced dtype (float16 even underflows eps=1e-8 to 0 and divides by zero).
@@ -53,7 +52,7 @@ def _eps(dtype):
     return torch.finfo(dtype).eps
 
 
-REF_TOL = {
+TOL = {
     torch.float64: dict(rtol=1e-13, atol=1e-13),
     torch.float32: dict(rtol=8 * _eps(torch.float32), atol=8 * _eps(torch.float32)),
     # one or two storage ulp, see above
@@ -61,12 +60,15 @@ REF_TOL = {
     torch.bfloat16: dict(rtol=2 * _eps(torch.bfloat16), atol=2 * _eps(torch.bfloat16)),
 }
 
-TORCH_TOL = {
-    torch.float64: dict(rtol=1e-13, atol=1e-13),
-    torch.float32: dict(rtol=8 * _eps(torch.float32), atol=8 * _eps(torch.float32)),
-    torch.float16: dict(rtol=2 * _eps(torch.float16), atol=2 * _eps(torch.float16)),
-    torch.bfloat16: dict(rtol=2 * _eps(torch.bfloat16), atol=2 * _eps(torch.bfloat16)),
-}
+# --------------------------------------------------------------------------------------
+# The option grid: every combination of the update's switches (adamx._C.SWITCHES: amsgrad,
+# maximize, decoupled_weight_decay, eps_inside_sqrt), as keyword dicts. Ids name the
+# switches that are on ("-" for none).
+# --------------------------------------------------------------------------------------
+SWITCHES = tuple(adamx._ops._C.SWITCHES) if adamx.is_compiled() else ()
+OPTION_GRID = [dict(zip(SWITCHES, bits))
+               for bits in itertools.product([False, True], repeat=len(SWITCHES))]
+OPTION_IDS = ["+".join(k for k, on in o.items() if on) or "-" for o in OPTION_GRID]
 
 # The learning rate most tests use: large enough that every step visibly moves a
 # bfloat16 param of size ~1 (one bfloat16 ulp at 1.0 is 2**-7 ~ 0.008; an Adam step moves
@@ -121,6 +123,57 @@ def make_tensors(shapes, dtype, seed, scale=1.0):
 def make_grad_seq(shapes, dtype, steps, seed, scale=1.0):
     """grads[step][i]: deterministic N(0, scale^2) grads, already in ``dtype``."""
     return [make_tensors(shapes, dtype, seed * 1000 + k, scale) for k in range(steps)]
+
+
+def op_hyper(lr=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, **switches):
+    """The keyword arguments of torch.ops.adamx.adam_ (lr defaults to LR)."""
+    return adamx.functional.op_kwargs(lr=LR if lr is None else lr, beta1=beta1, beta2=beta2,
+                                      weight_decay=weight_decay, eps=eps, **switches)
+
+
+class OpState:
+    """Params and Adam state kept by hand, as lists for the op (the way a user of the
+    functional API keeps them)."""
+
+    def __init__(self, params, amsgrad, step_dtype=torch.float32, steps=None):
+        self.params = params
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in params] if amsgrad else []
+        steps = steps if steps is not None else [0.0] * len(params)
+        self.steps = [torch.tensor(float(s), dtype=step_dtype) for s in steps]
+
+    def lists(self, grads):
+        return (self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                self.steps)
+
+    def clone(self):
+        other = OpState.__new__(OpState)
+        for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+            setattr(other, name, [t.clone() for t in getattr(self, name)])
+        return other
+
+    def tensors(self):
+        return self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs + self.steps
+
+
+def assert_bitwise(state_a, state_b, what=""):
+    """Every tensor of two OpStates has the same bits (NaN payloads included)."""
+    for i, (a, b) in enumerate(zip(state_a.tensors(), state_b.tensors())):
+        a, b = a.cpu(), b.cpu()
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
+        assert same_bits(a, b), f"{what}: tensor {i} differs (max abs diff " \
+            f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
+
+
+def same_bits(a, b):
+    """Whether two tensors of one dtype hold the same bit patterns."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------------------
@@ -190,7 +243,7 @@ def assert_close(actual, expected, tol, msg=""):
 
 
 def assert_opt_matches_ref(opt, params, ref, dtype, tol=None, what=""):
-    tol = tol or REF_TOL[dtype]
+    tol = tol or TOL[dtype]
     for i, p in enumerate(params):
         assert p.dtype == dtype
         assert_close(p, ref.p[i], tol, f"{what} param {i} {tuple(p.shape)}")

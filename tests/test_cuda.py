@@ -14,9 +14,10 @@ import torch
 
 import adamx
 import adamx.functional as F
-from conftest import (DTYPES, LR, REDUCED, REF_TOL, TORCH_TOL, assert_close, make_grad_seq,
-                      make_tensors, needs_build)
-from test_cuda_emulation import OPTION_GRID, OPTION_IDS, SHAPES, State, emulated, op_hyper
+from conftest import (DTYPES, LR, OPTION_GRID, OPTION_IDS, REDUCED, TOL, OpState,
+                      assert_bitwise, assert_close, make_grad_seq, make_tensors, needs_build,
+                      op_hyper)
+from test_cuda_emulation import SHAPES, emulated
 
 HAVE_CUDA = torch.cuda.is_available()
 
@@ -39,14 +40,6 @@ def to_steps(state, device):
     return state
 
 
-def assert_states_equal(gpu, cpu, what=""):
-    for i, (a, b) in enumerate(zip(gpu.tensors(), cpu.tensors())):
-        a = a.cpu()
-        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
-        assert torch.equal(a, b), f"{what}: tensor {i} differs from the emulation (max diff " \
-            f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
-
-
 def assert_states_close(gpu, cpu, tol, what=""):
     for i, (a, b) in enumerate(zip(gpu.tensors(), cpu.tensors())):
         assert_close(a.cpu(), b, tol, f"{what}: tensor {i}")
@@ -61,25 +54,23 @@ def test_built_with_cuda_kernels():
 @pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_option_grid_matches_emulation_bitwise(dtype, options):
-    decoupled, amsgrad, maximize, inside = options
     shapes = SHAPES + [(70001,), (3, 65537)]  # several 65536-element chunks
     params = make_tensors(shapes, dtype, seed=1)
     grad_seq = make_grad_seq(shapes, dtype, 3, seed=2)
-    hyper = op_hyper(weight_decay=0.1, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled,
-                     eps_inside_sqrt=inside)
-    cpu = State(params, amsgrad)
+    hyper = op_hyper(weight_decay=0.1, **options)
+    cpu = OpState(params, options["amsgrad"])
     gpu = to(cpu, "cuda")  # step counts stay on the CPU: host scalars
     for grads in grad_seq:
         emulated(*cpu.lists(grads), hyper=hyper)
         torch.ops.adamx.adam_(*gpu.lists([g.cuda() for g in grads]), **hyper)
-    assert_states_equal(gpu, cpu, f"{dtype} {options}")
+    assert_bitwise(gpu, cpu, f"{dtype} {options}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_device_steps_and_lr_match_emulation(dtype):
     shapes = [(7,), (100003,), (3, 50)]
     hyper = op_hyper(lr=torch.tensor(LR), amsgrad=True, weight_decay=0.1)
-    cpu = State(make_tensors(shapes, dtype, seed=3), amsgrad=True, steps=[0, 0, 5])
+    cpu = OpState(make_tensors(shapes, dtype, seed=3), amsgrad=True, steps=[0, 0, 5])
     gpu = to_steps(to(cpu, "cuda"), "cuda")
     gpu_hyper = dict(hyper, lr_tensor=hyper["lr_tensor"].cuda())
     for grads in make_grad_seq(shapes, dtype, 3, seed=4):
@@ -87,7 +78,7 @@ def test_device_steps_and_lr_match_emulation(dtype):
         torch.ops.adamx.adam_(*gpu.lists([g.cuda() for g in grads]), **gpu_hyper)
     assert [float(s) for s in gpu.steps] == [3, 3, 8]
     assert all(s.is_cuda for s in gpu.steps)
-    assert_states_close(gpu, cpu, REF_TOL[dtype])
+    assert_states_close(gpu, cpu, TOL[dtype])
 
 
 @pytest.mark.parametrize("capturable", [False, True])
@@ -114,9 +105,9 @@ def test_optimizer_matches_torch_on_cuda(dtype, decoupled, amsgrad, capturable):
         opt.step()
         ref.step()
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert_close(a.detach().cpu(), b.detach().cpu(), TORCH_TOL[dtype], f"param {i}")
+        assert_close(a.detach().cpu(), b.detach().cpu(), TOL[dtype], f"param {i}")
         for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-            assert_close(opt.state[a][key].cpu(), ref.state[b][key].cpu(), TORCH_TOL[dtype], key)
+            assert_close(opt.state[a][key].cpu(), ref.state[b][key].cpu(), TOL[dtype], key)
         assert opt.state[a]["step"].is_cuda == capturable
         assert float(opt.state[a]["step"]) == 5
 
@@ -188,7 +179,7 @@ def test_runs_on_the_current_stream():
     """On a side stream, the grads are written after a long sleep and then the step runs:
     a kernel launched on any other stream would read the grads before they are written."""
     shapes = [(100000,), (33,)]
-    cpu = State(make_tensors(shapes, torch.float32, seed=9), amsgrad=False)
+    cpu = OpState(make_tensors(shapes, torch.float32, seed=9), amsgrad=False)
     gpu = to(cpu, "cuda")
     grads = make_grad_seq(shapes, torch.float32, 1, seed=10)[0]
     emulated(*cpu.lists(grads), hyper=op_hyper())
@@ -202,13 +193,13 @@ def test_runs_on_the_current_stream():
             dst.copy_(src)
         torch.ops.adamx.adam_(*gpu.lists(gpu_grads), **op_hyper())
     torch.cuda.synchronize()
-    assert_states_equal(gpu, cpu)
+    assert_bitwise(gpu, cpu)
 
 
 @pytest.mark.skipif(HAVE_CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_params_on_another_gpu_than_the_current_one():
     shapes = [(1000,), (7, 7)]
-    cpu = State(make_tensors(shapes, torch.float32, seed=11), amsgrad=True)
+    cpu = OpState(make_tensors(shapes, torch.float32, seed=11), amsgrad=True)
     gpu = to(cpu, "cuda:1")
     grads = make_grad_seq(shapes, torch.float32, 1, seed=12)[0]
     emulated(*cpu.lists(grads), hyper=op_hyper(amsgrad=True))
@@ -217,7 +208,7 @@ def test_params_on_another_gpu_than_the_current_one():
                               **op_hyper(amsgrad=True))
         assert torch.cuda.current_device() == 0
     torch.cuda.synchronize(1)
-    assert_states_equal(gpu, cpu)
+    assert_bitwise(gpu, cpu)
     # and an optimizer whose params live on the second GPU, capturable
     params = [torch.randn(50, device="cuda:1", requires_grad=True)]
     opt = adamx.Adam(params, lr=LR, capturable=True)
@@ -247,20 +238,20 @@ def test_misaligned_and_non_dense_tensors(dtype):
 
     params = [rnd(1001)[1:], rnd(40, 30).t(), rnd(50, 4)[:, ::2], rnd(65538)[1:]]
     grads = [rnd(1001)[1:], rnd(30, 40), rnd(50, 2), rnd(65537)]
-    cpu = State([p.clone() for p in params], amsgrad=True)
+    cpu = OpState([p.clone() for p in params], amsgrad=True)
     cpu.params = params
-    gpu = State([same_layout_on_cuda(p) for p in params], amsgrad=True)
+    gpu = OpState([same_layout_on_cuda(p) for p in params], amsgrad=True)
     assert gpu.params[0].storage_offset() == 1 and not gpu.params[2].is_contiguous()
     for grads_k in (grads, [x * 0.5 for x in grads]):
         emulated(*cpu.lists(grads_k), hyper=op_hyper(amsgrad=True))
         torch.ops.adamx.adam_(*gpu.lists([same_layout_on_cuda(x) for x in grads_k]),
                               **op_hyper(amsgrad=True))
-    assert_states_equal(gpu, cpu)
+    assert_bitwise(gpu, cpu)
 
 
 def test_empty_inputs():
     F.adam([], [], [], [], [], [], lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
-    st = State([torch.zeros(0, device="cuda")], amsgrad=False)
+    st = OpState([torch.zeros(0, device="cuda")], amsgrad=False)
     torch.ops.adamx.adam_(*st.lists([torch.zeros(0, device="cuda")]), **op_hyper())
     assert float(st.steps[0]) == 1
 
@@ -317,7 +308,7 @@ def test_tensor_of_more_than_2_31_elements(dtype, bytes_per):
     # p started at 0 and every grad is nonzero: each element moved by about lr
     assert bool((p != 0).all()), "some elements were not updated"
     for sl in (slice(0, 1000), slice(2**31 - 1000, n)):  # the end, across 2**31
-        small = State([torch.zeros(sl.stop - sl.start, dtype=dtype)], amsgrad=False)
+        small = OpState([torch.zeros(sl.stop - sl.start, dtype=dtype)], amsgrad=False)
         torch.ops.adamx.adam_(*small.lists([g[sl].cpu()]), **op_hyper())
         assert torch.equal(p[sl].cpu(), small.params[0]), sl
         assert torch.equal(m[sl].cpu(), small.exp_avgs[0]), sl

@@ -15,20 +15,15 @@ contracts multiplies and adds into FMAs: so the two agree bitwise, and that is w
 tests check. Comparisons with torch.optim use the tolerances of conftest.py.
 """
 
-import itertools
-import os
-
 import pytest
 import torch
 
 import adamx
-from conftest import (DTYPES, LR, REDUCED, REF_TOL, TORCH_TOL, RefAdam, assert_close,
-                      make_grad_seq, make_tensors, needs_build)
+from conftest import (DTYPES, LR, OPTION_GRID, OPTION_IDS, REDUCED, TOL, OpState, RefAdam,
+                      assert_bitwise, assert_close, make_grad_seq, make_tensors, needs_build,
+                      op_hyper)
 
 pytestmark = needs_build
-
-OPTION_GRID = list(itertools.product([False, True], repeat=4))  # decoupled, amsgrad, max, inside
-OPTION_IDS = ["".join(n if on else "-" for n, on in zip("DAME", o)) for o in OPTION_GRID]
 
 # Odd lengths, empties, and tensors of several chunks at the small chunk sizes below.
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (2, 0, 3), (1031,), (4, 250)]
@@ -37,45 +32,6 @@ SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (2, 0, 3), (1031,), (4, 250)]
 def emulated(*lists, hyper, **geometry):
     """One emulated CUDA step; returns [launches, vectorized blocks, blocks run]."""
     return list(torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, **geometry))
-
-
-def op_hyper(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
-             maximize=False, decoupled=False, eps_inside_sqrt=False):
-    return adamx.functional.op_kwargs(
-        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-        maximize=maximize, decoupled_weight_decay=decoupled, eps_inside_sqrt=eps_inside_sqrt)
-
-
-class State:
-    """Params and Adam state kept by hand, as lists for the op."""
-
-    def __init__(self, params, amsgrad, step_dtype=torch.float32, steps=None):
-        self.params = params
-        self.exp_avgs = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
-        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in params] if amsgrad else []
-        steps = steps if steps is not None else [0.0] * len(params)
-        self.steps = [torch.tensor(float(s), dtype=step_dtype) for s in steps]
-
-    def lists(self, grads):
-        return (self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
-                self.steps)
-
-    def clone(self):
-        other = State.__new__(State)
-        for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
-            setattr(other, name, [t.clone() for t in getattr(self, name)])
-        return other
-
-    def tensors(self):
-        return self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs + self.steps
-
-
-def assert_bitwise(state_a, state_b, what=""):
-    for i, (a, b) in enumerate(zip(state_a.tensors(), state_b.tensors())):
-        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
-        assert torch.equal(a, b), f"{what}: tensor {i} differs (max abs diff " \
-            f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
 
 
 def run_both(state, grad_seq, hyper, **geometry):
@@ -109,12 +65,11 @@ GEOMETRIES = {
 @pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_option_grid_matches_cpu_kernel_bitwise(dtype, options, geometry):
-    decoupled, amsgrad, maximize, inside = options
     params = make_tensors(SHAPES, dtype, seed=1)
     grad_seq = make_grad_seq(SHAPES, dtype, 3, seed=2)
-    hyper = op_hyper(weight_decay=0.1, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled,
-                     eps_inside_sqrt=inside)
-    emu, cpu, counts = run_both(State(params, amsgrad), grad_seq, hyper, **GEOMETRIES[geometry])
+    hyper = op_hyper(weight_decay=0.1, **options)
+    emu, cpu, counts = run_both(OpState(params, options["amsgrad"]), grad_seq, hyper,
+                                **GEOMETRIES[geometry])
     assert_bitwise(emu, cpu, f"{dtype} {options} {geometry}")
     assert all(float(s) == 3 for s in emu.steps)
     if geometry == "tables":
@@ -128,17 +83,17 @@ def test_option_grid_matches_cpu_kernel_bitwise(dtype, options, geometry):
 def test_many_steps_match_float64_reference(dtype, weight_decay):
     shapes = [(5,), (300,), (2, 77)]
     p0 = make_tensors(shapes, dtype, seed=3)
-    st = State([p.clone() for p in p0], amsgrad=True)
+    st = OpState([p.clone() for p in p0], amsgrad=True)
     ref = RefAdam(p0, dtype, lr=LR, weight_decay=weight_decay, amsgrad=True)
     hyper = op_hyper(weight_decay=weight_decay, amsgrad=True)
     for grads in make_grad_seq(shapes, dtype, 15, seed=4):
         emulated(*st.lists(grads), hyper=hyper, chunk_size=64, block_dim=16)
         ref.step(grads)
     for i, p in enumerate(st.params):
-        assert_close(p, ref.p[i], REF_TOL[dtype], f"param {i}")
-        assert_close(st.exp_avgs[i], ref.m[i], REF_TOL[dtype], f"exp_avg {i}")
-        assert_close(st.exp_avg_sqs[i], ref.v[i], REF_TOL[dtype], f"exp_avg_sq {i}")
-        assert_close(st.max_exp_avg_sqs[i], ref.vmax[i], REF_TOL[dtype], f"vmax {i}")
+        assert_close(p, ref.p[i], TOL[dtype], f"param {i}")
+        assert_close(st.exp_avgs[i], ref.m[i], TOL[dtype], f"exp_avg {i}")
+        assert_close(st.exp_avg_sqs[i], ref.v[i], TOL[dtype], f"exp_avg_sq {i}")
+        assert_close(st.max_exp_avg_sqs[i], ref.vmax[i], TOL[dtype], f"vmax {i}")
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -146,27 +101,27 @@ def test_many_steps_match_float64_reference(dtype, weight_decay):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_torch_optim(dtype, decoupled, amsgrad):
     """Against torch.optim.Adam/AdamW (their fused CPU kernel for float16/bfloat16, whose
-    for-loop computes in the reduced dtype; see TORCH_TOL in conftest.py)."""
+    for-loop computes in the reduced dtype; see TOL in conftest.py)."""
     shapes = [(3,), (129,), (8, 33)]
     params = make_tensors(shapes, dtype, seed=5)
     tparams = [p.clone().requires_grad_(True) for p in params]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     impl = {"fused": True} if dtype in REDUCED else {"foreach": False}
     topt = cls(tparams, lr=LR, weight_decay=0.1, amsgrad=amsgrad, **impl)
-    st = State(params, amsgrad)
-    hyper = op_hyper(weight_decay=0.1, amsgrad=amsgrad, decoupled=decoupled)
+    st = OpState(params, amsgrad)
+    hyper = op_hyper(weight_decay=0.1, amsgrad=amsgrad, decoupled_weight_decay=decoupled)
     for grads in make_grad_seq(shapes, dtype, 5, seed=6):
         for tp, g in zip(tparams, grads):
             tp.grad = g.clone()
         topt.step()
         emulated(*st.lists(grads), hyper=hyper, chunk_size=48, block_dim=8)
     for i, tp in enumerate(tparams):
-        assert_close(st.params[i], tp.detach(), TORCH_TOL[dtype], f"param {i}")
+        assert_close(st.params[i], tp.detach(), TOL[dtype], f"param {i}")
         tstate = topt.state[tp]
-        assert_close(st.exp_avgs[i], tstate["exp_avg"], TORCH_TOL[dtype], f"exp_avg {i}")
-        assert_close(st.exp_avg_sqs[i], tstate["exp_avg_sq"], TORCH_TOL[dtype], f"v {i}")
+        assert_close(st.exp_avgs[i], tstate["exp_avg"], TOL[dtype], f"exp_avg {i}")
+        assert_close(st.exp_avg_sqs[i], tstate["exp_avg_sq"], TOL[dtype], f"v {i}")
         if amsgrad:
-            assert_close(st.max_exp_avg_sqs[i], tstate["max_exp_avg_sq"], TORCH_TOL[dtype])
+            assert_close(st.max_exp_avg_sqs[i], tstate["max_exp_avg_sq"], TOL[dtype])
 
 
 def test_all_dtypes_in_one_call():
@@ -174,7 +129,7 @@ def test_all_dtypes_in_one_call():
     shapes = [(33,), (8, 9), (1,), (200,)]
     params = [t for dtype in DTYPES for t in make_tensors(shapes, dtype, seed=7)]
     grads = [t for dtype in DTYPES for t in make_tensors(shapes, dtype, seed=8)]
-    emu, cpu, counts = run_both(State(params, amsgrad=True), [grads],
+    emu, cpu, counts = run_both(OpState(params, amsgrad=True), [grads],
                                 op_hyper(weight_decay=0.01, amsgrad=True), chunk_size=64,
                                 block_dim=4)
     assert_bitwise(emu, cpu)
@@ -183,7 +138,7 @@ def test_all_dtypes_in_one_call():
 
 def test_geometry_does_not_change_results():
     shapes = [(1000,), (3, 333), (5,)]
-    base = State(make_tensors(shapes, torch.float32, seed=9), amsgrad=True)
+    base = OpState(make_tensors(shapes, torch.float32, seed=9), amsgrad=True)
     grad_seq = make_grad_seq(shapes, torch.float32, 2, seed=10)
     hyper = op_hyper(amsgrad=True, weight_decay=0.1)
     results = []
@@ -211,7 +166,7 @@ def test_misaligned_views_take_the_scalar_path(dtype):
         return [t[1:] for t in make_tensors([(n + 1,), (2 * n + 1,)], dtype, seed)]
 
     params, grads = views(11), views(12)
-    st = State(params, amsgrad=True)
+    st = OpState(params, amsgrad=True)
     st.exp_avgs = [torch.zeros(t.numel() + 1, dtype=dtype)[1:] for t in params]
     st.exp_avg_sqs = [torch.zeros(t.numel() + 1, dtype=dtype)[1:] for t in params]
     st.max_exp_avg_sqs = [torch.zeros(t.numel() + 1, dtype=dtype)[1:] for t in params]
@@ -240,7 +195,7 @@ def test_one_misaligned_pointer_disables_vectors(which):
             t = make_tensors([(n + 1,)], dtype, seed)[0]
         return t[1:] if misaligned else t[:n]
 
-    st = State([buf(13, which == "param")], amsgrad=True)
+    st = OpState([buf(13, which == "param")], amsgrad=True)
     grads = [buf(14, which == "grad")]
     st.exp_avgs = [buf(misaligned=which == "exp_avg")]
     st.exp_avg_sqs = [buf(misaligned=which == "exp_avg_sq")]
@@ -252,7 +207,7 @@ def test_one_misaligned_pointer_disables_vectors(which):
     assert counts == [1, 0, 4]
     assert_bitwise(st, cpu)
     # the same with everything aligned: all four blocks vectorized
-    st2 = State([buf(13)], amsgrad=True)
+    st2 = OpState([buf(13)], amsgrad=True)
     assert emulated(*st2.lists([buf(14)]), hyper=hyper, chunk_size=64, block_dim=8) == [1, 4, 4]
 
 
@@ -261,7 +216,7 @@ def test_mixed_vector_and_scalar_blocks(dtype):
     """chunk_size * itemsize not a multiple of 16: chunk starts alternate between
     vectorizable and not; lengths leave a scalar tail in the vectorized blocks."""
     shapes = [(1001,), (515,)]
-    emu, cpu, counts = run_both(State(make_tensors(shapes, dtype, seed=15), amsgrad=False),
+    emu, cpu, counts = run_both(OpState(make_tensors(shapes, dtype, seed=15), amsgrad=False),
                                 make_grad_seq(shapes, dtype, 2, seed=16),
                                 op_hyper(), chunk_size=101, block_dim=7)
     assert_bitwise(emu, cpu)
@@ -287,7 +242,7 @@ def test_scalars_read_in_the_kernel_match_host_scalars(dtype, where, lr_dtype, s
     shapes = [(7,), (130,), (3, 50)]
     lr = LR if lr_dtype is None else torch.tensor(LR, dtype=lr_dtype)
     hyper = op_hyper(lr=lr, amsgrad=True, weight_decay=0.1, eps_inside_sqrt=where == "both")
-    base = State(make_tensors(shapes, dtype, seed=17), amsgrad=True, step_dtype=step_dtype,
+    base = OpState(make_tensors(shapes, dtype, seed=17), amsgrad=True, step_dtype=step_dtype,
                  steps=[0, 0, 4])
     host, kernel = base.clone(), base.clone()
     flags = dict(steps_in_kernel=where in ("steps", "both"), lr_in_kernel=where in ("lr", "both"))
@@ -304,7 +259,7 @@ def test_different_step_counts_per_tensor():
     corrections; more distinct counts than a table's scalar sets start new launches."""
     shapes = [(40,)] * 6
     steps = [0, 0, 3, 9, 3, 100]
-    st = State(make_tensors(shapes, torch.float32, seed=19), amsgrad=False, steps=steps)
+    st = OpState(make_tensors(shapes, torch.float32, seed=19), amsgrad=False, steps=steps)
     emu, cpu, counts = run_both(st, make_grad_seq(shapes, torch.float32, 2, seed=20),
                                 op_hyper(), chunk_size=16, block_dim=4, max_scalar_sets=2)
     assert_bitwise(emu, cpu)
@@ -326,7 +281,7 @@ def test_non_dense_and_mismatched_layouts(dtype):
 
     params = [rnd(40, 30).t(), rnd(50, 4)[:, ::2], rnd(3, 4, 5).permute(2, 0, 1), rnd(64)]
     grads = [rnd(30, 40), rnd(50, 2), rnd(5, 3, 4), rnd(128)[::2]]
-    st = State(params, amsgrad=True)
+    st = OpState(params, amsgrad=True)
     st.exp_avgs[0] = torch.zeros(30, 40, dtype=dtype)  # contiguous, param transposed
     ids = [id(p) for p in st.params]
     emu, cpu, _ = run_both(st, [grads, [x * 0.5 for x in grads]], op_hyper(amsgrad=True),
@@ -337,7 +292,7 @@ def test_non_dense_and_mismatched_layouts(dtype):
 
 def test_empty_lists_and_empty_tensors():
     assert emulated([], [], [], [], [], [], hyper=op_hyper()) == [0, 0, 0]
-    st = State([torch.zeros(0), torch.zeros(3, 0)], amsgrad=True)
+    st = OpState([torch.zeros(0), torch.zeros(3, 0)], amsgrad=True)
     counts = emulated(*st.lists([torch.zeros(0), torch.zeros(3, 0)]),
                       hyper=op_hyper(amsgrad=True))
     assert counts == [0, 0, 0]  # no launch
@@ -346,7 +301,7 @@ def test_empty_lists_and_empty_tensors():
 
 def test_invalid_input_is_refused_before_anything_is_written():
     shapes = [(10,), (20,)]
-    st = State(make_tensors(shapes, torch.float32, seed=22), amsgrad=False)
+    st = OpState(make_tensors(shapes, torch.float32, seed=22), amsgrad=False)
     before = st.clone()
     bad_grads = [torch.ones(10), torch.ones(21)]
     with pytest.raises(RuntimeError, match="shape"):
@@ -428,7 +383,7 @@ def test_tensor_of_more_than_2_31_elements_first_and_last_chunks():
     p[sentinel] = 7
     expected = []
     for s in sl:
-        small = State([p[s].clone()], amsgrad=False)
+        small = OpState([p[s].clone()], amsgrad=False)
         torch.ops.adamx.adam_(*small.lists([g[s].clone()]), **op_hyper())
         expected.append(small)
     step = torch.tensor(0.0)
@@ -443,10 +398,3 @@ def test_tensor_of_more_than_2_31_elements_first_and_last_chunks():
     assert (p[sentinel] == 7).all()  # blocks not run left alone
     assert float(step) == 1
     del tensors, p, g, m, v
-
-
-def test_build_info_reports_cuda_kernels():
-    info = adamx.build_info()
-    assert isinstance(info["cuda"], bool)
-    if os.environ.get("ADAMX_EXPECT_CUDA_BUILD") == "1":
-        assert info["cuda"], "adamx was expected to be built with its CUDA kernels"

@@ -5,27 +5,12 @@ import torch
 
 import adamx
 import adamx.functional as F
-from conftest import (DTYPES, LR, REF_TOL, SHAPES, RefAdam, assert_close, make_grad_seq,
+from conftest import (DTYPES, LR, SHAPES, TOL, OpState, RefAdam, assert_close, make_grad_seq,
                       make_tensors, needs_build)
 
 pytestmark = needs_build
 
 STEPS = 12
-
-
-class FunctionalState:
-    """Buffers kept by hand, the way a user of the functional API keeps them."""
-
-    def __init__(self, params, amsgrad, step_dtype=torch.float32):
-        self.params = params
-        self.exp_avgs = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
-        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in params] if amsgrad else []
-        self.steps = [torch.tensor(0.0, dtype=step_dtype) for _ in params]
-
-    def lists(self, grads):
-        return (self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
-                self.steps)
 
 
 @pytest.mark.parametrize("decay", ["none", "l2", "decoupled"])
@@ -36,7 +21,7 @@ def test_functional_matches_reference(dtype, amsgrad, maximize, decay):
     p0 = make_tensors(SHAPES, dtype, seed=200)
     grad_seq = make_grad_seq(SHAPES, dtype, STEPS, seed=201)
     params = [p.clone() for p in p0]
-    st = FunctionalState(params, amsgrad)
+    st = OpState(params, amsgrad)
     wd = 0.0 if decay == "none" else 0.1
     hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, amsgrad=amsgrad,
                  maximize=maximize, decoupled_weight_decay=decay == "decoupled")
@@ -50,7 +35,7 @@ def test_functional_matches_reference(dtype, amsgrad, maximize, decay):
         # the function increments the step counts itself
         assert all(float(s) == k + 1 for s in st.steps)
         assert all(s.dtype == torch.float32 and s.dim() == 0 for s in st.steps)
-    tol = REF_TOL[dtype]
+    tol = TOL[dtype]
     for i, p in enumerate(params):
         assert_close(p, ref.p[i], tol, f"param {i}")
         assert_close(st.exp_avgs[i], ref.m[i], tol, f"exp_avg {i}")
@@ -67,7 +52,7 @@ def test_functional_equals_optimizer_bitwise(amsgrad):
     a, b = [p.clone() for p in p0], [p.clone() for p in p0]
     opt = adamx.Adam(a, lr=LR, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05,
                      amsgrad=amsgrad, eps_inside_sqrt=True)
-    st = FunctionalState(b, amsgrad)
+    st = OpState(b, amsgrad)
     for grads in grad_seq:
         for p, g in zip(a, grads):
             p.grad = g
@@ -88,13 +73,13 @@ def test_functional_defaults_and_empty_lists():
     # keyword defaults: amsgrad, maximize, decoupled, eps_inside_sqrt all False
     p0 = make_tensors([(9,)], torch.float64, seed=204)
     params = [p0[0].clone()]
-    st = FunctionalState(params, amsgrad=False)
+    st = OpState(params, amsgrad=False)
     grads = make_grad_seq([(9,)], torch.float64, 3, seed=205)
     ref = RefAdam(p0, torch.float64, lr=LR)
     for g in grads:
         F.adam(*st.lists(g), lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
         ref.step(g)
-    assert_close(params[0], ref.p[0], REF_TOL[torch.float64])
+    assert_close(params[0], ref.p[0], TOL[torch.float64])
     # no params: nothing to do, no error
     F.adam([], [], [], [], [], [], lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
 
@@ -102,13 +87,13 @@ def test_functional_defaults_and_empty_lists():
 def test_functional_accepts_float64_step_counts():
     p0 = make_tensors([(6,)], torch.float32, seed=206)
     params = [p0[0].clone()]
-    st = FunctionalState(params, amsgrad=False, step_dtype=torch.float64)
+    st = OpState(params, amsgrad=False, step_dtype=torch.float64)
     ref = RefAdam(p0, torch.float32, lr=LR)
     for g in make_grad_seq([(6,)], torch.float32, 4, seed=207):
         F.adam(*st.lists(g), lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
         ref.step(g)
     assert st.steps[0].dtype == torch.float64 and float(st.steps[0]) == 4
-    assert_close(params[0], ref.p[0], REF_TOL[torch.float32])
+    assert_close(params[0], ref.p[0], TOL[torch.float32])
 
 
 def test_functional_step_counts_continue_from_their_value():
@@ -116,7 +101,7 @@ def test_functional_step_counts_continue_from_their_value():
     p0 = make_tensors([(16,)], torch.float64, seed=208)
     g = make_grad_seq([(16,)], torch.float64, 1, seed=209)[0]
     params = [p0[0].clone()]
-    st = FunctionalState(params, amsgrad=False)
+    st = OpState(params, amsgrad=False)
     st.steps[0].fill_(9.0)
     m0, v0 = torch.full((16,), 0.1, dtype=torch.float64), torch.full((16,), 0.02,
                                                                      dtype=torch.float64)
@@ -127,7 +112,7 @@ def test_functional_step_counts_continue_from_their_value():
     v = 0.999 * v0 + 0.001 * g[0] ** 2
     expected = p0[0] - LR / (1 - 0.9**10) * m / ((v / (1 - 0.999**10)).sqrt() + 1e-8)
     assert float(st.steps[0]) == 10
-    assert_close(params[0], expected, REF_TOL[torch.float64])
+    assert_close(params[0], expected, TOL[torch.float64])
 
 
 # --------------------------------------------------------------------------------------
@@ -161,7 +146,7 @@ def test_op_direct_call_with_lr_tensor(dtype):
     p0 = make_tensors(shapes, dtype, seed=210)
     grad_seq = make_grad_seq(shapes, dtype, 5, seed=211)
     params = [p.clone() for p in p0]
-    st = FunctionalState(params, amsgrad=True)
+    st = OpState(params, amsgrad=True)
     ref = RefAdam(p0, dtype, lr=0.05, amsgrad=True, weight_decay=0.1, decoupled=True)
     lr = torch.tensor(0.05, dtype=torch.float64)
     for grads in grad_seq:
@@ -171,8 +156,8 @@ def test_op_direct_call_with_lr_tensor(dtype):
             decoupled_weight_decay=True))
         ref.step(grads)
     for i, p in enumerate(params):
-        assert_close(p, ref.p[i], REF_TOL[dtype], f"param {i}")
-        assert_close(st.max_exp_avg_sqs[i], ref.vmax[i], REF_TOL[dtype])
+        assert_close(p, ref.p[i], TOL[dtype], f"param {i}")
+        assert_close(st.max_exp_avg_sqs[i], ref.vmax[i], TOL[dtype])
     assert float(st.steps[0]) == 5
 
 
@@ -185,7 +170,7 @@ def test_opcheck():
     for amsgrad, lr_tensor in ((False, None), (True, torch.tensor(0.01))):
         params = make_tensors(shapes, torch.float32, seed=212)
         grads = make_tensors(shapes, torch.float32, seed=213)
-        st = FunctionalState(params, amsgrad)
+        st = OpState(params, amsgrad)
         torch.library.opcheck(torch.ops.adamx.adam_.default, st.lists(grads),
                               _op_kwargs(amsgrad=amsgrad, lr_tensor=lr_tensor))
 
@@ -193,7 +178,7 @@ def test_opcheck():
 def test_meta_tensors_go_through_the_fake_kernel():
     shapes = [(3, 4), (5,)]
     params = [torch.empty(s, device="meta") for s in shapes]
-    st = FunctionalState(params, amsgrad=True)
+    st = OpState(params, amsgrad=True)
     st.steps = [torch.tensor(0.0, device="meta") for _ in params]
     grads = [torch.empty(s, device="meta") for s in shapes]
     torch.ops.adamx.adam_(*st.lists(grads), **_op_kwargs(amsgrad=True))

@@ -7,22 +7,21 @@ import pytest
 import torch
 
 import adamx
-from conftest import (DTYPES, LR, REDUCED, REF_TOL, SHAPES, TORCH_TOL, RefAdam,
+from conftest import (DTYPES, LR, OPTION_GRID, OPTION_IDS, REDUCED, SHAPES, TOL, RefAdam,
                       assert_close, assert_opt_matches_ref, assert_same_state, make_grad_seq,
                       make_tensors, needs_build)
 
 pytestmark = needs_build
 
 STEPS = 15
-DECAYS = ["none", "l2", "decoupled"]
 WD = 0.1
+WEIGHT_DECAYS = [0.0, WD]
 
 
-def _hyper(decay, amsgrad, maximize, tensor_lr, eps_inside_sqrt=False, lr=LR):
-    return dict(lr=torch.tensor(lr) if tensor_lr else lr,
-                weight_decay=0.0 if decay == "none" else WD, amsgrad=amsgrad,
-                maximize=maximize, decoupled_weight_decay=decay == "decoupled",
-                eps_inside_sqrt=eps_inside_sqrt)
+def _hyper(options, weight_decay, tensor_lr, lr=LR):
+    """Optimizer keyword arguments: a point of OPTION_GRID, a weight decay, a float or
+    tensor lr."""
+    return dict(options, lr=torch.tensor(lr) if tensor_lr else lr, weight_decay=weight_decay)
 
 
 def _ref_for(p0, dtype, hyper):
@@ -92,15 +91,12 @@ def test_foreach_and_fused_are_accepted_and_change_nothing(foreach, fused):
 # --------------------------------------------------------------------------------------
 # The option grid against the float64 reference
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("eps_inside_sqrt", [False, True], ids=["eps_out", "eps_in"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["lr_float", "lr_tensor"])
-@pytest.mark.parametrize("decay", DECAYS)
-@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
-@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("weight_decay", WEIGHT_DECAYS, ids=["wd0", "wd"])
+@pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grid_matches_float64_reference(dtype, amsgrad, maximize, decay, tensor_lr,
-                                        eps_inside_sqrt):
-    hyper = _hyper(decay, amsgrad, maximize, tensor_lr, eps_inside_sqrt)
+def test_grid_matches_float64_reference(dtype, options, weight_decay, tensor_lr):
+    hyper = _hyper(options, weight_decay, tensor_lr)
     p0 = make_tensors(SHAPES, dtype, seed=1)
     grad_seq = make_grad_seq(SHAPES, dtype, STEPS, seed=2)
     params = [p.clone() for p in p0]
@@ -155,19 +151,23 @@ def _torch_opt(params, hyper, **impl):
 
 
 # torch's foreach=False loop computes in the reduced dtype itself, so reduced precision is
-# compared with torch's fused kernel only (see TORCH_TOL in conftest.py).
+# compared with torch's fused kernel only (see TOL in conftest.py).
 TORCH_IMPLS = [(dtype, impl) for dtype in DTYPES for impl in ("foreach=False", "fused=True")
                if not (impl == "foreach=False" and dtype in REDUCED)]
 
 
+# torch has no eps_inside_sqrt: the grid without it.
+TORCH_GRID = [o for o in OPTION_GRID if not o["eps_inside_sqrt"]]
+
+
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["lr_float", "lr_tensor"])
-@pytest.mark.parametrize("decay", DECAYS)
-@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
-@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("weight_decay", WEIGHT_DECAYS, ids=["wd0", "wd"])
+@pytest.mark.parametrize("options", TORCH_GRID,
+                         ids=[i for o, i in zip(OPTION_GRID, OPTION_IDS) if o in TORCH_GRID])
 @pytest.mark.parametrize("dtype,impl", TORCH_IMPLS, ids=[f"{d}-{i}" for d, i in TORCH_IMPLS])
-def test_grid_matches_torch(dtype, impl, amsgrad, maximize, decay, tensor_lr):
+def test_grid_matches_torch(dtype, impl, options, weight_decay, tensor_lr):
     impl_kw = {"foreach": False} if impl == "foreach=False" else {"fused": True}
-    hyper = _hyper(decay, amsgrad, maximize, tensor_lr)
+    hyper = _hyper(options, weight_decay, tensor_lr)
     if tensor_lr and dtype == torch.float64:
         # torch's loop divides a tensor lr by the bias correction in the lr tensor's dtype
         # (float32 rounding, ~1e-8): give it a float64 lr to compare at float64 precision.
@@ -175,15 +175,13 @@ def test_grid_matches_torch(dtype, impl, amsgrad, maximize, decay, tensor_lr):
     p0 = make_tensors(SHAPES, dtype, seed=7)
     grad_seq = make_grad_seq(SHAPES, dtype, STEPS, seed=8)
     ours, theirs = [p.clone() for p in p0], [p.clone() for p in p0]
-    cls = adamx.AdamW if decay == "decoupled" else adamx.Adam
     kw = dict(hyper)
-    if decay == "decoupled":
-        kw.pop("decoupled_weight_decay")
+    cls = adamx.AdamW if kw.pop("decoupled_weight_decay") else adamx.Adam
     opt_ours = cls(ours, **kw)
     opt_theirs = _torch_opt(theirs, hyper, **impl_kw)
     _run(opt_ours, ours, grad_seq)
     _run(opt_theirs, theirs, grad_seq)
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[dtype])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[dtype])
     step = opt_ours.state[ours[0]]["step"]
     assert step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"
 
@@ -204,17 +202,17 @@ def test_comparison_detects_a_wrong_hyperparameter():
         opt_t = torch.optim.AdamW(theirs, **dict(good, **wrong), foreach=False)
         _run(opt_t, theirs, grad_seq)
         with pytest.raises(AssertionError):
-            assert_same_state(opt, ours, opt_t, theirs, tol=TORCH_TOL[torch.float32])
+            assert_same_state(opt, ours, opt_t, theirs, tol=TOL[torch.float32])
     theirs = [p.clone() for p in p0]
     opt_t = torch.optim.Adam(theirs, **good, foreach=False)  # L2, not decoupled
     _run(opt_t, theirs, grad_seq)
     with pytest.raises(AssertionError):
-        assert_same_state(opt, ours, opt_t, theirs, tol=TORCH_TOL[torch.float32])
+        assert_same_state(opt, ours, opt_t, theirs, tol=TOL[torch.float32])
     # and the right one passes
     theirs = [p.clone() for p in p0]
     opt_t = torch.optim.AdamW(theirs, **good, foreach=False)
     _run(opt_t, theirs, grad_seq)
-    assert_same_state(opt, ours, opt_t, theirs, tol=TORCH_TOL[torch.float32])
+    assert_same_state(opt, ours, opt_t, theirs, tol=TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -222,7 +220,7 @@ def test_comparison_detects_a_wrong_hyperparameter():
                                    dict(lr=LR * 1.1), dict(eps=1e-2),
                                    dict(weight_decay=WD, decoupled=True)], ids=str)
 def test_reference_tolerances_catch_a_wrong_hyperparameter(dtype, wrong):
-    """REF_TOL is loose enough for rounding, not for a formula error, in every dtype."""
+    """TOL is loose enough for rounding, not for a formula error, in every dtype."""
     hyper = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
     p0 = make_tensors(SHAPES, dtype, seed=13)
     grad_seq = make_grad_seq(SHAPES, dtype, STEPS, seed=14)
@@ -256,7 +254,7 @@ def test_eps_matters_and_is_placed_like_torch():
     theirs = [p.clone() for p in p0]
     opt_t = torch.optim.Adam(theirs, lr=LR, foreach=False)
     _run(opt_t, theirs, grad_seq)
-    assert_close(results["out"], theirs[0], TORCH_TOL[torch.float64])
+    assert_close(results["out"], theirs[0], TOL[torch.float64])
     for other in ("in", "out_big_eps"):
         assert (results[other] - results["out"]).abs().max() > 1e-4, other
 
@@ -304,7 +302,7 @@ def test_param_groups_with_their_own_hyperparameters(dtype, decoupled):
         opt_ours.step()
         opt_theirs.step()
     for gi in range(len(GROUPS)):
-        assert_same_state(opt_ours, ours[gi], opt_theirs, theirs[gi], tol=TORCH_TOL[dtype])
+        assert_same_state(opt_ours, ours[gi], opt_theirs, theirs[gi], tol=TOL[dtype])
         assert_opt_matches_ref(opt_ours, ours[gi], refs[gi], dtype, what=f"group {gi}")
 
 
@@ -331,7 +329,7 @@ def test_params_without_grad_are_skipped_and_get_no_state():
     opt.step()
     opt_t.step()
     assert float(opt.state[b]["step"]) == 1
-    assert_close(b, b_t, TORCH_TOL[torch.float32])
+    assert_close(b, b_t, TOL[torch.float32])
     assert len(opt.state_dict()["state"]) == 2
 
 
@@ -352,7 +350,7 @@ def test_zero_grad_and_closure():
             loss = opt.step(closure)
             assert torch.is_tensor(loss)
         assert ours.grad is not None
-    assert_close(ours.detach(), theirs.detach(), TORCH_TOL[torch.float32])
+    assert_close(ours.detach(), theirs.detach(), TOL[torch.float32])
     opt_ours.zero_grad()
     assert ours.grad is None
 
@@ -366,6 +364,36 @@ def test_step_bumps_param_version_for_autograd():
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_step_bumps_the_version_of_every_tensor_it_writes():
+    """Params, exp_avg, exp_avg_sq, max_exp_avg_sq and step, on the step that makes state
+    (the list path) and on later ones (the C++ fast path), and through the functional API;
+    the grads are only read."""
+    params = make_tensors([(3, 4), (5,)], torch.float32, seed=27)
+    opt = adamx.Adam(params, lr=LR, amsgrad=True)
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    for k in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = {id(t): t._version for p in params
+                  for t in [p, p.grad] + [opt.state[p][key] for key in keys if p in opt.state]}
+        opt.step()
+        for p in params:
+            assert p._version > before[id(p)]
+            assert p.grad._version == before[id(p.grad)]
+            for key in keys:
+                t = opt.state[p][key]
+                if k > 0:
+                    assert t._version > before[id(t)], (k, key)
+    lists = [params, [p.grad for p in params]] + [[opt.state[p][key] for p in params]
+                                                  for key in keys]
+    versions = [[t._version for t in lst] for lst in lists]
+    adamx.functional.adam(*lists, lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                          amsgrad=True)
+    for name, lst, old in zip(("params", "grads") + keys, lists, versions):
+        for t, v in zip(lst, old):
+            assert (t._version > v) == (name != "grads"), name
 
 
 # --------------------------------------------------------------------------------------
@@ -413,7 +441,7 @@ def test_lr_schedulers_match_torch(name, tensor_lr):
         assert lrs[-1] == float(opt_theirs.param_groups[0]["lr"])
         assert torch.is_tensor(opt_ours.param_groups[0]["lr"]) == tensor_lr
     assert len(set(lrs)) > 1  # the schedule did change lr
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[dtype])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[dtype])
     # and the changing lr was used: a fixed lr ends elsewhere
     assert (ours[0] - fixed[0]).abs().max() > 1e-3
 
@@ -432,7 +460,7 @@ def test_reduce_lr_on_plateau():
         s_ours.step(1.0)  # never improves
         s_theirs.step(1.0)
     assert opt_ours.param_groups[0]["lr"] < 0.05
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[torch.float32])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[torch.float32])
 
 
 def test_tensor_lr_changed_in_place_is_used():
@@ -447,7 +475,7 @@ def test_tensor_lr_changed_in_place_is_used():
         ref.step(grads)
         opt.param_groups[0]["lr"].mul_(0.5)
         ref.lr *= 0.5
-    assert_close(ours[0], ref.p[0], REF_TOL[torch.float64])
+    assert_close(ours[0], ref.p[0], TOL[torch.float64])
 
 
 def test_group_hyperparameters_changed_between_steps():
@@ -467,7 +495,7 @@ def test_group_hyperparameters_changed_between_steps():
         if k < len(changes):
             opt_ours.param_groups[0].update(changes[k])
             opt_theirs.param_groups[0].update(changes[k])
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[torch.float64])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[torch.float64])
 
 
 # --------------------------------------------------------------------------------------
@@ -498,7 +526,7 @@ def test_nonfinite_grads_propagate_like_torch(dtype, amsgrad):
         assert torch.equal(torch.isnan(a), torch.isnan(b)), key
         assert torch.equal(torch.isinf(a), torch.isinf(b)), key
         assert torch.isnan(a).any() or torch.isinf(a).any(), key
-        assert_close(a, b, TORCH_TOL[dtype], key)
+        assert_close(a, b, TOL[dtype], key)
 
 
 # --------------------------------------------------------------------------------------
@@ -522,8 +550,8 @@ def test_eps_inside_sqrt_matches_seed_adam(dtype, grad_scale):
         opt.step()
         opt_torch_like.step()
         adamx.reference.seed_adam(seed, vs, sqrs, lr, t, beta1, beta2)
-    # float32: the seed loop and the kernel round differently (see REF_TOL), ~1e-6 relative
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else REF_TOL[dtype]
+    # float32: the seed loop and the kernel round differently (see TOL), ~1e-6 relative
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else TOL[dtype]
     for i, (p, q) in enumerate(zip(ours, seed)):
         assert_close(p, q, tol, f"param {i}")
         assert_close(opt.state[p]["exp_avg"], vs[i], tol, f"exp_avg {i}")
@@ -606,7 +634,7 @@ def test_non_contiguous_params_and_grads(dtype, amsgrad):
         opt_t.step()
         ref.step(gk)
     for (name, *_), p, q in zip(cases, params, theirs):
-        assert_close(p, q, TORCH_TOL[dtype], name)
+        assert_close(p, q, TOL[dtype], name)
     assert_opt_matches_ref(opt, params, ref, dtype)
     for (name, *_), b, b0, m in zip(cases, bases, base0, masks):
         if b is not None:
@@ -649,7 +677,7 @@ def test_many_small_params_in_one_step():
                                   foreach=False)
     _run(opt_ours, ours, grad_seq)
     _run(opt_theirs, theirs, grad_seq)
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[dtype])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[dtype])
 
 
 def test_amsgrad_switched_on_between_steps():
@@ -687,12 +715,14 @@ def test_step_inside_inference_mode_and_no_grad():
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], p0[0])
 
 
-def test_capturable_flag_changes_nothing_on_cpu():
+def test_capturable_and_fused_change_nothing_on_cpu():
+    """torch's fused=True accepts capturable=True on the CPU (its other paths refuse it,
+    and so does adamx: see test_regressions.py); the numbers are the same."""
     shapes = [(9,), (2, 5)]
     p0 = make_tensors(shapes, torch.float32, seed=21)
     grad_seq = make_grad_seq(shapes, torch.float32, 5, seed=22)
     a, b = [p.clone() for p in p0], [p.clone() for p in p0]
-    opt_a = adamx.Adam(a, lr=LR, capturable=True, amsgrad=True)
+    opt_a = adamx.Adam(a, lr=LR, capturable=True, fused=True, amsgrad=True)
     opt_b = adamx.Adam(b, lr=LR, amsgrad=True)
     _run(opt_a, a, grad_seq)
     _run(opt_b, b, grad_seq)
@@ -747,7 +777,7 @@ def test_extreme_and_branching_betas(dtype, betas):
         opt_ours.step()
         opt_theirs.step()
         ref.step(grads)
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[dtype])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[dtype])
     assert_opt_matches_ref(opt_ours, ours, ref, dtype)
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import adamx
-from conftest import (LR, TORCH_TOL, assert_close, assert_same_state, make_grad_seq,
+from conftest import (LR, TOL, assert_close, assert_same_state, make_grad_seq,
                       make_tensors, needs_build)
 
 pytestmark = needs_build
 
 SHAPES = [(4, 6), (13,), (), (2, 3, 5)]
-TOL = TORCH_TOL[torch.float32]
+F32 = TOL[torch.float32]
 
 
 def _feed(opt, params, grads):
@@ -64,7 +64,7 @@ def test_state_dict_layout_is_torchs(amsgrad, decoupled):
         assert float(step) == 3
         for key in expected - {"step"}:
             assert st[key].shape == ours[i].shape and st[key].dtype == ours[i].dtype
-            assert_close(st[key], ref[key], TOL, key)
+            assert_close(st[key], ref[key], F32, key)
     assert len(sd_ours["param_groups"]) == 1
     g_ours, g_theirs = sd_ours["param_groups"][0], sd_theirs["param_groups"][0]
     for key, value in g_theirs.items():
@@ -106,7 +106,7 @@ def test_checkpoint_interchange_continues_training(direction, decoupled, amsgrad
         _feed(opt_b, b, grads)
 
     exact = src == dst == "adamx"
-    assert_same_state(opt_b, b, opt_straight, straight, tol=TOL, exact=exact)
+    assert_same_state(opt_b, b, opt_straight, straight, tol=F32, exact=exact)
     # The continuation really used the loaded state: starting from fresh moments at the
     # same params gives different numbers.
     c = [p.detach().clone() for p in a]
@@ -137,7 +137,7 @@ def test_old_checkpoint_with_number_steps():
     assert opt_b.state[b[0]]["step"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("options", [dict(capturable=True), dict(fused=True),
+@pytest.mark.parametrize("options", [dict(capturable=True, fused=True), dict(fused=True),
                                      dict(foreach=True)], ids=str)
 def test_cpu_step_is_accepted_wherever_loaded(options):
     p0 = make_tensors(SHAPES, torch.float32, seed=406)
@@ -154,7 +154,7 @@ def test_cpu_step_is_accepted_wherever_loaded(options):
     for grads in grad_seq[3:]:
         _feed(opt_a, a, grads)
         _feed(opt_b, b, grads)
-    assert_same_state(opt_b, b, opt_a, a, tol=TOL)
+    assert_same_state(opt_b, b, opt_a, a, tol=F32)
     for p in b:
         st = opt_b.state[p]["step"]
         assert st.dtype == torch.float32 and st.dim() == 0 and float(st) == 6
@@ -181,7 +181,7 @@ def test_checkpoint_loads_into_other_param_dtype():
         g16 = [g.to(torch.bfloat16) for g in grads]
         _feed(opt_ours, ours, g16)
         _feed(opt_theirs, theirs, g16)
-    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TORCH_TOL[torch.bfloat16])
+    assert_same_state(opt_ours, ours, opt_theirs, theirs, tol=TOL[torch.bfloat16])
 
 
 def test_checkpoint_with_several_groups_and_tensor_lr():
@@ -211,7 +211,7 @@ def test_checkpoint_with_several_groups_and_tensor_lr():
         _feed(opt_b, b, grads)
         _feed(opt_t, t, grads)
     assert_same_state(opt_a, a, opt_b, b, exact=True)
-    assert_same_state(opt_b, b, opt_t, t, tol=TOL)
+    assert_same_state(opt_b, b, opt_t, t, tol=F32)
 
 
 def test_scheduler_state_round_trip():
