@@ -14,8 +14,8 @@ from pathlib import Path
 
 import adamx
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/
+REPO = BENCH.parent
 MNIST_DIR = os.environ.get("ADAMX_MNIST_DIR")
 
 try:
