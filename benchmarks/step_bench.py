@@ -39,8 +39,8 @@ by the time it steps (see bench_common.prime_allocator: without it glibc mmaps a
 page-faults every temporary of the unfused peers, and the Python loop measures ~4x slower
 than in training).
 
-Prints a table per device and dtype, the issue-5 targets as PASS/FAIL lines when their
-peers were measured, and writes step_bench.json and a PNG per device/dtype into --out.
+Prints a table per device and dtype, the CPU step targets (2 threads: see targets()) as
+PASS/FAIL lines when their peers were measured, and writes step_bench.json and a PNG per device/dtype into --out.
 """
 
 import argparse
@@ -225,11 +225,12 @@ def run_ceiling(n_elements, itemsize, device, args):
 
 
 # --------------------------------------------------------------------------------------
-# Issue-5 targets
+# The CPU step targets
 # --------------------------------------------------------------------------------------
 def targets(records, dtype_name, device):
-    """PASS/FAIL per issue-5 target whose peers were measured. The targets are the CPU
-    step's (issue 5 sets them for the CPU kernel with 2 threads); none are checked on CUDA."""
+    """PASS/FAIL per CPU step target whose peers were measured. The targets are set for
+    the CPU kernel with 2 threads (ratios of median step times, and a share of the RMW
+    ceiling); none are checked on CUDA."""
     by = {(r["case"], r["peer"]): r for r in records}
     out = []
     if device != "cpu":
@@ -417,11 +418,11 @@ def main(argv=None):
             v = t["value"]
             shown = f"{100 * v:.1f}%" if "share" in t["target"] else f"{v:.3f}x"
             lim = f"{100 * t['limit']:.0f}%" if "share" in t["target"] else f"{t['limit']:.3g}x"
-            print(f"{'PASS' if t['pass'] else 'FAIL'}: issue-5 target [{dev_name}, "
+            print(f"{'PASS' if t['pass'] else 'FAIL'}: target [{dev_name}, "
                   f"{dtype_name}, {torch.get_num_threads()} threads] {t['target']} = {shown} "
                   f"(target {t['sense']} {lim})")
         if tgt and torch.get_num_threads() != 2:
-            print("note: issue 5 states its targets for 2 threads (--threads 2)")
+            print("note: the CPU step targets are set for 2 threads (--threads 2)")
         print()
     for what, why in unavailable.items():
         print(f"UNAVAILABLE: {what}: {why.splitlines()[0]}")

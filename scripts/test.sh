@@ -7,4 +7,4 @@ py="$(bash "$repo/scripts/setup-env.sh" | tail -n 1)"
 cd "$repo"
 # Run pytest's entry script, not `python -m pytest`, which would put the source tree (and
 # its uncompiled adamx/) first on sys.path instead of the installed package.
-exec "$(dirname "$py")/pytest" -q "$@" tests
+exec "$(dirname "$py")/pytest" -q "$@" tests benchmarks/tests

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 import mnist_data  # noqa: E402
 
 NAMES = list(mnist_data.CHECKSUMS)

@@ -1,11 +1,12 @@
 """The kernel's cost per element against torch's own fused kernel, interleaved.
 
-    python benchmarks/per_element.py [--sizes 65536,1048576] [--dtype float32,bfloat16] [--threads 1]
+    python diagnostics/per_element.py [--sizes 65536,1048576] [--dtype float32,bfloat16] [--threads 1]
 
 For each size and dtype: one param with its grad and state, stepped alternately by
 torch.ops.adamx.adam_ and torch._fused_adam_ (the same lists), in rounds of calls; prints
 the median time per element of each and their ratio. Sizes in cache show the arithmetic,
-large ones the memory. Used for the per-ISA notes in benchmarks/RESULTS.md.
+large ones the memory. A one-off diagnostic, used for the per-ISA notes in
+benchmarks/RESULTS.md; needs adamx built.
 """
 
 import argparse

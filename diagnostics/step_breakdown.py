@@ -1,7 +1,7 @@
 """Where the time of a small step goes: the MNIST MLP's step (159,010 params in 4 tensors),
 layer by layer, for adamx and torch's fused Adam, in one process.
 
-    python benchmarks/step_breakdown.py [--threads 1,2] [--isa avx512,avx2,default]
+    python diagnostics/step_breakdown.py [--threads 1,2] [--isa avx512,avx2,default]
 
 Rows, each the median of --repeats calls after --warmup:
     adamx opt.step()           the optimizer, as a training loop calls it
@@ -10,17 +10,23 @@ Rows, each the median of --repeats calls after --warmup:
     torch._fused_adam_         torch's raw kernel on prepared lists
     stream (p+=g, m+=g, v+=g)  three in-place torch ops over the step's buffers
 The adamx rows are repeated for each SIMD set of --isa (adamx.set_cpu_capability) and each
-thread count of --threads. Used for the optimisation log in benchmarks/RESULTS.md.
+thread count of --threads. A one-off diagnostic, used for the optimisation log in
+benchmarks/RESULTS.md; needs adamx built.
 """
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import adamx
-import bench_common as bc
+
+# bench_common lives with the benchmarks, one folder over.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_common as bc  # noqa: E402
 
 SHAPES = [(200, 784), (200,), (10, 200), (10,)]
 

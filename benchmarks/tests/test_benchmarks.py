@@ -6,16 +6,20 @@ set and otherwise runs on the synthetic stand-in (--no-download, so that a test 
 reaches for the network).
 """
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 import adamx
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/
+REPO = BENCH.parent
 MNIST_DIR = os.environ.get("ADAMX_MNIST_DIR")
 
 try:
@@ -25,12 +29,23 @@ except ImportError:
     HAVE_MPL = False
 
 
-def run_script(name, *args, env=None, timeout=600):
+def run_script(name, *args, env=None, timeout=600, check=True):
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
                           text=True, timeout=timeout, env=env or os.environ.copy(),
                           cwd=str(REPO))
-    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    if check:
+        assert proc.returncode == 0, \
+            f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def import_bench(name):
+    """A benchmark script as a module (they import their neighbours by plain name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_mnist_mlp_quick(tmp_path):
@@ -44,6 +59,7 @@ def test_mnist_mlp_quick(tmp_path):
     if not MNIST_DIR:
         assert "SYNTHETIC" in out and "SYNTHETIC" in res["data"]
     assert res["train_images"] == 2048 and res["test_images"] == 1000
+    assert res["config"]["device"] == "cpu" and "# config: device cpu," in out
 
     optimizers = ["python-loop", "torch", "torch-foreach", "torch-fused"]
     if adamx.is_compiled():
@@ -53,7 +69,7 @@ def test_mnist_mlp_quick(tmp_path):
         for mode in ("transform", "tensors"):
             assert (name, mode) in runs, (name, mode)
     for r in res["runs"]:
-        assert r["epochs"] == 1 and len(r["epoch_losses"]) == 1
+        assert r["epochs"] == 1 and len(r["epoch_losses"]) == 1 and r["device"] == "cpu"
         assert r["steps"] == 32 and r["steps_per_epoch"] == 32
         assert 0 < r["step_median_s"] <= r["step_total_s"] <= r["wall_s"]
         assert 0.0 <= r["test_accuracy"] <= 1.0
@@ -61,22 +77,43 @@ def test_mnist_mlp_quick(tmp_path):
     # The tutorial's table, the summary and the checks were printed.
     assert "epoch: 1, Train Loss: " in out
     assert "## Summary, data path 'transform'" in out and "published" in out
+    # The agreement section says what it measured, and never calls a correct run wrong.
+    assert "MISMATCH" not in out and "MATCH:" not in out
+    agree = res["agreement"]
+    assert agree["part_threshold"] > 0
     # Both data paths see identical batches, so every optimizer's losses agree exactly.
-    for c in res["checks"]:
-        if "path" in c["check"]:
-            assert c["match"] and c["max_abs_loss_diff"] == 0.0, c
+    assert {d["optimizer"] for d in agree["data_paths"]} == set(optimizers)
+    for d in agree["data_paths"]:
+        assert d["identical"] and d["max_batch_loss_diff"] == 0.0 and d["steps"] == 32, d
+    assert "DATA PATHS: transform and tensors give identical batch losses" in out
+    pairs = {"torch-fused vs torch", "torch-foreach vs torch"}
     if adamx.is_compiled():
-        wanted = {"adamx == torch", "adamx-eps-inside == python-loop"}
-        got = {c["check"]: c for c in res["checks"] if c["check"] in wanted}
-        assert set(got) == wanted
-        for c in got.values():
-            assert c["match"], c
-            assert "MATCH: " + c["check"] in out
-        # One step from the same state: the updates agree to a few ulps of the params.
-        assert {s["pair"] for s in res["step_checks"]} == {"adamx vs torch",
-                                                           "adamx-eps-inside vs python-loop"}
-        for s in res["step_checks"]:
-            assert s["points"] >= 1 and s["max_ulps"] <= 64 and s["frac_identical"] > 0.9, s
+        pairs |= {"adamx vs torch", "adamx-eps-inside vs python-loop"}
+    # One step from the same state: the updates agree to a few ulps of the params;
+    # torch's foreach and for-loop steps are bitwise identical.
+    one = {r["pair"]: r for r in agree["one_step"]}
+    assert set(one) == pairs
+    for pair, r in one.items():
+        assert r["control"] == pair.startswith("torch-")
+        assert r["points"] >= 1 and r["max_ulps"] <= 64 and r["frac_identical"] > 0.9, r
+        label = "ONE STEP (control): " if r["control"] else "ONE STEP: "
+        assert f"{label}{pair}: " in out
+    assert one["torch-foreach vs torch"]["frac_identical"] == 1.0
+    assert "ONE STEP (control): torch-foreach vs torch: all param elements bitwise identical" in out
+    # Whole runs: every pair on both data paths, with where they part and how far apart
+    # they end; the first step starts from the same weights, so its loss is identical.
+    runs_by = {(r["optimizer"], r["data_mode"]): r for r in res["runs"]}
+    train = {(c["pair"], c["data_mode"]): c for c in agree["training"]}
+    assert set(train) == {(p, m) for p in pairs for m in ("transform", "tensors")}
+    for (pair, mode), c in train.items():
+        ours, ref = pair.split(" vs ")
+        assert c["steps"] == 32 and 1 <= c["steps_identical"] <= c["steps_within_threshold"] <= 32
+        assert c["final_train_loss"] == [runs_by[(ours, mode)]["final_train_loss"],
+                                         runs_by[(ref, mode)]["final_train_loss"]]
+        assert abs(c["final_train_loss_diff"]) <= c["max_epoch_loss_diff"] + 1e-12
+        tag = " (control)" if c["control"] else ""
+        assert f"TRAINING [{mode}]{tag}: {pair}: batch losses " in out
+    assert train[("torch-foreach vs torch", "tensors")]["steps_identical"] == 32
     if HAVE_MPL:
         assert (tmp_path / "loss_curves.png").stat().st_size > 0
         assert (tmp_path / "step_time.png").stat().st_size > 0
@@ -87,12 +124,52 @@ def test_mnist_mlp_quick(tmp_path):
 def test_mnist_mlp_subset_and_one_mode(tmp_path):
     proc = run_script("mnist_mlp.py", "--quick", "--synthetic", "--out", str(tmp_path),
                       "--optimizers", "torch-fused,python-loop", "--data-mode", "tensors",
-                      "--limit-train", "640")
+                      "--limit-train", "640", "--device", "cpu")
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["synthetic"] and "SYNTHETIC" in proc.stdout
-    assert [(r["optimizer"], r["data_mode"]) for r in res["runs"]] == [
-        ("torch-fused", "tensors"), ("python-loop", "tensors")]
+    assert [(r["optimizer"], r["data_mode"], r["device"]) for r in res["runs"]] == [
+        ("torch-fused", "tensors", "cpu"), ("python-loop", "tensors", "cpu")]
     assert all(r["steps"] == 10 for r in res["runs"])
+    # No pair of PAIRS ran: nothing measured, and the output says why.
+    assert res["agreement"]["one_step"] == [] and res["agreement"]["training"] == []
+    assert "need both optimizers of a pair" in proc.stdout
+
+
+def test_mnist_mlp_device_argument():
+    mnist_mlp = import_bench("mnist_mlp")
+    assert mnist_mlp.parse_args([]).device == "cpu"
+    assert mnist_mlp.parse_args(["--device", "cuda"]).device == "cuda"
+    with pytest.raises(SystemExit):
+        mnist_mlp.parse_args(["--device", "tpu"])
+    args = mnist_mlp.parse_args(["--device", "cpu"])
+    assert mnist_mlp.check_device(args) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_mnist_mlp_cuda_without_gpu(tmp_path):
+    proc = run_script("mnist_mlp.py", "--quick", "--synthetic", "--device", "cuda",
+                      "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("mnist_mlp.py: error: --device cuda: ") and \
+        "--device cpu" in lines[0]
+    assert proc.stdout == "" and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mnist_mlp_cuda(tmp_path):
+    names = "python-loop,torch,torch-fused" + (",adamx,adamx-eps-inside"
+                                               if adamx.is_compiled() else "")
+    proc = run_script("mnist_mlp.py", "--quick", "--synthetic", "--device", "cuda",
+                      "--optimizers", names, "--out", str(tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert "# config: device cuda," in proc.stdout
+    ran = {r["optimizer"] for r in res["runs"]}
+    assert {"python-loop", "torch", "torch-fused"} <= ran
+    assert all(r["device"].startswith("cuda") and r["steps"] == 32 for r in res["runs"])
+    for r in res["agreement"]["one_step"]:
+        assert r["frac_identical"] > 0.5 and r["max_ulps"] <= 64, r
 
 
 def test_step_bench_quick(tmp_path):
@@ -117,10 +194,11 @@ def test_step_bench_quick(tmp_path):
             assert got["torch-fused"]["ratio_to_torch_fused"] == 1.0
     assert recs[0]["tensors"] == 4  # the MNIST MLP's 4 tensors
     if adamx.is_compiled():
-        # The issue-5 targets that --quick covers (MNIST: float32 twice, bfloat16 once).
+        # The CPU step targets that --quick covers (MNIST: float32 twice, bfloat16 once).
         assert len(res["targets"]) == 3
-        assert sum(("PASS: issue-5" in line or "FAIL: issue-5" in line)
+        assert sum(line.startswith(("PASS: target [cpu, ", "FAIL: target [cpu, "))
                    for line in proc.stdout.splitlines()) == 3
+    assert "issue" not in proc.stdout.lower()
     if HAVE_MPL:
         for dtype in ("float32", "bfloat16"):
             assert (tmp_path / f"step_bench_cpu_{dtype}.png").stat().st_size > 0
@@ -128,11 +206,7 @@ def test_step_bench_quick(tmp_path):
 
 
 def test_step_bench_gpt2_shapes():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import step_bench
-    finally:
-        sys.path.remove(str(BENCH))
+    step_bench = import_bench("step_bench")
     shapes = step_bench.gpt2_small_shapes()
     assert len(shapes) == 148
     assert sum(step_bench.numel(s) for s in shapes) == 124_439_808
