@@ -121,7 +121,7 @@ def check_shared_libstdcxx(path):
     torch has already loaded the system's libstdc++.so when the module is imported; a
     second, static copy in the module shares no locale state with it, and the first
     error message that formats a number is cut short there (reproduced here with
-    LDFLAGS=-static-libstdc++) or crashes the process (seen on a lent GPU machine
+    LDFLAGS=-static-libstdc++) or crashes the process (seen on a GPU machine
     whose g++ in /opt/gcc linked libstdc++ statically: a segmentation fault inside
     std::ostream::operator<<(unsigned long)).
     """

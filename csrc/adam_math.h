@@ -162,7 +162,7 @@ struct StepScalars {
 // Bias corrections and step size for step `step` (already incremented), in double, on the
 // host or in a kernel that reads the step count from memory (capturable steps).
 ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h,
-                                          bool eps_inside_sqrt) {
+                                          const Switches& on) {
   using std::pow;
   using std::sqrt;
   const double bc1 = 1.0 - pow(h.beta1, step);
@@ -174,7 +174,7 @@ ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h
   s.beta2 = h.beta2;
   s.one_minus_beta2 = 1.0 - h.beta2;
   s.neg_step_size = -(lr / bc1);
-  s.inv_bc2_term = 1.0 / (eps_inside_sqrt ? bc2 : sqrt(bc2));
+  s.inv_bc2_term = 1.0 / (on.eps_inside_sqrt ? bc2 : sqrt(bc2));
   s.eps = h.eps;
   s.weight_decay = h.weight_decay;
   s.decay_factor = 1.0 - lr * h.weight_decay;

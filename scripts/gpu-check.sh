@@ -22,7 +22,7 @@ for a in "$@"; do
   esac
 done
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo"
-# On the lent GPU machines setuptools links with /opt/gcc/bin/g++, which links libstdc++
+# On some GPU machines setuptools links with /opt/gcc/bin/g++, which links libstdc++
 # statically: such a module crashes on its first error message, and setup.py refuses it.
 # Build with the system compiler there (override with ADAMX_CXX).
 cxx="${ADAMX_CXX:-}"
@@ -56,7 +56,8 @@ if [ "$suite" = 1 ]; then
   t0=$(date +%s)
   xdist=()
   "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  "$py" -m pytest tests -q -rs -p no:cacheprovider --ignore=tests/test_cuda.py "${xdist[@]}" \
+  "$py" -m pytest tests benchmarks/tests -q -rs -p no:cacheprovider --ignore=tests/test_cuda.py \
+    "${xdist[@]}" \
     >"$out/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|crashed" "$out/tests.log" | head -n 20

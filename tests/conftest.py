@@ -180,7 +180,7 @@ def same_bits(a, b):
 # The float64 reference
 # --------------------------------------------------------------------------------------
 class RefAdam:
-    """The update of issue 2 in float64, rounding each stored tensor to ``dtype`` after
+    """The Adam update in float64, rounding each stored tensor to ``dtype`` after
     each step (where adamx stores it). Written from the formula, not from adamx."""
 
     def __init__(self, params, dtype, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

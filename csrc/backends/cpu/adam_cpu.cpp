@@ -44,7 +44,7 @@ void adam_cpu(const AdamArgs& a) {
     // One kernel per dtype and variant, looked up once per tensor, not per chunk.
     work[i].kernel = range_kernel(isa, operands.dtype(i), a.switches);
     work[i].scalars = step_scalars(operands.step(i).next, operands.lr().value, a.hyper,
-                                   a.switches.eps_inside_sqrt);
+                                   a.switches);
   }
   operands.increment_steps();
 

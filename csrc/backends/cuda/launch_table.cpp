@@ -69,7 +69,7 @@ class TableBuilder {
       if (set_steps_[i] == step) return i;
     if (num_sets_ == o_.max_scalar_sets) return -1;
     set_steps_[num_sets_] = step;
-    tab_.sets[num_sets_] = step_scalars(step, ls_.hyper.lr, ls_.hyper, ls_.eps_inside_sqrt);
+    tab_.sets[num_sets_] = step_scalars(step, ls_.hyper.lr, ls_.hyper, ls_.switches);
     return num_sets_++;
   }
 
@@ -126,7 +126,7 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
   ls.hyper.lr = operands.lr().value;
   ls.lr_ptr = operands.lr().memory;
   ls.lr_dtype = operands.lr().dtype;
-  ls.eps_inside_sqrt = a.switches.eps_inside_sqrt;
+  ls.switches = a.switches;
 
   // Slots, grouped by dtype in order of first appearance.
   std::vector<LaunchGroup> groups;

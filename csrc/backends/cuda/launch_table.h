@@ -31,7 +31,7 @@ struct LaunchScalars {
   Hyper hyper;                // hyper.lr: the lr, unless lr_ptr is set
   const void* lr_ptr = nullptr;
   Dtype lr_dtype = Dtype::Float32;
-  bool eps_inside_sqrt = false;
+  Switches switches;
 };
 
 // The launch tables for `slots` (all of one dtype), in order: each tensor's chunks go to
