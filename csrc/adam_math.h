@@ -79,11 +79,12 @@ constexpr Switches switches_from_bits(unsigned bits) {
   return s;
 }
 
-// The switches as compile-time constants: Variant<bits>::amsgrad, ...
+// The switches as compile-time constants: Variant<bits>::amsgrad, ... (`on()` returns them
+// all by value, so that device code can use them without a static object to refer to).
 template <unsigned kBits>
 struct Variant {
-  static constexpr Switches on = switches_from_bits(kBits);
-#define ADAMX_SWITCH_CONSTANT(name) static constexpr bool name = on.name;
+  static constexpr Switches on() { return switches_from_bits(kBits); }
+#define ADAMX_SWITCH_CONSTANT(name) static constexpr bool name = on().name;
   ADAMX_SWITCHES(ADAMX_SWITCH_CONSTANT)
 #undef ADAMX_SWITCH_CONSTANT
 };
@@ -162,7 +163,7 @@ struct StepScalars {
 // Bias corrections and step size for step `step` (already incremented), in double, on the
 // host or in a kernel that reads the step count from memory (capturable steps).
 ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h,
-                                          const Switches& on) {
+                                          Switches on) {
   using std::pow;
   using std::sqrt;
   const double bc1 = 1.0 - pow(h.beta1, step);

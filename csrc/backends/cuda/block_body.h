@@ -130,7 +130,7 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
                       : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
                                               : tab.step[t].value;
   const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
-  return step_scalars(step, lr, tab.hyper, Var::on);
+  return step_scalars(step, lr, tab.hyper, Var::on());
 }
 
 // Whether block `block` takes the 16-byte vector path: every pointer it touches, at its
