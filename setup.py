@@ -200,14 +200,31 @@ def main():
             super().build_extensions()
             for ext in self.extensions:
                 check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
-            write_build_record(self.record_dir(), torch, build_cuda)
+            write_build_record(os.path.dirname(self.record_paths()[0]), torch, build_cuda)
 
-        def record_dir(self):
-            return os.path.dirname(self.get_ext_fullpath("adamx._C"))
+        # The record goes wherever the module goes. setuptools builds into build_lib even
+        # for --inplace and editable installs, then copies the module into the source tree
+        # (copy_extensions_to_source); wheels take build_lib as it is.
+        def record_paths(self):
+            """(where the build writes the record, its place in the source tree)."""
+            package_dir = self.get_finalized_command("build_py").get_package_dir("adamx")
+            return (os.path.join(self.build_lib, "adamx", BUILD_RECORD),
+                    os.path.join(package_dir, BUILD_RECORD))
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            self.copy_file(*self.record_paths(), level=self.verbose)
 
         def get_outputs(self):
-            # so that installs and editable installs carry the record with the module
-            return super().get_outputs() + [os.path.join(self.record_dir(), BUILD_RECORD)]
+            # (inplace: the keys of get_output_mapping, below, which hold the record)
+            extra = [] if self.inplace else [self.record_paths()[0]]
+            return super().get_outputs() + extra
+
+        def get_output_mapping(self):
+            mapping = super().get_output_mapping()
+            if self.inplace:
+                mapping.setdefault(*self.record_paths())
+            return mapping
 
         def isa_objects(self, ext):
             objects = []
