@@ -8,11 +8,15 @@ What it compiles:
   ADAMX_CUDA=0 leaves them out. TORCH_CUDA_ARCH_LIST picks the GPU architectures
   (default below).
 
-Install with `pip install --no-build-isolation .` into an environment that already has
-torch: the module must be compiled against that torch (see README.md, "Install").
+Install with `pip install .` into an environment that already has torch: the module
+must be compiled against that torch, which build_backend/adamx_build_backend.py finds
+when pip builds in an isolated environment (see README.md, "Install"). The build records
+that torch's version beside the module (BUILD_RECORD), so that adamx can refuse to load
+the module beside another torch without loading it.
 """
 
 import glob
+import json
 import os
 import platform
 import shutil
@@ -141,14 +145,37 @@ def check_shared_libstdcxx(path):
             "e.g. CXX=/usr/bin/g++, and without -static-libstdc++ in LDFLAGS.")
 
 
+# Written beside the compiled module by every build (in-place ones too); read by
+# adamx/_ops.py, which must know the torch it was built for without loading the module.
+BUILD_RECORD = "_C_build.json"
+TORCH_MISSING = (
+    "adamx build: torch is not importable here. adamx compiles against the torch already "
+    "installed in the environment it goes into: install torch there first (e.g. "
+    "`pip install torch`), then `pip install .` in this directory. Front ends that build "
+    "in an environment of their own (`python -m build`, uv) cannot see that torch: use "
+    "`pip install --no-build-isolation .`, `python -m build --no-isolation` or "
+    "`uv pip install --no-build-isolation .` there.")
+
+
+def write_build_record(ext_dir, torch, build_cuda):
+    """Records, in `ext_dir` beside adamx._C, the torch the module is compiled against."""
+    record = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+              "torch_git": getattr(torch.version, "git_version", None),
+              "cuda_kernels": bool(build_cuda)}
+    path = os.path.join(ext_dir, BUILD_RECORD)
+    os.makedirs(ext_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    log(f"built against torch {torch.__version__} (recorded in {path})")
+    return path
+
+
 def main():
     try:
         import torch
     except ImportError:
-        raise SystemExit(
-            "adamx build: torch is not importable here. adamx compiles against the torch you "
-            "already have: install torch first, then `pip install --no-build-isolation .` "
-            "(an isolated build environment has no torch, or a different one).")
+        raise SystemExit(TORCH_MISSING)
 
     build_cuda, reason = want_cuda(torch)
     if build_cuda:
@@ -173,6 +200,31 @@ def main():
             super().build_extensions()
             for ext in self.extensions:
                 check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+            write_build_record(os.path.dirname(self.record_paths()[0]), torch, build_cuda)
+
+        # The record goes wherever the module goes. setuptools builds into build_lib even
+        # for --inplace and editable installs, then copies the module into the source tree
+        # (copy_extensions_to_source); wheels take build_lib as it is.
+        def record_paths(self):
+            """(where the build writes the record, its place in the source tree)."""
+            package_dir = self.get_finalized_command("build_py").get_package_dir("adamx")
+            return (os.path.join(self.build_lib, "adamx", BUILD_RECORD),
+                    os.path.join(package_dir, BUILD_RECORD))
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            self.copy_file(*self.record_paths(), level=self.verbose)
+
+        def get_outputs(self):
+            # (inplace: the keys of get_output_mapping, below, which hold the record)
+            extra = [] if self.inplace else [self.record_paths()[0]]
+            return super().get_outputs() + extra
+
+        def get_output_mapping(self):
+            mapping = super().get_output_mapping()
+            if self.inplace:
+                mapping.setdefault(*self.record_paths())
+            return mapping
 
         def isa_objects(self, ext):
             objects = []

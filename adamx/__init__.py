@@ -37,10 +37,19 @@ def supported_cpu_capabilities() -> list:
 
 
 def build_info() -> dict:
-    """What was compiled and what runs here."""
+    """What was compiled and what runs here: ``torch`` is the torch installed,
+    ``built_for_torch`` the one the compiled module was built against (None when the build
+    did not record it); when they differ the module is not loaded (``compiled`` False) and
+    ``not_loaded`` says why and how to rebuild."""
     import torch
 
-    info = {"version": __version__, "compiled": is_compiled(), "torch": torch.__version__}
+    info = {"version": __version__, "compiled": is_compiled(), "torch": torch.__version__,
+            "built_for_torch": _ops.built_for_torch()}
+    if not is_compiled():
+        try:
+            _ops.require_compiled()
+        except RuntimeError as e:
+            info["not_loaded"] = str(e)
     if is_compiled():
         info.update(cpu_capability=cpu_capability(),
                     supported_cpu_capabilities=supported_cpu_capabilities(),

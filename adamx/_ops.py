@@ -12,17 +12,50 @@ import torch
 
 BUILD_HINT = (
     "adamx's compiled kernels are not available{why}. Build them against the torch you "
-    "have: `pip install --no-build-isolation .` in the adamx source tree (or "
-    "`python setup.py build_ext --inplace` for a development checkout). See README.md, Install."
+    "have: `pip install .` in the adamx source tree (or `python setup.py build_ext "
+    "--inplace` for a development checkout). See README.md, Install."
 )
+MISMATCH_HINT = (
+    "adamx was built for torch {built}, but torch {installed} is installed here, so its "
+    "compiled kernels were not loaded (torch promises no C++ ABI across versions: a module "
+    "built for another torch fails with undefined symbols, or worse). Rebuild adamx against "
+    "this torch: `pip install .` in the adamx source tree (or `python setup.py build_ext "
+    "--inplace` for a development checkout). See README.md, Install."
+)
+# Written beside _C by the build (setup.py, BUILD_RECORD): the torch it was compiled for.
+BUILD_RECORD = "_C_build.json"
 
-try:
-    from . import _C  # noqa: F401  (loading it registers the kernels)
-except ImportError as exc:  # keep `import adamx` working; say why when a kernel is used
-    _C = None
-    _IMPORT_ERROR = exc
-else:
-    _IMPORT_ERROR = None
+
+def _read_build_record():
+    """The build's record (a dict, e.g. {"torch": "2.13.0+cpu", ...}), or None when there
+    is none (a build older than the record) or it cannot be read. Does not load _C."""
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), BUILD_RECORD)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("torch"), str) else None
+
+
+def _load_compiled(record):
+    """(_C or None, the ImportError, the torch mismatch message or None). Beside a torch
+    other than the one the build recorded, _C is not even loaded."""
+    if record is not None and record["torch"] != torch.__version__:
+        return None, None, MISMATCH_HINT.format(built=record["torch"],
+                                                installed=torch.__version__)
+    try:
+        from . import _C  # noqa: F401  (loading it registers the kernels)
+    except ImportError as exc:  # keep `import adamx` working; say why when a kernel is used
+        return None, exc, None
+    return _C, None, None
+
+
+BUILD_RECORD_INFO = _read_build_record()
+_C, _IMPORT_ERROR, _TORCH_MISMATCH = _load_compiled(BUILD_RECORD_INFO)
 
 
 def is_compiled() -> bool:
@@ -30,9 +63,16 @@ def is_compiled() -> bool:
     return _C is not None
 
 
+def built_for_torch():
+    """The torch version the compiled module was built against (None: not recorded)."""
+    return BUILD_RECORD_INFO["torch"] if BUILD_RECORD_INFO else None
+
+
 def require_compiled():
     if _C is None:
-        raise RuntimeError(BUILD_HINT.format(why=f" ({_IMPORT_ERROR})"))
+        if _TORCH_MISMATCH:
+            raise RuntimeError(_TORCH_MISMATCH)
+        raise RuntimeError(BUILD_HINT.format(why=f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else ""))
 
 
 def adam_arguments(mutable: bool) -> str:

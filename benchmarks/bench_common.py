@@ -57,8 +57,7 @@ def _adamx_cls(name):
         raise PeerUnavailable(f"import adamx failed ({_ADAMX_IMPORT_ERROR})")
     if not adamx.is_compiled():
         raise PeerUnavailable("adamx is imported but its compiled kernels are not built "
-                              "(python setup.py build_ext --inplace, or pip install "
-                              "--no-build-isolation .)")
+                              "(pip install ., or python setup.py build_ext --inplace)")
     return getattr(adamx, name)
 
 

@@ -14,10 +14,11 @@ fi
 py="$venv/bin/python"
 # torch first, so the build compiles against it; ninja parallelizes the compile.
 "$py" -m pip install -q --disable-pip-version-check "$torch_req" numpy pytest ninja setuptools wheel matplotlib
-# --no-build-isolation: an isolated build would install a second torch to compile against,
-# whose C++ ABI need not match the torch installed here (see README, Install).
+# Plain `pip install .`, as README's Install says: adamx's build backend compiles against
+# the torch installed here even though pip builds in an isolated environment (no second
+# torch is downloaded). .ci/cuda-check builds with --no-build-isolation, so CI runs both.
 start=$(date +%s)
-"$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps "$repo"
+"$py" -m pip install -q --disable-pip-version-check --no-deps "$repo"
 echo "adamx built and installed in $(( $(date +%s) - start )) s into $venv" >&2
 # (from / so that the installed package is imported, not the source tree)
 (cd / && "$py" -c "import adamx, sys; i = adamx.build_info(); print('adamx', i, file=sys.stderr); assert i['compiled'], 'adamx._C did not build'")

@@ -48,7 +48,7 @@ def assert_states_close(gpu, cpu, tol, what=""):
 def test_built_with_cuda_kernels():
     assert adamx.build_info()["cuda"], (
         "a GPU is present but adamx was built without its CUDA kernels; rebuild with a CUDA "
-        "build of torch (ADAMX_CUDA=1 pip install --no-build-isolation .)")
+        "build of torch (ADAMX_CUDA=1 pip install .)")
 
 
 @pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
