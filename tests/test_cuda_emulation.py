@@ -18,7 +18,6 @@ tests check. Comparisons with torch.optim use the tolerances of conftest.py.
 import pytest
 import torch
 
-import adamx
 from conftest import (DTYPES, LR, OPTION_GRID, OPTION_IDS, REDUCED, TOL, OpState, RefAdam,
                       assert_bitwise, assert_close, make_grad_seq, make_tensors, needs_build,
                       op_hyper)

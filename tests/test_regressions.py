@@ -12,9 +12,8 @@ import torch
 
 import adamx
 import adamx.functional as F
-from conftest import (DTYPES, LR, TOL, OpState, assert_bitwise, assert_close,
-                      assert_unchanged, make_grad_seq, make_tensors, needs_build, op_hyper,
-                      same_bits, snapshot)
+from conftest import (LR, TOL, OpState, assert_bitwise, assert_close, assert_unchanged,
+                      make_grad_seq, make_tensors, needs_build, op_hyper, snapshot)
 
 pytestmark = needs_build
 
