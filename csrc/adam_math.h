@@ -96,6 +96,9 @@ struct Variant {
   ADAMX_SWITCHES(ADAMX_SWITCH_CONSTANT)
 #undef ADAMX_SWITCH_CONSTANT
   static constexpr bool unscale_grad = on.unscale_grad;
+  // `on` as a value in host and device code alike (device code cannot read `on`, a host
+  // variable; nvcc refuses it).
+  static ADAMX_HD constexpr Switches value() { return switches_from_bits(kBits); }
 };
 
 namespace detail {

@@ -141,7 +141,7 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
                         : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
                                                 : tab.step[t].value;
     const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
-    s = step_scalars(step, lr, tab.hyper, Var::on);
+    s = step_scalars(step, lr, tab.hyper, Var::value());
   }
   if (Var::unscale_grad && tab.grad_scale.ptr)
     s.grad_scale = read_scalar(tab.grad_scale.ptr, tab.grad_scale.dtype);
