@@ -388,3 +388,23 @@ def test_scaled_step_in_a_cuda_graph(dtype):
         assert_bitwise(graphed, eager, f"replay {k}")
         assert all(same_bits(a.cpu(), b.cpu()) for a, b in zip(static_grads, eager_grads))
     assert float(eager.steps[0]) == 3
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("which", ["grad_scale", "found_inf"])
+def test_capture_with_a_cpu_scaler_tensor_is_refused(which):
+    """A CPU grad_scale or found_inf would be read once, at capture: refused, as a CPU lr."""
+    state = OpState([torch.randn(10, device="cuda")], False)
+    state.exp_avgs, state.exp_avg_sqs = [torch.zeros(10, device="cuda")], [
+        torch.zeros(10, device="cuda")]
+    state.steps = [torch.zeros((), device="cuda")]
+    grads = [torch.randn(10, device="cuda")]
+    scaler = dict(grad_scale=torch.tensor(2.0, device="cuda"),
+                  found_inf=torch.tensor(0.0, device="cuda"))
+    scaler[which] = scaler[which].cpu()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=which):
+        with torch.cuda.graph(graph):
+            torch.ops.adamx.adam_(*state.lists(grads), **op_hyper(), **scaler)
