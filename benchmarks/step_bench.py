@@ -408,7 +408,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 progress.update(1)
             all_records += records
-            tgt = targets([r for r in records if not r.get("is_ceiling")], dtype_name, dev_name)
+            tgt = [] if args.grad_scaler else targets(  # the targets are for plain steps
+                [r for r in records if not r.get("is_ceiling")], dtype_name, dev_name)
             all_targets += tgt
             tables.append((dev_name, dtype_name, records, tgt))
     progress.close()
