@@ -79,14 +79,18 @@ def adam_arguments(mutable: bool) -> str:
     """The arguments of adamx::adam_ (``mutable``: with the marks of what it writes)."""
     mark = (lambda alias: f"({alias}!)") if mutable else (lambda alias: "")
     switches = "".join(f", bool {name}" for name in _C.SWITCHES)
-    return (f"Tensor{mark('a')}[] params, Tensor[] grads, Tensor{mark('b')}[] exp_avgs, "
+    # grads: written (unscaled in place) when grad_scale is given, so marked as torch's
+    # _fused_adam_ marks them.
+    return (f"Tensor{mark('a')}[] params, Tensor{mark('f')}[] grads, "
+            f"Tensor{mark('b')}[] exp_avgs, "
             f"Tensor{mark('c')}[] exp_avg_sqs, Tensor{mark('d')}[] max_exp_avg_sqs, "
             f"Tensor{mark('e')}[] state_steps, *, float lr, Tensor? lr_tensor=None, "
-            f"float beta1, float beta2, float weight_decay, float eps{switches}")
+            f"float beta1, float beta2, float weight_decay, float eps{switches}, "
+            f"Tensor? grad_scale=None, Tensor? found_inf=None")
 
 
 def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   lr_tensor):
+                   lr_tensor, grad_scale=None, found_inf=None):
     """The device rules of the op's checks (csrc/op/adam_op.cpp), for the fake kernel: the
     dispatcher picks a kernel from the devices of all tensors together, so a stray meta or
     CUDA tensor among CPU ones (the lr, a step count) routes the call here or elsewhere."""
@@ -101,7 +105,8 @@ def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                     f"adamx: {name}[{i}] is on {t.device} but params[0] is on {device}; "
                     "one step takes the tensors of one device")
     scalars = [(f"state_steps[{i}]", s) for i, s in enumerate(state_steps)]
-    for name, t in scalars + [("the lr tensor", lr_tensor)]:
+    for name, t in scalars + [("the lr tensor", lr_tensor), ("grad_scale", grad_scale),
+                              ("found_inf", found_inf)]:
         if t is not None and t.device.type != "cpu" and t.device != device:
             raise RuntimeError(f"adamx: {name} is on {t.device}; it must be on the CPU or on "
                                f"the params' device {device}")
@@ -112,8 +117,11 @@ if _C is not None:
 
     # One Adam/AdamW step over lists of tensors of one device, in place. Increments each
     # state_steps[i] by one, then updates params, exp_avgs, exp_avg_sqs (and
-    # max_exp_avg_sqs when amsgrad). lr_tensor, when given, replaces lr. Checks all its
-    # inputs before it writes anything.
+    # max_exp_avg_sqs when amsgrad). lr_tensor, when given, replaces lr. grad_scale and
+    # found_inf are GradScaler's, as torch._fused_adam_ takes them: the grads are divided by
+    # grad_scale and the quotient written back to them; a non-zero found_inf leaves every
+    # tensor, step counts included, unchanged. Checks all its inputs before it writes
+    # anything.
     _lib.define(f"adam_({adam_arguments(mutable=True)}) -> ()")
     # The same checks alone, writing nothing: lets a multi-group step check every group
     # before it updates the first.
@@ -121,10 +129,10 @@ if _C is not None:
 
     @torch.library.register_fake("adamx::adam_", lib=_lib)
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                   lr_tensor=None, **hyper):
+                   lr_tensor=None, grad_scale=None, found_inf=None, **hyper):
         # In place, no outputs: nothing to compute, but the device rules still hold.
         _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                       lr_tensor)
+                       lr_tensor, grad_scale, found_inf)
 
     # Test-only (csrc/backends/cuda/emulate.cpp): adam_ run as the CUDA backend runs it,
     # with the kernel body executed on the CPU for every block and thread; the extra
@@ -132,7 +140,8 @@ if _C is not None:
     _geometry = (f"int chunk_size={_C.CUDA_CHUNK_SIZE}, int max_tensors={_C.CUDA_MAX_TENSORS}, "
                  f"int max_blocks={_C.CUDA_MAX_BLOCKS}")
     _lib.define(f"_adam_emulated_cuda_({adam_arguments(mutable=True)}, "
-                f"bool steps_in_kernel=False, bool lr_in_kernel=False, {_geometry}, "
+                f"bool steps_in_kernel=False, bool lr_in_kernel=False, "
+                f"bool scaler_in_kernel=False, {_geometry}, "
                 f"int block_dim={_C.CUDA_BLOCK_DIM}, "
                 f"int max_scalar_sets={_C.CUDA_MAX_SCALAR_SETS}, "
                 f"bool edge_blocks_only=False) -> int[]")

@@ -1,6 +1,6 @@
 """The functional Adam step, for people who keep their own optimizer state."""
 
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +50,8 @@ def adam(
     beta2: float,
     weight_decay: float,
     eps: float,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
     **switches: bool,
 ) -> None:
     """One fused Adam step, in place.
@@ -62,10 +64,17 @@ def adam(
     ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. All params must be on one device
     (one kernel launch on a GPU), and no two of the tensors a step writes may share memory.
     Every input is checked before anything is written.
+
+    ``grad_scale`` and ``found_inf`` (one-element float tensors, on the CPU or the params'
+    device) are ``torch.amp.GradScaler``'s, as torch's fused Adam takes them: the grads are
+    divided by ``grad_scale`` (before ``maximize`` and weight decay) and the quotient is
+    written back to them; a non-zero ``found_inf`` makes the step write nothing, step
+    counts included.
     """
     kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                        **switches)
     if not params:
         return
     torch.ops.adamx.adam_(params, grads, exp_avgs, exp_avg_sqs,
-                          max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs)
+                          max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs,
+                          grad_scale=grad_scale, found_inf=found_inf)

@@ -50,7 +50,15 @@ class Adam(Optimizer):
     ``foreach`` and ``fused`` are accepted for compatibility and ignored: every step is
     fused. ``differentiable=True`` is not supported. ``capturable`` keeps step counts on
     the params' device so that a CUDA step can be captured in a graph.
+
+    With ``torch.amp.GradScaler`` the step unscales the grads itself, in the same pass, as
+    torch's fused Adam does (``GradScaler.step`` hands it ``grad_scale`` and ``found_inf``;
+    see README.md, Mixed precision).
     """
+
+    # GradScaler.step sets self.grad_scale and self.found_inf for the step and deletes them
+    # after; step() takes no grad_scaler argument (GradScaler would pass itself instead).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -192,38 +200,40 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_capturable()
+        scaler = dict(grad_scale=getattr(self, "grad_scale", None),
+                      found_inf=getattr(self, "found_inf", None))
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if torch.compiler.is_compiling() or not self._step_fast():
-                self._step_lists()
+            if torch.compiler.is_compiling() or not self._step_fast(scaler):
+                self._step_lists(scaler)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
-    def _step_fast(self):
+    def _step_fast(self, scaler):
         """The step through adamx._C.step_group, which reads each group's params, grads
         and state in C++. Returns False, having written nothing, when it leaves a group to
         _step_lists (a param needs its state made, or is listed twice)."""
         step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
         not_handled = _ops._C.NOT_HANDLED
         if len(groups) == 1:
-            return step_group(groups[0], state) != not_handled
+            return step_group(groups[0], state, False, **scaler) != not_handled
         for group in groups:  # several groups: check them all before updating any
-            if step_group(group, state, True) == not_handled:
+            if step_group(group, state, True, **scaler) == not_handled:
                 return False
         for group in groups:
-            step_group(group, state)
+            step_group(group, state, False, **scaler)
         return True
 
-    def _step_lists(self):
+    def _step_lists(self, scaler):
         """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
         for group in self.param_groups:
             rounds = self._gather(group, fresh)
             if rounds:
-                hyper = self._hyper(group)
+                hyper = dict(self._hyper(group), **scaler)
                 calls += [(lists, hyper) for lists in rounds]
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:

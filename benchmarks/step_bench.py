@@ -12,6 +12,14 @@ torch.optim.Adam with foreach=False / foreach=True / fused=True, and adamx.Adam.
 the capturable variants of torch fused, torch foreach and adamx are also timed replaying a
 captured CUDA graph (``+graph``).
 
+With ``--grad-scaler`` every peer's timed step is a mixed-precision step,
+``scaler.step(opt); scaler.update()`` with a ``torch.amp.GradScaler`` (scale 1, so that
+repeated unscaling leaves the grads as they are): torch fused and adamx unscale inside
+their step (GradScaler hands them the scale and the inf flag); the other peers get
+GradScaler's own pass first (a non-finite check and unscale over every grad, then a host
+sync on the flag). Such a step also writes the grads back: 8 * itemsize bytes per element
+count as moved. No graph variants (GradScaler.step is not capturable).
+
 Each peer: one step to create its state, --warmup more, then up to --repeats timed steps
 (time.perf_counter around step() on the CPU, CUDA events on the GPU); the median is
 reported. A peer whose steps are slow stops after --max-seconds of timed steps (at least
@@ -156,11 +164,25 @@ def make_params(shapes, dtype, device, seed=0):
     return params
 
 
+def scaled_step(opt, device):
+    """``opt``'s step as a GradScaler'd training loop takes it (see the module doc)."""
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+    scaler.scale(torch.ones((), device=device))  # makes the scale, as scaling a loss does
+
+    def step():
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
 def run_peer(name, params, device, args, graph=False):
     """Times ``name``'s step on ``params``; returns a summary or raises PeerUnavailable."""
     opt = bc.make_optimizer(name, params, lr=1e-3, capturable=graph)
+    if args.grad_scaler and not isinstance(opt, torch.optim.Optimizer):
+        raise bc.PeerUnavailable("GradScaler drives torch.optim.Optimizers only")
+    step = scaled_step(opt, device) if args.grad_scaler else opt.step
     try:
-        first = Timer(device)(opt.step)  # creates the state
+        first = Timer(device)(step)  # creates the state
         if graph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -176,11 +198,11 @@ def run_peer(name, params, device, args, graph=False):
                 raise bc.PeerUnavailable(f"graph capture failed: {type(exc).__name__}: {exc}")
             fn = cuda_graph.replay
         else:
-            fn = opt.step
+            fn = step
         times = measure(fn, device, args, already_warm=0)
     except bc.PeerUnavailable:
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: GradScaler refuses float16
         raise bc.PeerUnavailable(f"step failed: {exc}") from exc
     finally:
         del opt
@@ -191,6 +213,11 @@ def run_peer(name, params, device, args, graph=False):
     out = summarize(times)
     out["first_step_s"] = first
     return out
+
+
+def bytes_per_element(args):
+    """In units of itemsize: 4 reads and 3 writes, and the grad written back when scaled."""
+    return 8 if args.grad_scaler else 7
 
 
 def run_ceiling(n_elements, itemsize, device, args):
@@ -285,6 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the bandwidth ceiling")
     p.add_argument("--no-graph", action="store_true", help="CUDA: skip the graph variants")
+    p.add_argument("--grad-scaler", action="store_true",
+                   help="time GradScaler'd steps (scaler.step + update), no graph variants")
     p.add_argument("--out", default="out/step", help="output directory (default out/step)")
     p.add_argument("--quick", action="store_true",
                    help="tiny run for tests: mnist and a 1e3/1e5 sweep, 5 repeats")
@@ -332,11 +361,11 @@ def main(argv=None):
             for case, desc, shapes in cases:
                 progress.update(0, suffix=f"{dev_name} {dtype_name} {case}")
                 n = sum(numel(s) for s in shapes)
-                must_move = 7 * itemsize * n
+                must_move = bytes_per_element(args) * itemsize * n
                 params = make_params(shapes, dtype, device)
                 ceiling = None if args.no_ceiling else run_ceiling(n, itemsize, device, args)
                 peers = [(p, False) for p in args.peer_list]
-                if device.type == "cuda" and not args.no_graph:
+                if device.type == "cuda" and not (args.no_graph or args.grad_scaler):
                     peers += [(p, True) for p in GRAPH_PEERS if p in args.peer_list]
                 for peer, graph in peers:
                     label = peer + ("+graph" if graph else "")
@@ -379,7 +408,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 progress.update(1)
             all_records += records
-            tgt = targets([r for r in records if not r.get("is_ceiling")], dtype_name, dev_name)
+            tgt = [] if args.grad_scaler else targets(  # the targets are for plain steps
+                [r for r in records if not r.get("is_ceiling")], dtype_name, dev_name)
             all_targets += tgt
             tables.append((dev_name, dtype_name, records, tgt))
     progress.close()
@@ -387,9 +417,10 @@ def main(argv=None):
     for dev_name, dtype_name, records, tgt in tables:
         threads = (f", {torch.get_num_threads()} threads" if dev_name == "cpu" else
                    f", {facts.get('cuda_device', 'cuda')}")
-        print(f"## {dev_name}, {dtype_name}{threads}: optimizer.step() median; GB/s = "
-              f"{7 * torch.empty((), dtype=DTYPES[dtype_name]).element_size()} B/element / "
-              f"median (ceiling rows: bytes the stream really moves)")
+        what = "GradScaler'd step" if args.grad_scaler else "optimizer.step()"
+        per_element = bytes_per_element(args) * DTYPES[dtype_name].itemsize
+        print(f"## {dev_name}, {dtype_name}{threads}: {what} median; GB/s = "
+              f"{per_element} B/element / median (ceiling rows: bytes the stream really moves)")
         rows = []
         for r in records:
             peer = r["peer"] + (f" ({r['stream']})" if r.get("is_ceiling") else "")
@@ -430,7 +461,9 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_script
     result = {"benchmark": "step_bench", "machine": facts,
               "config": {k: v for k, v in vars(args).items()},
-              "bytes_per_element_rule": "7 * itemsize (plain Adam: 4 reads + 3 writes)",
+              "bytes_per_element_rule": (
+                  "8 * itemsize (4 reads + 3 writes + the unscaled grad written back)"
+                  if args.grad_scaler else "7 * itemsize (plain Adam: 4 reads + 3 writes)"),
               "records": all_records, "targets": all_targets, "unavailable": unavailable,
               "script_seconds": elapsed, "command": " ".join(sys.argv)}
     path = bc.write_json(out / "step_bench.json", result)

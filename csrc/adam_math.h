@@ -9,11 +9,15 @@
 // one to the other, the op's schema and the param-group keys the optimizer reads. Per-step
 // quantities (bias corrections, step size) are computed once per tensor in `StepScalars`.
 //
+// A GradScaler'd step first divides the grad by the scale (`unscale_grad`, below) and
+// writes the quotient back to the grad, as torch's fused Adam does.
+//
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
 // each element (a division is the costliest operation here, and the CPU kernel is
 // division-bound on cache-resident tensors; see benchmarks/RESULTS.md). It changes the
 // result by at most a rounding.
+//   g    = g / grad_scale                 (unscale_grad; g is stored back)
 //   g    = maximize ? -g : g
 //   g   += wd * p                         (Adam's L2 penalty, wd != 0)
 //   p   *= 1 - lr * wd                    (AdamW's decoupled decay, wd != 0)
@@ -50,24 +54,28 @@
 
 namespace adamx {
 
-// The switches as run-time values.
+// The switches as run-time values, and one more compile-time parameter of the kernels
+// that is no argument of its own: `unscale_grad`, set when the op is given a grad_scale
+// (GradScaler), so that an unscaled step has no division and no grad store.
 struct Switches {
 #define ADAMX_SWITCH_FIELD(name) bool name = false;
   ADAMX_SWITCHES(ADAMX_SWITCH_FIELD)
 #undef ADAMX_SWITCH_FIELD
+  bool unscale_grad = false;
 };
 
 #define ADAMX_COUNT_SWITCH(name) +1
 constexpr unsigned kNumSwitches = 0 ADAMX_SWITCHES(ADAMX_COUNT_SWITCH);
 #undef ADAMX_COUNT_SWITCH
-constexpr unsigned kNumVariants = 1u << kNumSwitches;
+// Kernel variants: every combination of the switches, with and without unscale_grad.
+constexpr unsigned kNumVariants = 2u << kNumSwitches;
 
 constexpr unsigned switch_bits(const Switches& s) {
   unsigned bits = 0, k = 0;
 #define ADAMX_SWITCH_BIT(name) bits |= unsigned(s.name) << k++;
   ADAMX_SWITCHES(ADAMX_SWITCH_BIT)
 #undef ADAMX_SWITCH_BIT
-  return bits;
+  return bits | unsigned(s.unscale_grad) << kNumSwitches;
 }
 
 constexpr Switches switches_from_bits(unsigned bits) {
@@ -76,17 +84,20 @@ constexpr Switches switches_from_bits(unsigned bits) {
 #define ADAMX_SWITCH_FROM_BIT(name) s.name = (bits >> k++) & 1u;
   ADAMX_SWITCHES(ADAMX_SWITCH_FROM_BIT)
 #undef ADAMX_SWITCH_FROM_BIT
+  s.unscale_grad = (bits >> kNumSwitches) & 1u;
   return s;
 }
 
 // The switches as compile-time constants: Variant<bits>::amsgrad, ... (`on()` returns them
-// all by value, so that device code can use them without a static object to refer to).
+// all by value, so that device code can use them without a static object to refer to:
+// nvcc refuses a host variable in device code).
 template <unsigned kBits>
 struct Variant {
-  static constexpr Switches on() { return switches_from_bits(kBits); }
+  static ADAMX_HD constexpr Switches on() { return switches_from_bits(kBits); }
 #define ADAMX_SWITCH_CONSTANT(name) static constexpr bool name = on().name;
   ADAMX_SWITCHES(ADAMX_SWITCH_CONSTANT)
 #undef ADAMX_SWITCH_CONSTANT
+  static constexpr bool unscale_grad = on().unscale_grad;
 };
 
 namespace detail {
@@ -125,16 +136,19 @@ using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>
 // non-overlapping and dense), `numel` elements each.
 struct TensorPointers {
   void* param;
-  const void* grad;
+  void* grad;            // written (the unscaled grad) only when unscale_grad
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // null unless amsgrad
   int64_t numel;
 };
 
-// Hyper-parameters of one step, as the user gave them (double, host or device).
+// Hyper-parameters of one step, as the user gave them (double, host or device), and the
+// grad scale when it is read on the host (only read when unscale_grad; the operand layer
+// sets it).
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay;
+  double grad_scale;
 };
 
 // Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD
@@ -149,6 +163,7 @@ struct StepScalars {
   T eps;
   T weight_decay;    // L2 coefficient (0: no penalty)
   T decay_factor;    // 1 - lr * wd (decoupled decay)
+  T grad_scale;      // the divisor of the grad (unscale_grad)
   bool lerp_from_grad;
   bool has_weight_decay;
 
@@ -156,7 +171,8 @@ struct StepScalars {
   template <class U>
   ADAMX_HD StepScalars<U> as() const {
     return {U(lerp_coeff), U(beta2), U(one_minus_beta2), U(neg_step_size), U(inv_bc2_term),
-            U(eps), U(weight_decay), U(decay_factor), lerp_from_grad, has_weight_decay};
+            U(eps), U(weight_decay), U(decay_factor), U(grad_scale), lerp_from_grad,
+            has_weight_decay};
   }
 };
 
@@ -179,6 +195,7 @@ ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h
   s.eps = h.eps;
   s.weight_decay = h.weight_decay;
   s.decay_factor = 1.0 - lr * h.weight_decay;
+  s.grad_scale = h.grad_scale;
   s.has_weight_decay = h.weight_decay != 0;
   return s;
 }
@@ -195,10 +212,15 @@ struct MathOps {
 };
 
 // One Adam update of one element (or one SIMD vector of elements), in place.
-// `vmax` is only read or written when Var::amsgrad.
+// `vmax` is only read or written when Var::amsgrad; `grad` only written when
+// Var::unscale_grad (the caller then stores it back).
 template <class Var, class T>
-ADAMX_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const StepScalars<T>& s) {
+ADAMX_HD void adam_update(T& p, T& grad, T& m, T& v, T& vmax, const StepScalars<T>& s) {
   using M = MathOps<T>;
+  // GradScaler's unscale: a division (as torch's, not a multiplication by the inverse),
+  // before maximize and weight decay.
+  if (Var::unscale_grad) grad = grad / s.grad_scale;
+  T g = grad;
   if (Var::maximize) g = g * T(-1);
   if (s.has_weight_decay) {
     if (Var::decoupled_weight_decay) p = p * s.decay_factor;

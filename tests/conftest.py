@@ -198,12 +198,18 @@ class RefAdam:
     def _round(self, x):
         return x.to(self.dtype).to(torch.float64)
 
-    def step(self, grads):
+    def step(self, grads, grad_scale=None):
+        """One step; with ``grad_scale`` (GradScaler's), the grads are divided by it first,
+        and the step returns them so divided, rounded to ``dtype`` (as adamx stores them)."""
         self.t += 1
         t, b1, b2, lr, wd = self.t, self.b1, self.b2, self.lr, self.wd
         bc1, bc2 = 1 - b1**t, 1 - b2**t
+        unscaled = []
         for i, grad in enumerate(grads):
             g = grad.to(torch.float64)
+            if grad_scale is not None:
+                g = g / grad_scale
+                unscaled.append(self._round(g))
             p = self.p[i]
             if self.maximize:
                 g = -g
@@ -225,6 +231,7 @@ class RefAdam:
                 denom = torch.sqrt(second) / math.sqrt(bc2) + self.eps
             p = p - (lr / bc1) * m / denom
             self.p[i], self.m[i], self.v[i] = self._round(p), self._round(m), self._round(v)
+        return unscaled
 
     def state_of(self, i):
         s = {"exp_avg": self.m[i], "exp_avg_sq": self.v[i]}

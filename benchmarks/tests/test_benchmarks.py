@@ -232,3 +232,14 @@ def test_scripts_run_without_adamx(tmp_path):
     assert "UNAVAILABLE: adamx" in proc.stdout
     res = json.loads((tmp_path / "m" / "results.json").read_text())
     assert {r["optimizer"] for r in res["runs"]} == {"torch", "torch-foreach", "torch-fused"}
+
+
+def test_step_bench_grad_scaler_quick(tmp_path):
+    """GradScaler'd steps: every peer runs (float32), the fused ones without GradScaler's
+    own unscale pass."""
+    proc = run_script("step_bench.py", "--quick", "--cases", "mnist", "--device", "cpu",
+                      "--grad-scaler", "--no-ceiling", "--out", str(tmp_path))
+    assert "GradScaler'd step median" in proc.stdout
+    res = json.loads((tmp_path / "step_bench.json").read_text())
+    assert {r["peer"] for r in res["records"]} >= {"torch-foreach", "torch-fused", "adamx"}
+    assert res["bytes_per_element_rule"].startswith("8 * itemsize")

@@ -46,15 +46,16 @@ void check_hyper(double value, const char* name) {
                     value);
 }
 
-// The lr and step tensors are scalars: on the CPU (read on the host) or on the params'
-// device (read by the kernel). Anywhere else they would route the op to another device's
-// kernel.
-// (`index` < 0: the lr tensor; else state_steps[index]. Formatted only on failure.)
+// The lr, grad_scale, found_inf and step tensors are scalars: on the CPU (read on the
+// host) or on the params' device (read by the kernel). Anywhere else they would route the
+// op to another device's kernel.
+// (`name`, or else state_steps[index]. Formatted only on failure.)
 struct ScalarName {
+  const char* name;
   int64_t index;
 };
 std::ostream& operator<<(std::ostream& out, ScalarName n) {
-  if (n.index < 0) return out << "the lr tensor";
+  if (n.name) return out << n.name;
   return out << "state_steps[" << n.index << "]";
 }
 
@@ -63,8 +64,17 @@ void check_scalar_device(const at::Tensor& t, ScalarName what, const at::Device&
   TORCH_CHECK(t.is_cpu() || t.device() == params, "adamx: ", what, " is on ", t.device(),
               "; it must be on the CPU or on the params' device ", params);
   TORCH_CHECK(!(context.capturing_graph && t.is_cpu()), "adamx: capturing a CUDA graph of a "
-              "step needs ", what, " on the GPU (capturable=True for step counts, a CUDA "
-              "tensor lr), but it is on the CPU");
+              "step needs ", what, " on the GPU (capturable=True for step counts, CUDA "
+              "tensors for the lr, grad_scale and found_inf), but it is on the CPU");
+}
+
+// A one-element floating-point tensor (the lr, grad_scale, found_inf) where scalars go.
+void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& params,
+                         const CheckContext& context) {
+  TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && at::isFloatingType(t.scalar_type()),
+                    "adamx: ", name, " must hold one floating-point value, got shape ",
+                    t.sizes(), " and dtype ", t.scalar_type());
+  check_scalar_device(t, ScalarName{name, 0}, params, context);
 }
 
 // The tensors a step writes must not share memory with each other: a param listed twice,
@@ -91,6 +101,7 @@ void check_no_shared_memory(const AdamArgs& a) {
     }
   };
   add(a.params, "params");
+  if (a.switches.unscale_grad) add(a.grads, "grads");
   add(a.exp_avgs, "exp_avgs");
   add(a.exp_avg_sqs, "exp_avg_sqs");
   if (a.switches.amsgrad) add(a.max_exp_avg_sqs, "max_exp_avg_sqs");
@@ -140,17 +151,17 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
 
   if (a.lr_tensor) {
     const at::Tensor& lr = *a.lr_tensor;
-    TORCH_CHECK_VALUE(lr.numel() == 1 && at::isFloatingType(lr.scalar_type()),
-                      "adamx: a tensor lr must hold one floating-point value, got shape ",
-                      lr.sizes(), " and dtype ", lr.scalar_type());
-    check_scalar_device(lr, ScalarName{-1}, device, context);
+    check_scalar_tensor(lr, "the lr tensor", device, context);
     // A device lr is not read here: that would synchronize (and break graph capture).
     if (lr.is_cpu()) check_hyper(lr.item<double>(), "lr");
   }
+  if (a.grad_scale) check_scalar_tensor(*a.grad_scale, "grad_scale", device, context);
+  if (a.found_inf) check_scalar_tensor(*a.found_inf, "found_inf", device, context);
 
   if (!c10::InferenceMode::is_enabled()) {
-    for (at::TensorList list : {a.params, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs,
-                                a.state_steps})
+    const at::TensorList written_grads = a.switches.unscale_grad ? a.grads : at::TensorList();
+    for (at::TensorList list : {a.params, written_grads, a.exp_avgs, a.exp_avg_sqs,
+                                a.max_exp_avg_sqs, a.state_steps})
       for (const at::Tensor& t : list)
         TORCH_CHECK(!t.defined() || !t.is_inference(),
                     "adamx: an in-place update of an inference tensor outside InferenceMode "
@@ -175,6 +186,7 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
                 "adamx: Adam does not support sparse gradients, please consider SparseAdam "
                 "instead (grads[", i, "] is sparse)");
     check_like_param(g, "grads", p, i);
+    if (a.switches.unscale_grad) check_no_self_overlap(g, "grads", i);
     check_like_param(a.exp_avgs[i], "exp_avgs", p, i);
     check_like_param(a.exp_avg_sqs[i], "exp_avg_sqs", p, i);
     check_no_self_overlap(a.exp_avgs[i], "exp_avgs", i);
@@ -188,7 +200,7 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
     TORCH_CHECK(step.defined() && step.numel() == 1 &&
                     (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
                 "adamx: state_steps[", i, "] must be a one-element float32 or float64 tensor");
-    check_scalar_device(step, ScalarName{int64_t(i)}, device, context);
+    check_scalar_device(step, ScalarName{nullptr, int64_t(i)}, device, context);
   }
   // Last among the device checks, so that a stray tensor is named rather than the kernel.
   TORCH_CHECK(device.type() == context.device_type, "adamx: the params are on ", device,
@@ -198,16 +210,19 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
 
 BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
   for (int k = 0; k < 6; ++k) lists_[k] = args[k].toTensorVector();
-  if (!args[7].isNone()) lr_tensor_ = args[7].toTensor();
+  lr_tensor_ = args[7].toOptional<at::Tensor>();
   Switches switches;
   size_t next = 12;
 #define ADAMX_SWITCH_FROM_STACK(name) switches.name = args[next++].toBool();
   ADAMX_SWITCHES(ADAMX_SWITCH_FROM_STACK)
 #undef ADAMX_SWITCH_FROM_STACK
+  grad_scale_ = args[next].toOptional<at::Tensor>();
+  found_inf_ = args[next + 1].toOptional<at::Tensor>();
   args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
                    Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
                          args[11].toDouble(), args[10].toDouble()},
-                   lr_tensor_ ? &*lr_tensor_ : nullptr, switches};
+                   or_null(lr_tensor_), call_switches(switches, grad_scale_),
+                   or_null(grad_scale_), or_null(found_inf_)};
 }
 
 namespace {
@@ -232,9 +247,12 @@ template <class... Args>
 struct AutogradKernel<void(Args...)> {
   static void call(c10::DispatchKeySet keys, Args... args) {
     auto all = std::forward_as_tuple(args...);
-    // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps (grads is read-only).
+    // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, and the grads when a
+    // grad_scale (the next to last argument) has them unscaled in place.
+    const bool grads_written = std::get<sizeof...(Args) - 2>(all).has_value();
     const at::TensorList written[] = {std::get<0>(all), std::get<2>(all), std::get<3>(all),
-                                      std::get<4>(all), std::get<5>(all)};
+                                      std::get<4>(all), std::get<5>(all),
+                                      grads_written ? std::get<1>(all) : at::TensorList()};
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
                                .typed<AdamOpSignature>();

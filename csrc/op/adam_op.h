@@ -22,7 +22,11 @@ struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
   Hyper hyper;                     // hyper.lr is ignored when lr_tensor is given
   const at::Tensor* lr_tensor;     // null, or a one-element tensor
-  Switches switches;
+  Switches switches;               // switches.unscale_grad: grad_scale is given
+  // GradScaler's (null, or one-element tensors): the grads are divided by grad_scale and
+  // the quotient written back; a non-zero found_inf makes the step write nothing.
+  const at::Tensor* grad_scale;
+  const at::Tensor* found_inf;
 };
 
 // What a backend knows about where its kernel runs, for the checks that depend on it.
@@ -39,20 +43,29 @@ struct CheckContext {
 // Reads nothing but metadata (and a CPU lr tensor), writes nothing.
 void check_args(const AdamArgs& a, const CheckContext& context);
 
+// The switches of a call: the op's bools, and unscale_grad when it has a grad_scale.
+inline Switches call_switches(Switches s, const std::optional<at::Tensor>& grad_scale) {
+  s.unscale_grad = grad_scale.has_value();
+  return s;
+}
+
+inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
-// eps, then one bool per switch, in ADAMX_SWITCHES order (as the schema).
-#define ADAMX_SWITCH_PARAM(name) , bool name
+// eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf (as the schema).
+#define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
 template <void (*Backend)(const AdamArgs&)>
 void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
              at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-             double beta1, double beta2, double weight_decay,
-             double eps ADAMX_SWITCHES(ADAMX_SWITCH_PARAM)) {
+             double beta1, double beta2, double weight_decay, double eps,
+             ADAMX_SWITCHES(ADAMX_SWITCH_PARAM) const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf) {
   Backend(AdamArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   Hyper{lr, beta1, beta2, eps, weight_decay},
-                   lr_tensor ? &*lr_tensor : nullptr,
-                   Switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)}});
+                   Hyper{lr, beta1, beta2, eps, weight_decay}, or_null(lr_tensor),
+                   call_switches(Switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)}, grad_scale),
+                   or_null(grad_scale), or_null(found_inf)});
 }
 #undef ADAMX_SWITCH_PARAM
 #undef ADAMX_SWITCH_VALUE
@@ -74,11 +87,11 @@ class BoxedAdamArgs {
   explicit BoxedAdamArgs(const c10::IValue* args);
   const AdamArgs& args() const { return args_; }
   // Number of stack entries the op's own arguments take.
-  static constexpr size_t kNumArgs = 12 + kNumSwitches;
+  static constexpr size_t kNumArgs = 14 + kNumSwitches;
 
  private:
   std::vector<at::Tensor> lists_[6];
-  std::optional<at::Tensor> lr_tensor_;
+  std::optional<at::Tensor> lr_tensor_, grad_scale_, found_inf_;
   AdamArgs args_;
 };
 

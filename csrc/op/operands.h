@@ -4,9 +4,20 @@
 // Per param: the pointers the kernel updates (the user's own tensors when they are laid
 // out alike, the usual case, else dense temporaries copied back after the kernel), its
 // dtype, and its step count (a value computed on the host, or memory the kernel reads);
-// per step: the lr (a value, or memory). The step's writes happen in a fixed order,
-// after everything that can fail but an allocation: host step counts, step counts in
-// kernel memory, the kernel (the backend's), then the copy-back of temporaries.
+// per step: the lr, grad_scale and found_inf (each a value, or memory). The step's writes
+// happen in a fixed order, after everything that can fail but an allocation: host step
+// counts, step counts in kernel memory, the kernel (the backend's), then, in `finish`,
+// the found_inf correction of step counts in kernel memory and the copy-back of
+// temporaries.
+//
+// found_inf (GradScaler): read on the host when it is a CPU tensor, and also when it is
+// on the device but some step count is on the host: a host count decides the step's bias
+// corrections before the kernel runs, so the host must know whether the step happens
+// (one 4-byte read, a synchronization; keep step counts on the device, capturable=True
+// or fused=True, to avoid it). A non-zero host value skips the step: `skipped()`, and
+// nothing is prepared or written. In memory, the kernel's blocks read it at entry and
+// write nothing when it is non-zero; the step counts get +1 before and -(found_inf != 0)
+// after the kernel, on the device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,10 +37,10 @@ struct StepCount {
   Dtype dtype;         // the count's dtype: Float32 or Float64
 };
 
-// The step's lr as its kernels get it.
-struct LrOperand {
-  double value;         // the lr, unless `memory` is set
-  const void* memory;   // a tensor lr the kernel reads (on the device); or null
+// A per-step scalar (the lr, grad_scale, found_inf) as the kernels get it.
+struct ScalarOperand {
+  double value;         // the value (or its default when absent), unless `memory` is set
+  const void* memory;   // a tensor the kernel reads (on the device); or null
   Dtype dtype;
 };
 
@@ -38,6 +49,7 @@ struct LrOperand {
 struct InKernel {
   bool steps = false;
   bool lr = false;
+  bool scaler = false;  // grad_scale and found_inf
 };
 
 class StepOperands {
@@ -48,13 +60,21 @@ class StepOperands {
   const TensorPointers& pointers(size_t i) const { return pointers_[i]; }
   Dtype dtype(size_t i) const { return dtypes_[i]; }
   const StepCount& step(size_t i) const { return steps_[i]; }
-  const LrOperand& lr() const { return lr_; }
+  const ScalarOperand& lr() const { return lr_; }
+  const ScalarOperand& grad_scale() const { return grad_scale_; }
+  const ScalarOperand& found_inf() const { return found_inf_; }
+  // The hyper-parameters with the host values of the lr and grad_scale.
+  const Hyper& hyper() const { return hyper_; }
+  // found_inf was read on the host and is non-zero: the step writes nothing (the
+  // operands are empty).
+  bool skipped() const { return !found_inf_.memory && found_inf_.value != 0; }
 
   // The writes before the kernel runs: every step count gets its increment (those in
   // kernel memory with a foreach add on their device's current stream).
   void increment_steps() const;
-  // The write after the kernel ran: temporaries into the user's tensors.
-  void copy_back() const;
+  // The writes after the kernel ran: step counts in kernel memory less (found_inf != 0)
+  // when found_inf is in memory; temporaries into the user's tensors.
+  void finish() const;
 
  private:
   struct Used {  // the tensors the kernel runs on for one param
@@ -67,7 +87,8 @@ class StepOperands {
   std::vector<Dtype> dtypes_;
   std::vector<StepCount> steps_;
   std::vector<at::Tensor> kernel_steps_;  // incremented in place, before the kernel
-  LrOperand lr_;
+  ScalarOperand lr_{}, grad_scale_{}, found_inf_{};
+  Hyper hyper_{};
 };
 
 }  // namespace adamx

@@ -31,9 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The instruction sets this machine can run, narrowest first.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("step_group", &adamx::step_group, pybind11::arg("group"), pybind11::arg("state"),
-        pybind11::arg("check_only") = false,
-        "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts. "
-        "Returns the number of params stepped, or NOT_HANDLED.");
+        pybind11::arg("check_only") = false, pybind11::arg("grad_scale") = pybind11::none(),
+        pybind11::arg("found_inf") = pybind11::none(),
+        "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts, with "
+        "GradScaler's grad_scale and found_inf. Returns the number of params stepped, or "
+        "NOT_HANDLED.");
   m.attr("NOT_HANDLED") = adamx::kNotHandled;
   m.attr("GROUP_KEYS") = adamx::group_keys();
   std::vector<std::string> switches;

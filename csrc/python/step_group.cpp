@@ -64,7 +64,9 @@ py::tuple group_keys() {
   return py::cast(keys);
 }
 
-int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only) {
+int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
   Switches switches;
@@ -135,7 +137,8 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only) {
 #define ADAMX_SWITCH_ARG(name) , switches.name
     (check_only ? check : adam)
         .call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-              beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG));
+              beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
+              grad_scale, found_inf);
 #undef ADAMX_SWITCH_ARG
   }
   return static_cast<int64_t>(params.size());

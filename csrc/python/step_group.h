@@ -3,6 +3,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <optional>
+
 #include "../op/adam_op.h"
 
 namespace adamx {
@@ -16,8 +18,10 @@ constexpr int64_t kNotHandled = -1;
 pybind11::tuple group_keys();
 
 // Runs adamx::adam_ (or, with check_only, adamx::adam_check) on one param group of an
-// adamx.Adam: `group` is the group dict, `state` the optimizer's state dict. Returns the
-// number of params stepped, or kNotHandled.
-int64_t step_group(pybind11::dict group, pybind11::dict state, bool check_only);
+// adamx.Adam: `group` is the group dict, `state` the optimizer's state dict, grad_scale and
+// found_inf GradScaler's (or none). Returns the number of params stepped, or kNotHandled.
+int64_t step_group(pybind11::dict group, pybind11::dict state, bool check_only,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf);
 
 }  // namespace adamx

@@ -36,15 +36,15 @@ void check_cpu(const AdamArgs& a) { check_args(a, CheckContext{c10::DeviceType::
 
 void adam_cpu(const AdamArgs& a) {
   check_cpu(a);
-  const StepOperands operands(a);
+  const StepOperands operands(a);  // empty when found_inf skips the step
   const size_t n = operands.size();
   const Isa isa = current_isa();
   std::vector<TensorWork> work(n);
   for (size_t i = 0; i < n; ++i) {
     // One kernel per dtype and variant, looked up once per tensor, not per chunk.
     work[i].kernel = range_kernel(isa, operands.dtype(i), a.switches);
-    work[i].scalars = step_scalars(operands.step(i).next, operands.lr().value, a.hyper,
-                                   a.switches);
+    work[i].scalars = step_scalars(operands.step(i).next, operands.hyper().lr,
+                                   operands.hyper(), a.switches);
   }
   operands.increment_steps();
 
@@ -64,7 +64,7 @@ void adam_cpu(const AdamArgs& a) {
       if (begin < end) work[i].kernel(tensor, begin, end, work[i].scalars);
     }
   });
-  operands.copy_back();
+  operands.finish();
 }
 
 TORCH_LIBRARY_IMPL(adamx, CPU, m) {

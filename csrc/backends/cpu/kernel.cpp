@@ -87,6 +87,7 @@ inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
     adam_update<Var>(p0, g0, m0, v0, x0, s);
     adam_update<Var>(p1, g1, m1, v1, x1, s);
     p = at::vec::convert_from_float<T>(p0, p1);
+    if (Var::unscale_grad) g = at::vec::convert_from_float<T>(g0, g1);
     m = at::vec::convert_from_float<T>(m0, m1);
     v = at::vec::convert_from_float<T>(v0, v1);
     vmax = at::vec::convert_from_float<T>(x0, x1);
@@ -94,6 +95,7 @@ inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
     adam_update<Var>(p, g, m, v, vmax, s);
   }
   store(p, b.param);
+  if (Var::unscale_grad) store(g, b.grad);
   store(m, b.exp_avg);
   store(v, b.exp_avg_sq);
   if (Var::amsgrad) store(vmax, b.max_exp_avg_sq);

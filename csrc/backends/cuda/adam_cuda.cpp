@@ -32,14 +32,14 @@ void adam_cuda(const AdamArgs& a) {
   if (a.params.empty()) return;
   // Launch on the params' device (and its current stream), whatever device is current.
   const c10::cuda::CUDAGuard guard(a.params[0].device());
-  const StepOperands operands(a);
+  const StepOperands operands(a);  // empty when found_inf, read on the host, skips the step
   const std::vector<LaunchGroup> groups = plan_launches(operands, a, PlanOptions{});
   operands.increment_steps();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (const LaunchGroup& group : groups)
     launch_adam_tables(group.dtype, a.switches, group.tables.data(), group.tables.size(),
                        stream);
-  operands.copy_back();
+  operands.finish();
 }
 
 }  // namespace

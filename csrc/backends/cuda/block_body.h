@@ -47,6 +47,12 @@ enum StepSource : uint8_t {
   kStepValue = 3,    // step[t].value, with a device lr (computed in the kernel)
 };
 
+// A per-step scalar in device memory (null: none, or read on the host).
+struct ScalarRef {
+  const void* ptr;
+  Dtype dtype;
+};
+
 union StepRef {
   const void* ptr;  // kStepFloat / kStepDouble: the step count (already incremented)
   double value;     // kStepValue: the step count
@@ -60,6 +66,8 @@ struct LaunchTable {
   StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
   Hyper hyper;                               // for scalars computed in the kernel
   const void* lr_ptr;                        // a tensor lr in device memory, or null
+  ScalarRef grad_scale;                      // read by the kernel (else hyper.grad_scale)
+  ScalarRef found_inf;                       // non-zero: every block returns at entry
   int64_t chunk_size;
   int32_t num_tensors;
   int32_t num_blocks;
@@ -125,12 +133,19 @@ ADAMX_HD double read_scalar(const void* ptr, Dtype dtype) {
 template <class Var>
 ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
   const uint8_t source = tab.step_source[t];
-  if (source == kHostScalars) return tab.sets[tab.scalar_set[t]];
-  const double step = source == kStepFloat    ? double(*static_cast<const float*>(tab.step[t].ptr))
-                      : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
-                                              : tab.step[t].value;
-  const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
-  return step_scalars(step, lr, tab.hyper, Var::on());
+  StepScalars<double> s;
+  if (source == kHostScalars) {
+    s = tab.sets[tab.scalar_set[t]];
+  } else {
+    const double step = source == kStepFloat ? double(*static_cast<const float*>(tab.step[t].ptr))
+                        : source == kStepDouble ? *static_cast<const double*>(tab.step[t].ptr)
+                                                : tab.step[t].value;
+    const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
+    s = step_scalars(step, lr, tab.hyper, Var::on());
+  }
+  if (Var::unscale_grad && tab.grad_scale.ptr)
+    s.grad_scale = read_scalar(tab.grad_scale.ptr, tab.grad_scale.dtype);
+  return s;
 }
 
 // Whether block `block` takes the 16-byte vector path: every pointer it touches, at its
@@ -150,12 +165,13 @@ ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
 
 // One element: widen to the math type, update, round back to the storage type.
 template <class Var, class T>
-ADAMX_HD void update_one(T& p, T g, T& m, T& v, T* vmax, const StepScalars<ComputeType<T>>& s) {
+ADAMX_HD void update_one(T& p, T& g, T& m, T& v, T* vmax, const StepScalars<ComputeType<T>>& s) {
   using C = ComputeType<T>;
-  C pc = static_cast<C>(p), mc = static_cast<C>(m), vc = static_cast<C>(v);
+  C pc = static_cast<C>(p), gc = static_cast<C>(g), mc = static_cast<C>(m), vc = static_cast<C>(v);
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
-  adam_update<Var>(pc, static_cast<C>(g), mc, vc, xc, s);
+  adam_update<Var>(pc, gc, mc, vc, xc, s);
   p = static_cast<T>(pc);
+  if (Var::unscale_grad) g = static_cast<T>(gc);
   m = static_cast<T>(mc);
   v = static_cast<T>(vc);
   if (Var::amsgrad) *vmax = static_cast<T>(xc);
@@ -166,6 +182,8 @@ template <class Var, class T>
 ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const LaunchTable& tab) {
   using C = ComputeType<T>;
   constexpr int W = kVecElems<T>;
+  // GradScaler found an inf or NaN: the step writes nothing (read once per thread, at entry).
+  if (tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0) return;
   const int t = tab.block_tensor[block];
   const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
   const TensorPointers& tensor = tab.tensors[t];
@@ -175,7 +193,7 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
   const StepScalars<C> s = tensor_scalars<Var>(tab, t).template as<C>();
 
   T* p = static_cast<T*>(tensor.param) + start;
-  const T* g = static_cast<const T*>(tensor.grad) + start;
+  T* g = static_cast<T*>(tensor.grad) + start;
   T* m = static_cast<T*>(tensor.exp_avg) + start;
   T* v = static_cast<T*>(tensor.exp_avg_sq) + start;
   T* x = Var::amsgrad ? static_cast<T*>(tensor.max_exp_avg_sq) + start : nullptr;
@@ -193,6 +211,7 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
       for (int k = 0; k < W; ++k)
         update_one<Var, T>(pp.v[k], gp.v[k], mp.v[k], vp.v[k], &xp.v[k], s);
       store_pack(p + i, pp);
+      if (Var::unscale_grad) store_pack(g + i, gp);
       store_pack(m + i, mp);
       store_pack(v + i, vp);
       if (Var::amsgrad) store_pack(x + i, xp);

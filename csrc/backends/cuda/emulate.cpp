@@ -6,8 +6,9 @@
 // tables), except that instead of launching the kernel it calls the kernel body,
 // adam_block_body, for every block and thread of every launch, one after the other.
 // Extra arguments shrink the launch geometry so that small tensors exercise several
-// chunks, blocks and tables, and force the capturable path (step counts and lr read by
-// the kernel body). Returns [launches, blocks that took the vector path, blocks].
+// chunks, blocks and tables, and force the capturable path (step counts, lr, grad_scale
+// and found_inf read by the kernel body). Returns [launches, blocks that took the vector
+// path, blocks].
 //
 // adamx::_cuda_launch_plan(numels, ...) returns the plan alone, for tensors of any size
 // (nothing is allocated): per block, (launch, tensor index, chunk index).
@@ -58,7 +59,8 @@ void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack)
                             int(arg("max_blocks").toInt()), int(arg("max_scalar_sets").toInt())};
   const bool edge_blocks_only = arg("edge_blocks_only").toBool();
   const StepOperands operands(a, InKernel{arg("steps_in_kernel").toBool(),
-                                          arg("lr_in_kernel").toBool()});
+                                          arg("lr_in_kernel").toBool(),
+                                          arg("scaler_in_kernel").toBool()});
   const std::vector<LaunchGroup> groups = plan_launches(operands, a, options);
   operands.increment_steps();
   int64_t counts[3] = {0, 0, 0};
@@ -68,7 +70,7 @@ void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack)
         run_tables<Var, T>(group.tables, int(block_dim), edge_blocks_only, counts);
       });
     });
-  operands.copy_back();
+  operands.finish();
   torch::jit::drop(*stack, num_args);
   torch::jit::push(*stack, std::vector<int64_t>{counts[0], counts[1], counts[2]});
 }

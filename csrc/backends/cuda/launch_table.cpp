@@ -86,6 +86,8 @@ class TableBuilder {
     tab_.hyper = ls_.hyper;
     tab_.lr_ptr = ls_.lr_ptr;
     tab_.lr_dtype = ls_.lr_dtype;
+    tab_.grad_scale = ls_.grad_scale;
+    tab_.found_inf = ls_.found_inf;
     tab_.chunk_size = o_.chunk_size;
     num_sets_ = 0;
     ids_now_.clear();
@@ -122,10 +124,11 @@ std::vector<LaunchTable> build_tables(const std::vector<TensorSlot>& slots,
 std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamArgs& a,
                                        const PlanOptions& options) {
   LaunchScalars ls;
-  ls.hyper = a.hyper;
-  ls.hyper.lr = operands.lr().value;
+  ls.hyper = operands.hyper();
   ls.lr_ptr = operands.lr().memory;
   ls.lr_dtype = operands.lr().dtype;
+  ls.grad_scale = {operands.grad_scale().memory, operands.grad_scale().dtype};
+  ls.found_inf = {operands.found_inf().memory, operands.found_inf().dtype};
   ls.switches = a.switches;
 
   // Slots, grouped by dtype in order of first appearance.

@@ -31,6 +31,8 @@ struct LaunchScalars {
   Hyper hyper;                // hyper.lr: the lr, unless lr_ptr is set
   const void* lr_ptr = nullptr;
   Dtype lr_dtype = Dtype::Float32;
+  ScalarRef grad_scale{nullptr, Dtype::Float32};  // in memory; else hyper.grad_scale
+  ScalarRef found_inf{nullptr, Dtype::Float32};
   Switches switches;
 };
 
