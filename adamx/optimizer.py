@@ -200,40 +200,40 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_capturable()
-        scaler = dict(grad_scale=getattr(self, "grad_scale", None),
-                      found_inf=getattr(self, "found_inf", None))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if torch.compiler.is_compiling() or not self._step_fast(scaler):
-                self._step_lists(scaler)
+            if torch.compiler.is_compiling() or not self._step_fast(grad_scale, found_inf):
+                self._step_lists(grad_scale, found_inf)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
-    def _step_fast(self, scaler):
+    def _step_fast(self, grad_scale, found_inf):
         """The step through adamx._C.step_group, which reads each group's params, grads
         and state in C++. Returns False, having written nothing, when it leaves a group to
         _step_lists (a param needs its state made, or is listed twice)."""
         step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
         not_handled = _ops._C.NOT_HANDLED
         if len(groups) == 1:
-            return step_group(groups[0], state, False, **scaler) != not_handled
+            return step_group(groups[0], state, False, grad_scale, found_inf) != not_handled
         for group in groups:  # several groups: check them all before updating any
-            if step_group(group, state, True, **scaler) == not_handled:
+            if step_group(group, state, True, grad_scale, found_inf) == not_handled:
                 return False
         for group in groups:
-            step_group(group, state, False, **scaler)
+            step_group(group, state, False, grad_scale, found_inf)
         return True
 
-    def _step_lists(self, scaler):
+    def _step_lists(self, grad_scale, found_inf):
         """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
         for group in self.param_groups:
             rounds = self._gather(group, fresh)
             if rounds:
-                hyper = dict(self._hyper(group), **scaler)
+                hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
                 calls += [(lists, hyper) for lists in rounds]
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
