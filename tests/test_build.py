@@ -13,6 +13,7 @@ missing-module ones, run whether or not adamx._C is built.
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -65,6 +66,21 @@ def test_build_info_reports_cuda_kernels():
 # --------------------------------------------------------------------------------------
 FAKE_TORCH = "0.0.1+built.elsewhere"
 
+# Part of the subprocess scripts below: one step of an adamx.Adam on a fresh param; leaves
+# `step_error` (its RuntimeError's message, or None) and `untouched` (param and state as
+# before the step).
+TRY_A_STEP = """
+p = torch.zeros(3)
+p.grad = torch.ones(3)
+opt = adamx.Adam([p], lr=0.1)
+try:
+    opt.step()
+    step_error = None
+except RuntimeError as e:
+    step_error = str(e)
+untouched = bool(torch.equal(p, torch.zeros(3))) and not opt.state
+"""
+
 
 def copy_package(tmp_path, record):
     """A copy of the imported adamx package under tmp_path, with `record` as its build
@@ -100,26 +116,20 @@ def test_build_records_the_torch_it_was_built_for():
 
 def test_other_torch_is_refused_without_loading_the_module(tmp_path):
     root = copy_package(tmp_path, {"torch": FAKE_TORCH, "torch_cuda": None})
-    got = run_copy(root, """
+    got = run_copy(root, textwrap.dedent("""
         import json, sys
         import torch
         import adamx
         out = {"file": adamx.__file__, "C_loaded": "adamx._C" in sys.modules,
                "compiled": adamx.is_compiled(), "info": adamx.build_info()}
-        p = torch.zeros(3)
-        p.grad = torch.ones(3)
-        opt = adamx.Adam([p], lr=0.1)
-        try:
-            opt.step()
-        except RuntimeError as e:
-            out["step_error"] = str(e)
-        out["untouched"] = bool(torch.equal(p, torch.zeros(3))) and not opt.state
+        """) + TRY_A_STEP + textwrap.dedent("""
+        out.update(step_error=step_error, untouched=untouched)
         try:
             adamx.cpu_capability()
         except RuntimeError as e:
             out["other_error"] = str(e)
         print(json.dumps(out))
-    """)
+    """))
     assert got["file"].startswith(str(root)), got["file"]
     assert got["C_loaded"] is False and got["compiled"] is False
     info = got["info"]
@@ -172,16 +182,10 @@ def test_missing_module_in_a_fresh_interpreter():
         import torch
         import adamx
         assert adamx.is_compiled() is False
-        p = torch.zeros(3)
-        p.grad = torch.ones(3)
-        opt = adamx.Adam([p], lr=0.1)
-        try:
-            opt.step()
-        except RuntimeError as e:
-            print("STEP-ERROR:", str(e).replace("\\n", " "))
-        else:
-            raise SystemExit("step did not raise")
-        assert torch.equal(p, torch.zeros(3)) and not opt.state
+        """) + TRY_A_STEP + textwrap.dedent("""
+        assert step_error is not None, "step did not raise"
+        print("STEP-ERROR:", step_error.replace("\\n", " "))
+        assert untouched
         for call in (lambda: adamx.functional.adam([p], [p.grad], [p.clone()], [p.clone()],
                                                    [], [torch.tensor(0.)], lr=0.1, beta1=0.9,
                                                    beta2=0.999, weight_decay=0, eps=1e-8),
@@ -202,7 +206,7 @@ def test_missing_module_in_a_fresh_interpreter():
     step_err = [l for l in lines if l.startswith("STEP-ERROR:")]
     other = [l for l in lines if l.startswith("OTHER-ERROR:")]
     assert len(step_err) == 1 and len(other) == 2, out.stdout
-    import re
+
     for line in step_err + other:
         assert re.search(BUILD_WORDS, line), line
     assert "INFO: False" in lines
