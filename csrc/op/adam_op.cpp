@@ -100,12 +100,7 @@ void check_no_shared_memory(const AdamArgs& a) {
       spans.push_back({begin, begin + uintptr_t(last + 1) * t.element_size(), name, i, &t});
     }
   };
-  add(a.params, "params");
-  if (a.switches.unscale_grad) add(a.grads, "grads");
-  add(a.exp_avgs, "exp_avgs");
-  add(a.exp_avg_sqs, "exp_avg_sqs");
-  if (a.switches.amsgrad) add(a.max_exp_avg_sqs, "max_exp_avg_sqs");
-  add(a.state_steps, "state_steps");
+  for (const NamedList& written : written_lists(a)) add(written.tensors, written.name);
   std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) {
     return x.begin < y.begin;
   });

@@ -11,6 +11,7 @@
 #include <ATen/core/ivalue.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -28,6 +29,25 @@ struct AdamArgs {
   const at::Tensor* grad_scale;
   const at::Tensor* found_inf;
 };
+
+// The tensor lists a step writes, in this order, with their names; a list this step does
+// not write (the grads unless a grad_scale has them unscaled in place, max_exp_avg_sqs
+// unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
+// temporaries and their copy-back read.
+enum WrittenList { kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kStateSteps, kNumWritten };
+struct NamedList {
+  at::TensorList tensors;
+  const char* name;
+};
+inline std::array<NamedList, kNumWritten> written_lists(const AdamArgs& a) {
+  const at::TensorList none;
+  return {{{a.params, "params"},
+           {a.switches.unscale_grad ? a.grads : none, "grads"},
+           {a.exp_avgs, "exp_avgs"},
+           {a.exp_avg_sqs, "exp_avg_sqs"},
+           {a.switches.amsgrad ? a.max_exp_avg_sqs : none, "max_exp_avg_sqs"},
+           {a.state_steps, "state_steps"}}};
+}
 
 // What a backend knows about where its kernel runs, for the checks that depend on it.
 struct CheckContext {

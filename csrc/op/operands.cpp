@@ -32,6 +32,13 @@ ScalarOperand scalar_operand(const at::Tensor* t, double absent, bool in_kernel)
   return {0.0, t->const_data_ptr(), dtype_of(t->scalar_type())};
 }
 
+// Whether the kernel writes operand `k` of param `i` to a temporary (`used`), not to the
+// user's own tensor: then it is copied back after the kernel.
+bool on_temporary(const std::array<NamedList, kNumWritten>& written,
+                  const std::array<at::Tensor, kStateSteps>& used, size_t i, size_t k) {
+  return !written[k].tensors.empty() && !used[k].is_same(written[k].tensors[i]);
+}
+
 bool host_step(const at::Tensor& step, InKernel in_kernel) {
   return step.is_cpu() && !in_kernel.steps;
 }
@@ -62,6 +69,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
   const size_t n = a.params.size();
   const bool amsgrad = a.switches.amsgrad;
   const bool unscale = a.switches.unscale_grad;
+  const auto written = written_lists(a);
   used_.resize(n);
   pointers_.resize(n);
   dtypes_.resize(n);
@@ -69,18 +77,18 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     Used& u = used_[i];
-    u.param = p.is_non_overlapping_and_dense() ? p : p.contiguous();
-    u.grad = alike(a.grads[i], u.param);
-    u.exp_avg = alike(a.exp_avgs[i], u.param);
-    u.exp_avg_sq = alike(a.exp_avg_sqs[i], u.param);
-    if (amsgrad) u.max_exp_avg_sq = alike(a.max_exp_avg_sqs[i], u.param);
-    if (!u.param.is_same(p) || (unscale && !u.grad.is_same(a.grads[i])) ||
-        !u.exp_avg.is_same(a.exp_avgs[i]) ||
-        !u.exp_avg_sq.is_same(a.exp_avg_sqs[i]) ||
-        (amsgrad && !u.max_exp_avg_sq.is_same(a.max_exp_avg_sqs[i])))
-      copied_.push_back(i);
-    pointers_[i] = {u.param.data_ptr(), grad_data(u.grad, unscale), u.exp_avg.data_ptr(),
-                    u.exp_avg_sq.data_ptr(), data_or_null(u.max_exp_avg_sq), u.param.numel()};
+    const at::Tensor& param = u[kParams] = p.is_non_overlapping_and_dense() ? p : p.contiguous();
+    u[kGrads] = alike(a.grads[i], param);
+    u[kExpAvgs] = alike(a.exp_avgs[i], param);
+    u[kExpAvgSqs] = alike(a.exp_avg_sqs[i], param);
+    if (amsgrad) u[kMaxExpAvgSqs] = alike(a.max_exp_avg_sqs[i], param);
+    for (size_t k = 0; k < u.size(); ++k)
+      if (on_temporary(written, u, i, k)) {
+        copied_.push_back(i);
+        break;
+      }
+    pointers_[i] = {param.data_ptr(), grad_data(u[kGrads], unscale), u[kExpAvgs].data_ptr(),
+                    u[kExpAvgSqs].data_ptr(), data_or_null(u[kMaxExpAvgSqs]), param.numel()};
     dtypes_[i] = dtype_of(p.scalar_type());
 
     const at::Tensor& step = a.state_steps[i];
@@ -117,16 +125,11 @@ void StepOperands::finish() const {
     const at::Tensor skipped = args_.found_inf->ne(0).to(at::kFloat);
     at::_foreach_sub_(kernel_steps_, std::vector<at::Tensor>(kernel_steps_.size(), skipped));
   }
-  auto back = [](const at::Tensor& original, const at::Tensor& used) {
-    if (!used.is_same(original)) original.copy_(used);
-  };
+  const auto written = written_lists(args_);
   for (size_t i : copied_) {
     const Used& u = used_[i];
-    back(args_.params[i], u.param);
-    if (args_.switches.unscale_grad) back(args_.grads[i], u.grad);
-    back(args_.exp_avgs[i], u.exp_avg);
-    back(args_.exp_avg_sqs[i], u.exp_avg_sq);
-    if (args_.switches.amsgrad) back(args_.max_exp_avg_sqs[i], u.max_exp_avg_sq);
+    for (size_t k = 0; k < u.size(); ++k)
+      if (on_temporary(written, u, i, k)) written[k].tensors[i].copy_(u[k]);
   }
 }
 

@@ -22,6 +22,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <vector>
 
 #include "adam_op.h"
@@ -77,9 +78,9 @@ class StepOperands {
   void finish() const;
 
  private:
-  struct Used {  // the tensors the kernel runs on for one param
-    at::Tensor param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq;
-  };
+  // The tensors the kernel runs on for one param, indexed as written_lists (the grad is
+  // read-only unless unscaled; max_exp_avg_sq undefined unless amsgrad).
+  using Used = std::array<at::Tensor, kStateSteps>;
   const AdamArgs& args_;
   std::vector<Used> used_;
   std::vector<size_t> copied_;  // params that run on temporaries
