@@ -78,7 +78,7 @@ def require_compiled():
 def adam_arguments(mutable: bool) -> str:
     """The arguments of adamx::adam_ (``mutable``: with the marks of what it writes)."""
     mark = (lambda alias: f"({alias}!)") if mutable else (lambda alias: "")
-    switches = "".join(f", bool {name}" for name in _C.SWITCHES)
+    switches = "".join(f", bool {name}=False" for name in _C.SWITCHES)
     # grads: written (unscaled in place) when grad_scale is given, so marked as torch's
     # _fused_adam_ marks them.
     return (f"Tensor{mark('a')}[] params, Tensor{mark('f')}[] grads, "
@@ -86,11 +86,12 @@ def adam_arguments(mutable: bool) -> str:
             f"Tensor{mark('c')}[] exp_avg_sqs, Tensor{mark('d')}[] max_exp_avg_sqs, "
             f"Tensor{mark('e')}[] state_steps, *, float lr, Tensor? lr_tensor=None, "
             f"float beta1, float beta2, float weight_decay, float eps{switches}, "
-            f"Tensor? grad_scale=None, Tensor? found_inf=None")
+            f"Tensor? grad_scale=None, Tensor? found_inf=None, "
+            f"Tensor{mark('g')}[]? master_params=None, int seed=0")
 
 
 def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   lr_tensor, grad_scale=None, found_inf=None):
+                   lr_tensor, grad_scale=None, found_inf=None, master_params=None):
     """The device rules of the op's checks (csrc/op/adam_op.cpp), for the fake kernel: the
     dispatcher picks a kernel from the devices of all tensors together, so a stray meta or
     CUDA tensor among CPU ones (the lr, a step count) routes the call here or elsewhere."""
@@ -98,7 +99,8 @@ def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         return
     device = params[0].device
     for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                          ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)):
+                          ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
+                          ("master_params", master_params or ())):
         for i, t in enumerate(tensors):
             if t.device != device:
                 raise RuntimeError(
@@ -120,8 +122,10 @@ if _C is not None:
     # max_exp_avg_sqs when amsgrad). lr_tensor, when given, replaces lr. grad_scale and
     # found_inf are GradScaler's, as torch._fused_adam_ takes them: the grads are divided by
     # grad_scale and the quotient written back to them; a non-zero found_inf leaves every
-    # tensor, step counts included, unchanged. Checks all its inputs before it writes
-    # anything.
+    # tensor, step counts included, unchanged. master_params (fp32 copies of float16 /
+    # bfloat16 params, whose state is then fp32) are updated, and each param set to its
+    # master's rounding. seed keys stochastic rounding (bfloat16 params). Checks all its
+    # inputs before it writes anything.
     _lib.define(f"adam_({adam_arguments(mutable=True)}) -> ()")
     # The same checks alone, writing nothing: lets a multi-group step check every group
     # before it updates the first.
@@ -129,10 +133,11 @@ if _C is not None:
 
     @torch.library.register_fake("adamx::adam_", lib=_lib)
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                   lr_tensor=None, grad_scale=None, found_inf=None, **hyper):
+                   lr_tensor=None, grad_scale=None, found_inf=None, master_params=None,
+                   **hyper):
         # In place, no outputs: nothing to compute, but the device rules still hold.
         _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                       lr_tensor, grad_scale, found_inf)
+                       lr_tensor, grad_scale, found_inf, master_params)
 
     # Test-only (csrc/backends/cuda/emulate.cpp): adam_ run as the CUDA backend runs it,
     # with the kernel body executed on the CPU for every block and thread; the extra

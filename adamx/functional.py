@@ -18,6 +18,14 @@ def _number(value, name):
     return float(value)
 
 
+def _seed(value):
+    """The op's int64 seed for any Python int (wrapped to 64 bits)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"adamx: seed must be an int, got {type(value).__name__}")
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def op_kwargs(*, lr, beta1, beta2, weight_decay, eps, **switches):
     """The keyword arguments of torch.ops.adamx.adam_ for these hyper-parameters and
     switches (``amsgrad``, ``maximize``, ... : ``adamx._C.SWITCHES``, default False)."""
@@ -52,12 +60,18 @@ def adam(
     eps: float,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    master_params: Optional[List[Tensor]] = None,
+    seed: int = 0,
     **switches: bool,
 ) -> None:
     """One fused Adam step, in place.
 
     The switches, all False by default, are those of ``adamx.Adam``: ``amsgrad``,
-    ``maximize``, ``decoupled_weight_decay`` (AdamW) and ``eps_inside_sqrt``.
+    ``maximize``, ``decoupled_weight_decay`` (AdamW), ``eps_inside_sqrt`` and
+    ``stochastic_rounding`` (bfloat16 params: the new param is rounded stochastically,
+    with random bits that are a hash of (``seed``, the tensor's position in ``params``, its
+    step count, the element's index), so a step is reproducible on any thread count, CPU
+    or GPU).
 
     Unlike ``torch.optim._functional``, this increments each ``state_steps[i]`` (a
     one-element float tensor, one per param) by one itself before updating.
@@ -70,6 +84,10 @@ def adam(
     divided by ``grad_scale`` (before ``maximize`` and weight decay) and the quotient is
     written back to them; a non-zero ``found_inf`` makes the step write nothing, step
     counts included.
+
+    ``master_params``: fp32 master copies of float16/bfloat16 ``params`` (one each); their
+    state (``exp_avgs``, ...) is then float32 too. The update runs on the master copy, and
+    each param is set to its master's rounding to nearest.
     """
     kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                        **switches)
@@ -77,4 +95,5 @@ def adam(
         return
     torch.ops.adamx.adam_(params, grads, exp_avgs, exp_avg_sqs,
                           max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs,
-                          grad_scale=grad_scale, found_inf=found_inf)
+                          grad_scale=grad_scale, found_inf=found_inf,
+                          master_params=master_params, seed=_seed(seed))

@@ -9,13 +9,25 @@ from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimiz
                                    _global_optimizer_pre_hooks)
 
 from . import _ops
-from .functional import op_kwargs
+from .functional import _seed, op_kwargs
 
 __all__ = ["Adam", "AdamW"]
 
-# torch.optim.Adam's group keys that adamx reads or keeps, with their defaults (the
-# switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False).
-_TORCH_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None)
+# torch.optim.Adam's group keys that adamx reads or keeps, and adamx's own, with their
+# defaults (the switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False; a
+# group's "seed" defaults to its index).
+_GROUP_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
+                       master_weights=False)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _has_master(p, group):
+    """Whether param ``p`` of ``group`` steps with an fp32 master copy (and fp32 state)."""
+    return group["master_weights"] and p.dtype in _REDUCED
+
+
+def _zeros_like(p, dtype=None):
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
 def _fast_hooks(step):
@@ -54,6 +66,20 @@ class Adam(Optimizer):
     With ``torch.amp.GradScaler`` the step unscales the grads itself, in the same pass, as
     torch's fused Adam does (``GradScaler.step`` hands it ``grad_scale`` and ``found_inf``;
     see README.md, Mixed precision).
+
+    For float16/bfloat16 params (see README.md, Mixed precision):
+
+    - ``master_weights=True`` keeps an fp32 copy of each such param in its state
+      (``state[p]["master_param"]``, saved by ``state_dict``) with fp32 moments; the step
+      updates the copy and sets the param to its rounding, in the same pass. Loading a
+      checkpoint without master copies (e.g. torch.optim.Adam's) starts them from the
+      params. Other params step as usual.
+    - ``stochastic_rounding=True`` (bfloat16 params without master copies) rounds each new
+      param to one of its two bfloat16 neighbours at random, in proportion to their
+      nearness, so small updates are not lost on average. The random bits are a hash of
+      (the group's ``seed``, the param's position among the group's params with grads,
+      its step count, the element), so steps are reproducible on any thread count, CPU or
+      GPU. ``seed`` defaults to the group's index.
     """
 
     # GradScaler.step sets self.grad_scale and self.found_inf for the step and deletes them
@@ -76,6 +102,9 @@ class Adam(Optimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         eps_inside_sqrt: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         # The checks and messages of torch.optim.Adam.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -94,28 +123,78 @@ class Adam(Optimizer):
             raise RuntimeError(
                 "adamx does not support differentiable=True: its fused kernel updates params "
                 "in place outside autograd. Use torch.optim.Adam(differentiable=True).")
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "adamx: master_weights=True and stochastic_rounding=True exclude each other: "
+                "with a master copy each param is its master's rounding to nearest")
         betas = tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        # Each group's own stream of stochastic-rounding bits: its seed (given, or the
+        # optimizer's, else 0) plus its index.
+        if param_group.get("seed") is None:
+            base = self.defaults.get("seed") or 0
+            param_group = dict(param_group, seed=base + len(self.param_groups))
+        _seed(param_group["seed"])  # an int
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         # Also what load_state_dict ends with: groups from a torch.optim.Adam checkpoint
         # lack adamx's own keys, and old checkpoints may hold steps as numbers.
         super().__setstate__(state)
-        defaults = dict(_TORCH_DEFAULTS, **dict.fromkeys(_ops._C.SWITCHES if _ops._C else (),
+        defaults = dict(_GROUP_DEFAULTS, **dict.fromkeys(_ops._C.SWITCHES if _ops._C else (),
                                                          False))
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for key, value in defaults.items():
                 group.setdefault(key, value)
+            if group.get("seed") is None:
+                group["seed"] = index
             for p in group["params"]:
                 p_state = self.state.get(p)
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = self._new_step(p, group, float(p_state["step"]))
+
+    def load_state_dict(self, state_dict):
+        """As torch.optim.Optimizer.load_state_dict, and: a group setting the checkpoint
+        lacks (adamx's own, e.g. ``master_weights``, in a torch.optim.Adam checkpoint) keeps
+        this optimizer's value; master copies and fp32 moments of float16/bfloat16 params
+        keep their precision (torch casts every state tensor to its param's dtype); master
+        copies missing from the checkpoint, or that no longer round to their param, start
+        from the params."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            state_dict = dict(state_dict, param_groups=[
+                {**{k: v for k, v in group.items() if k != "params"}, **saved}
+                for group, saved in zip(self.param_groups, saved_groups)])
+        super().load_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, key in zip(group["params"], saved["params"]):
+                state = self.state.get(p)
+                if not state or not _has_master(p, group):
+                    continue
+                original = saved_state.get(key, {})
+                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                    if torch.is_tensor(original.get(k)):
+                        state[k] = original[k].to(device=p.device, dtype=torch.float32,
+                                                  copy=True)
+                # A master copy is kept only if it is still the param's: fp32 in the
+                # checkpoint and rounding to the param (one that torch.optim.Adam carried
+                # along, cast and no longer updated, is not).
+                master = original.get("master_param")
+                if not (torch.is_tensor(master) and master.dtype == torch.float32
+                        and torch.equal(state["master_param"].to(p.dtype), p.detach())):
+                    state.pop("master_param", None)
+                self.state[p] = self._conform(p, group, state)
 
     @staticmethod
     def _new_step(p, group, value=0.0):
@@ -125,19 +204,39 @@ class Adam(Optimizer):
         return torch.tensor(value, dtype=_get_scalar_dtype())
 
     def _new_state(self, p, group):
-        state = {
-            "step": self._new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state = {"step": self._new_step(p, group)}
+        return self._conform(p, group, state)
+
+    @staticmethod
+    def _conform(p, group, state):
+        """``state`` itself when it fits the group's settings, else a new dict that does
+        (state the step makes or converts lands in the optimizer only once the step has
+        succeeded): the moments it lacks (all, or max_exp_avg_sq when amsgrad is switched
+        on) as zeros; with master weights switched on, the moments widened to fp32 and a
+        master copy that starts as the param; switched off, the moments in the param's
+        dtype and no master copy."""
+        master = _has_master(p, group)
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        switched = master != ("master_param" in state)
+        if not switched and all(k in state for k in keys):
+            return state
+        dtype = torch.float32 if master else p.dtype
+        state = dict(state)
+        for k in keys:
+            state[k] = (state[k].to(dtype) if switched else state[k]) if k in state \
+                else _zeros_like(p, dtype)
+        if master and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True,
+                                                  memory_format=torch.preserve_format)
+        elif not master:
+            state.pop("master_param", None)
         return state
 
     def _gather(self, group, fresh):
-        """The op's tensor lists for one group, one set per round: a param listed k times
-        in the group (torch warns) is stepped k times, in round 1, ..., k, as torch's loop
-        steps it. New state goes into ``fresh``, which the step adds to ``self.state`` only
+        """The op calls for one group, as (tensor lists, master_params or None): one or two
+        (params with master copies apart) per round. A param listed k times in the group
+        (torch warns) is stepped k times, in round 1, ..., k, as torch's loop steps it. New
+        or converted state goes into ``fresh``, which the step adds to ``self.state`` only
         once every update has succeeded."""
         rounds = []
         seen = {}
@@ -148,14 +247,14 @@ class Adam(Optimizer):
                 continue
             k = seen[p] = seen.get(p, -1) + 1
             if k == len(rounds):
-                rounds.append(([], [], [], [], [], []))
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = rounds[k]
+                rounds.append({})
             state = fresh.get(p) or self.state.get(p)
-            if not state:
-                state = fresh[p] = self._new_state(p, group)
-            elif amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on later
-                state = fresh[p] = dict(
-                    state, max_exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            state = self._conform(p, group, state) if state else self._new_state(p, group)
+            if state is not self.state.get(p):
+                fresh[p] = state
+            master = "master_param" in state
+            lists = rounds[k].setdefault(master, ([], [], [], [], [], [], []))
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters = lists
             params.append(p)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -163,13 +262,17 @@ class Adam(Optimizer):
             if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
-        return rounds
+            if master:
+                masters.append(state["master_param"])
+        return [(calls[master][:6], calls[master][6] if master else None)
+                for calls in rounds for master in (False, True) if master in calls]
 
     @staticmethod
     def _hyper(group):
         values = {key: group[key] for key in _ops._C.GROUP_KEYS}
         beta1, beta2 = values.pop("betas")
-        return op_kwargs(beta1=beta1, beta2=beta2, **values)
+        seed = _seed(group["seed"]) if group["stochastic_rounding"] else 0
+        return dict(op_kwargs(beta1=beta1, beta2=beta2, **values), seed=seed)
 
     def _check_capturable(self):
         """As torch.optim.Adam (but for fused=True): capturable=True needs params on a
@@ -231,10 +334,11 @@ class Adam(Optimizer):
         fresh = {}
         calls = []
         for group in self.param_groups:
-            rounds = self._gather(group, fresh)
-            if rounds:
+            group_calls = self._gather(group, fresh)
+            if group_calls:
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
-                calls += [(lists, hyper) for lists in rounds]
+                calls += [(lists, dict(hyper, master_params=masters))
+                          for lists, masters in group_calls]
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
                 torch.ops.adamx.adam_check(*lists, **hyper)
@@ -249,11 +353,15 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize: bool = False, foreach: Optional[bool] = None,
                  capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, eps_inside_sqrt: bool = False):
+                 fused: Optional[bool] = None, eps_inside_sqrt: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: Optional[int] = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt)
+                         decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt,
+                         master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)

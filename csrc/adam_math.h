@@ -12,6 +12,13 @@
 // A GradScaler'd step first divides the grad by the scale (`unscale_grad`, below) and
 // writes the quotient back to the grad, as torch's fused Adam does.
 //
+// How the new param is stored is the kernel's other compile-time choice (see `ParamWrite`):
+// rounded to nearest in the param's dtype (as torch), rounded stochastically (bfloat16
+// params, `stochastic_rounding`: the random bits come from `rounding_bits`, a hash of
+// (seed, tensor, step, element), so results do not depend on threads, ISA or device), or,
+// with an fp32 master copy (`master_weights`), the update runs on the master copy, which
+// is stored, and the param gets its rounding to nearest.
+//
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
 // each element (a division is the costliest operation here, and the CPU kernel is
@@ -34,6 +41,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -50,41 +58,49 @@
   X(amsgrad)              \
   X(maximize)             \
   X(decoupled_weight_decay) /* AdamW's decay instead of an L2 penalty */ \
-  X(eps_inside_sqrt)        /* the tutorial's placement of eps */
+  X(eps_inside_sqrt)        /* the tutorial's placement of eps */ \
+  X(stochastic_rounding)    /* bfloat16 params: round the new param stochastically */
 
 namespace adamx {
 
-// The switches as run-time values, and one more compile-time parameter of the kernels
-// that is no argument of its own: `unscale_grad`, set when the op is given a grad_scale
-// (GradScaler), so that an unscaled step has no division and no grad store.
+// The switches as run-time values, and two more compile-time parameters of the kernels
+// that are no arguments of their own, but set by the operands an op call is given:
+// `unscale_grad` by a grad_scale (GradScaler), so that an unscaled step has no division
+// and no grad store; `master_weights` by master_params (fp32 copies of float16/bfloat16
+// params, and fp32 state).
+#define ADAMX_OPERAND_SWITCHES(X) \
+  X(unscale_grad)                 \
+  X(master_weights)
+
+#define ADAMX_ALL_SWITCHES(X) ADAMX_SWITCHES(X) ADAMX_OPERAND_SWITCHES(X)
+
 struct Switches {
 #define ADAMX_SWITCH_FIELD(name) bool name = false;
-  ADAMX_SWITCHES(ADAMX_SWITCH_FIELD)
+  ADAMX_ALL_SWITCHES(ADAMX_SWITCH_FIELD)
 #undef ADAMX_SWITCH_FIELD
-  bool unscale_grad = false;
 };
 
 #define ADAMX_COUNT_SWITCH(name) +1
 constexpr unsigned kNumSwitches = 0 ADAMX_SWITCHES(ADAMX_COUNT_SWITCH);
+constexpr unsigned kNumAllSwitches = 0 ADAMX_ALL_SWITCHES(ADAMX_COUNT_SWITCH);
 #undef ADAMX_COUNT_SWITCH
-// Kernel variants: every combination of the switches, with and without unscale_grad.
-constexpr unsigned kNumVariants = 2u << kNumSwitches;
+// Combinations of all switches (not all of them are kernels: see kSupported).
+constexpr unsigned kNumVariants = 1u << kNumAllSwitches;
 
 constexpr unsigned switch_bits(const Switches& s) {
   unsigned bits = 0, k = 0;
 #define ADAMX_SWITCH_BIT(name) bits |= unsigned(s.name) << k++;
-  ADAMX_SWITCHES(ADAMX_SWITCH_BIT)
+  ADAMX_ALL_SWITCHES(ADAMX_SWITCH_BIT)
 #undef ADAMX_SWITCH_BIT
-  return bits | unsigned(s.unscale_grad) << kNumSwitches;
+  return bits;
 }
 
 constexpr Switches switches_from_bits(unsigned bits) {
   Switches s;
   unsigned k = 0;
 #define ADAMX_SWITCH_FROM_BIT(name) s.name = (bits >> k++) & 1u;
-  ADAMX_SWITCHES(ADAMX_SWITCH_FROM_BIT)
+  ADAMX_ALL_SWITCHES(ADAMX_SWITCH_FROM_BIT)
 #undef ADAMX_SWITCH_FROM_BIT
-  s.unscale_grad = (bits >> kNumSwitches) & 1u;
   return s;
 }
 
@@ -95,29 +111,61 @@ template <unsigned kBits>
 struct Variant {
   static ADAMX_HD constexpr Switches on() { return switches_from_bits(kBits); }
 #define ADAMX_SWITCH_CONSTANT(name) static constexpr bool name = on().name;
-  ADAMX_SWITCHES(ADAMX_SWITCH_CONSTANT)
+  ADAMX_ALL_SWITCHES(ADAMX_SWITCH_CONSTANT)
 #undef ADAMX_SWITCH_CONSTANT
-  static constexpr bool unscale_grad = on().unscale_grad;
 };
+
+// The storage dtypes of params and state.
+enum class Dtype : uint8_t { Float32, Float64, Float16, BFloat16 };
+
+template <class T>
+constexpr bool kReducedFloat = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// The type the math runs in: float for float/half/bfloat16, double for double (as torch).
+template <class T>
+using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// The kernels that exist: for params of type P (grads alike) and state of type S
+// (exp_avg, exp_avg_sq, max_exp_avg_sq, the master copy), a variant Var of the switches.
+// S is P, but with master weights, which keep fp32 state for float16/bfloat16 params;
+// stochastic rounding is for bfloat16 params without a master copy.
+template <class Var, class P, class S>
+constexpr bool kSupported =
+    Var::master_weights
+        ? kReducedFloat<P> && std::is_same_v<S, float> && !Var::stochastic_rounding
+        : std::is_same_v<P, S> && (!Var::stochastic_rounding || std::is_same_v<P, c10::BFloat16>);
 
 namespace detail {
 template <class F, unsigned... kBits>
 void dispatch_bits(unsigned bits, F& f, std::integer_sequence<unsigned, kBits...>) {
   ((bits == kBits ? (f.template operator()<Variant<kBits>>(), 0) : 0), ...);
 }
-}  // namespace detail
 
-// Calls f.template operator()<Variant<...>>() with the variant matching `s`: the single
-// place where run-time switches become template parameters.
-template <class F>
-void dispatch_switches(const Switches& s, F&& f) {
-  detail::dispatch_bits(switch_bits(s), f, std::make_integer_sequence<unsigned, kNumVariants>{});
+template <class P, class F>
+void dispatch_variant(Switches s, F& f) {
+  using S = std::conditional_t<kReducedFloat<P>, float, P>;
+  // Stochastic rounding concerns bfloat16 params only: float32 and float64 params are
+  // stored in the type the math runs in (check_args refuses float16 params with it).
+  if (!std::is_same_v<P, c10::BFloat16>) s.stochastic_rounding = false;
+  auto kernel = [&]<class Var>() {
+    if constexpr (kSupported<Var, P, P>) f.template operator()<Var, P, P>();
+    else if constexpr (kSupported<Var, P, S>) f.template operator()<Var, P, S>();
+  };
+  dispatch_bits(switch_bits(s), kernel, std::make_integer_sequence<unsigned, kNumVariants>{});
 }
 
-// The storage dtypes of params and state.
-enum class Dtype : uint8_t { Float32, Float64, Float16, BFloat16 };
+template <class Var, class P>
+constexpr unsigned count_kernels() {
+  using S = std::conditional_t<kReducedFloat<P>, float, P>;
+  return unsigned(kSupported<Var, P, P>) + unsigned(!std::is_same_v<P, S> && kSupported<Var, P, S>);
+}
+template <class P, unsigned... kBits>
+constexpr unsigned count_kernels(std::integer_sequence<unsigned, kBits...>) {
+  return (count_kernels<Variant<kBits>, P>() + ...);
+}
+}  // namespace detail
 
-// Calls f.template operator()<T>() with T the C++ type of `d`: the single dtype dispatch.
+// Calls f.template operator()<T>() with T the C++ type of `d`.
 template <class F>
 void dispatch_dtype(Dtype d, F&& f) {
   switch (d) {
@@ -128,9 +176,20 @@ void dispatch_dtype(Dtype d, F&& f) {
   }
 }
 
-// The type the math runs in: float for float/half/bfloat16, double for double (as torch).
-template <class T>
-using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
+// Calls f.template operator()<Var, P, S>() with the kernel for params of dtype `param`
+// and these switches: the single place where run-time dtypes and switches become
+// template parameters. (check_args has refused the combinations that are no kernel.)
+template <class F>
+void dispatch_kernel(Dtype param, const Switches& s, F&& f) {
+  dispatch_dtype(param, [&]<class P>() { detail::dispatch_variant<P>(s, f); });
+}
+
+// How many kernels there are (per ISA on the CPU, per architecture in CUDA).
+constexpr unsigned kNumKernels = [] {
+  constexpr auto all = std::make_integer_sequence<unsigned, kNumVariants>{};
+  return detail::count_kernels<float>(all) + detail::count_kernels<double>(all) +
+         detail::count_kernels<c10::Half>(all) + detail::count_kernels<c10::BFloat16>(all);
+}();
 
 // One tensor's buffers as a kernel sees them: all laid out alike (same sizes and strides,
 // non-overlapping and dense), `numel` elements each.
@@ -140,16 +199,61 @@ struct TensorPointers {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // null unless amsgrad
+  void* master_param;    // null unless master_weights (then float, as the state)
   int64_t numel;
 };
 
-// Hyper-parameters of one step, as the user gave them (double, host or device), and the
-// grad scale when it is read on the host (only read when unscale_grad; the operand layer
-// sets it).
+// Hyper-parameters of one step, as the user gave them (double, host or device), the grad
+// scale when it is read on the host (only read when unscale_grad; the operand layer sets
+// it), and the seed of stochastic rounding.
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay;
   double grad_scale;
+  int64_t seed;
 };
+
+// Counter-based random bits for stochastic rounding: a hash of (seed, tensor, step,
+// element), the same on every thread, ISA and device. `rounding_key` mixes the first three
+// once per tensor and step (splitmix64's finalizer); `rounding_bits` mixes in the
+// element's index with two rounds of a 32-bit integer hash (Wellons' "lowbias32"), which
+// the CPU kernel vectorizes.
+ADAMX_HD uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+ADAMX_HD uint64_t rounding_key(int64_t seed, uint32_t tensor, double step) {
+  const uint64_t s = mix64(static_cast<uint64_t>(seed) + 0x9e3779b97f4a7c15ull);
+  return mix64(mix64(s ^ tensor) ^ static_cast<uint64_t>(step));
+}
+
+ADAMX_HD uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+ADAMX_HD uint32_t rounding_bits(uint64_t key, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  const uint32_t h = hash32(static_cast<uint32_t>(i) ^ static_cast<uint32_t>(key));
+  return hash32(h ^ static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(i >> 32));
+}
+
+// x rounded to a neighbouring bfloat16 at random, up (away from zero) with probability
+// equal to the distance from the lower neighbour in units of the gap: adding 16 random
+// bits below bfloat16's last bit and truncating does that. NaN is rounded as usual (a
+// truncated NaN payload could become an infinity); magnitudes past bfloat16's largest
+// finite value may round to infinity.
+ADAMX_HD c10::BFloat16 round_bf16_stochastic(float x, uint32_t random) {
+  if (x != x) return c10::BFloat16(x);
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u += random & 0xffffu;
+  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
 
 // Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD
 // vector of them). Built once per tensor per step by `step_scalars`.

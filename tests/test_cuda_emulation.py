@@ -18,11 +18,13 @@ tests check. Comparisons with torch.optim use the tolerances of conftest.py.
 import pytest
 import torch
 
+import adamx
 from conftest import (DTYPES, LR, OPTION_GRID, OPTION_IDS, REDUCED, TOL, OpState, RefAdam,
                       assert_bitwise, assert_close, make_grad_seq, make_tensors, needs_build,
                       op_hyper)
 
 pytestmark = needs_build
+CUDA = adamx._ops._C  # the launch geometry's defaults (CUDA_MAX_TENSORS, ...)
 
 # Odd lengths, empties, and tensors of several chunks at the small chunk sizes below.
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (2, 0, 3), (1031,), (4, 250)]
@@ -331,12 +333,12 @@ def test_launch_plan_covers_tensors_of_more_than_2_31_elements(geometry):
     for launch, tensor, c in blocks:
         seen.setdefault(tensor, []).append(c)
         per_launch.setdefault(launch, set()).add(tensor)
-        assert len(per_launch[launch]) <= geometry.get("max_tensors", 36)
+        assert len(per_launch[launch]) <= geometry.get("max_tensors", CUDA.CUDA_MAX_TENSORS)
     for tensor, n in enumerate(numels):
         expected = list(range((n + chunk - 1) // chunk))
         assert seen.get(tensor, []) == expected, tensor  # every chunk once, in order
     counts = [sum(1 for b in blocks if b[0] == k) for k in per_launch]
-    assert max(counts) <= geometry.get("max_blocks", 320)
+    assert max(counts) <= geometry.get("max_blocks", CUDA.CUDA_MAX_BLOCKS)
     assert sorted(per_launch) == list(range(len(per_launch)))
 
 
@@ -388,8 +390,9 @@ def test_tensor_of_more_than_2_31_elements_first_and_last_chunks():
     step = torch.tensor(0.0)
     counts = emulated([p], [g], [m], [v], [], [step], hyper=op_hyper(), edge_blocks_only=True,
                       block_dim=256)
-    # 2**15 + 1 chunks in launches of 320 blocks; two blocks run, both vectorized
-    assert counts == [(2**15 + 1 + 319) // 320, 2, 2]
+    # 2**15 + 1 chunks in launches of CUDA_MAX_BLOCKS blocks; two run, both vectorized
+    blocks = CUDA.CUDA_MAX_BLOCKS
+    assert counts == [(2**15 + 1 + blocks - 1) // blocks, 2, 2]
     for s, small in zip(sl, expected):
         assert torch.equal(p[s], small.params[0])
         assert torch.equal(m[s], small.exp_avgs[0])

@@ -121,12 +121,14 @@ def test_cpu_capability_from_environment():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_payloads_are_the_same_on_every_cpu_capability(dtype, restore_cpu_capability):
     """Grads holding NaNs of several payloads, infinities and normal values, with amsgrad:
-    every ISA gives the same bit patterns in every tensor, NaNs included, for float32 and
-    float64. The exceptions (stated in the README) are NaN payloads alone: for float16 and
-    bfloat16 the conversion to the storage type sets them (F16C keeps the payload, ATen's
-    bfloat16 vector conversion writes 0xFFFF, the scalar conversions a canonical NaN), and
-    the CUDA kernel body's are its compiler's (a GPU returns a canonical NaN from any
-    operation). Which elements are NaN, and every other bit, agree everywhere."""
+    the AVX2 and AVX-512 kernels give the same bit patterns in every tensor, NaNs included,
+    for float32 and float64. The exceptions (stated in the README) are NaN payloads alone:
+    for float16 and bfloat16 the conversion to the storage type sets them (F16C keeps the
+    payload, ATen's bfloat16 vector conversion writes 0xFFFF, the scalar conversions a
+    canonical NaN); where two NaNs meet in an addition, the portable kernel and the CUDA
+    kernel body keep the payload their compiler's operand order picks (and a GPU returns a
+    canonical NaN from any operation). Which elements are NaN, and every other bit, agree
+    everywhere."""
     supported = adamx.supported_cpu_capabilities()
     n = 203
     bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
@@ -160,11 +162,15 @@ def test_nan_payloads_are_the_same_on_every_cpu_capability(dtype, restore_cpu_ca
         adamx.set_cpu_capability(name)
         results[name] = run(torch.ops.adamx.adam_)
     results["emulated_cuda"] = run(torch.ops.adamx._adam_emulated_cuda_)
-    first = results[supported[0]]
+    first = results[supported[-1]]
     assert torch.isnan(first.max_exp_avg_sqs[0]).any() and torch.isnan(first.params[0]).any()
+    # Payloads are compared between the x86 SIMD kernels only: where two NaNs meet in an
+    # addition, which one's payload survives is the compiler's operand order, which the
+    # portable kernel's element loops (and a GPU) do not fix.
+    exact = {"avx2", "avx512"}
     for name, st in results.items():
         for i, (a, b) in enumerate(zip(first.tensors(), st.tensors())):
-            if a.dtype in (torch.float16, torch.bfloat16) or name == "emulated_cuda":
+            if a.dtype in (torch.float16, torch.bfloat16) or name not in exact:
                 assert torch.equal(a.isnan(), b.isnan()), f"{name}: tensor {i}"
                 a, b = a[~a.isnan()], b[~b.isnan()]
-            assert same_bits(a, b), f"{name}: tensor {i} has other bits than {supported[0]}'s"
+            assert same_bits(a, b), f"{name}: tensor {i} has other bits than {supported[-1]}'s"

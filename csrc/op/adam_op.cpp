@@ -22,15 +22,19 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A state tensor (or grad) must look exactly like its param.
-void check_like_param(const at::Tensor& x, const char* list, const at::Tensor& p, size_t i) {
+// A state tensor (or grad) must look exactly like its param, in `dtype` (the param's, or
+// float32 for the state of params with a master copy).
+void check_like_param(const at::Tensor& x, const char* list, const at::Tensor& p, size_t i,
+                      at::ScalarType dtype) {
   TORCH_CHECK(x.defined(), "adamx: ", list, "[", i, "] is undefined");
   TORCH_CHECK(x.layout() == at::kStrided, "adamx: ", list, "[", i, "] has layout ", x.layout(),
               "; only dense (strided) tensors are supported");
   TORCH_CHECK(x.sizes() == p.sizes(), "adamx: ", list, "[", i, "] has shape ", x.sizes(),
               " but params[", i, "] has shape ", p.sizes());
-  TORCH_CHECK(x.scalar_type() == p.scalar_type(), "adamx: ", list, "[", i, "] has dtype ",
-              x.scalar_type(), " but params[", i, "] has dtype ", p.scalar_type());
+  TORCH_CHECK(x.scalar_type() == dtype, "adamx: ", list, "[", i, "] has dtype ",
+              x.scalar_type(), " but params[", i, "] has dtype ", p.scalar_type(),
+              dtype == p.scalar_type() ? "" : " with a float32 master copy: its state, like "
+              "the master copy, must be float32");
   TORCH_CHECK(x.device() == p.device(), "adamx: ", list, "[", i, "] is on ", x.device(),
               " but params[", i, "] is on ", p.device());
 }
@@ -135,6 +139,11 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   check_len(a.exp_avg_sqs, "exp_avg_sqs");
   check_len(a.state_steps, "state_steps");
   if (a.switches.amsgrad) check_len(a.max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
+  if (a.switches.master_weights) check_len(a.master_params, "master_params");
+  TORCH_CHECK_VALUE(!(a.switches.master_weights && a.switches.stochastic_rounding),
+                    "adamx: stochastic_rounding rounds bfloat16 params that have no master "
+                    "copy; with master_params each param is its master's rounding to nearest. "
+                    "Choose one of them");
 
   check_hyper(a.hyper.beta1, "beta1");
   check_hyper(a.hyper.beta2, "beta2");
@@ -156,7 +165,7 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   if (!c10::InferenceMode::is_enabled()) {
     const at::TensorList written_grads = a.switches.unscale_grad ? a.grads : at::TensorList();
     for (at::TensorList list : {a.params, written_grads, a.exp_avgs, a.exp_avg_sqs,
-                                a.max_exp_avg_sqs, a.state_steps})
+                                a.max_exp_avg_sqs, a.master_params, a.state_steps})
       for (const at::Tensor& t : list)
         TORCH_CHECK(!t.defined() || !t.is_inference(),
                     "adamx: an in-place update of an inference tensor outside InferenceMode "
@@ -174,21 +183,33 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
     TORCH_CHECK(p.device() == device, "adamx: params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one step takes the params of one device");
     check_no_self_overlap(p, "params", i);
+    const bool reduced = p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16;
+    TORCH_CHECK_TYPE(!a.switches.stochastic_rounding || p.scalar_type() != at::kHalf,
+                     "adamx: stochastic_rounding is implemented for bfloat16 params, but "
+                     "params[", i, "] is float16 (use master weights for float16 params)");
+    TORCH_CHECK_TYPE(!a.switches.master_weights || reduced, "adamx: master_params are fp32 "
+                     "copies of float16 or bfloat16 params, but params[", i, "] is ",
+                     p.scalar_type(), "; step it in a call without master_params");
+    const at::ScalarType state_dtype = a.switches.master_weights ? at::kFloat : p.scalar_type();
 
     const at::Tensor& g = a.grads[i];
     TORCH_CHECK(g.defined(), "adamx: params[", i, "] has no grad");
     TORCH_CHECK(!g.is_sparse(),
                 "adamx: Adam does not support sparse gradients, please consider SparseAdam "
                 "instead (grads[", i, "] is sparse)");
-    check_like_param(g, "grads", p, i);
+    check_like_param(g, "grads", p, i, p.scalar_type());
     if (a.switches.unscale_grad) check_no_self_overlap(g, "grads", i);
-    check_like_param(a.exp_avgs[i], "exp_avgs", p, i);
-    check_like_param(a.exp_avg_sqs[i], "exp_avg_sqs", p, i);
+    check_like_param(a.exp_avgs[i], "exp_avgs", p, i, state_dtype);
+    check_like_param(a.exp_avg_sqs[i], "exp_avg_sqs", p, i, state_dtype);
     check_no_self_overlap(a.exp_avgs[i], "exp_avgs", i);
     check_no_self_overlap(a.exp_avg_sqs[i], "exp_avg_sqs", i);
     if (a.switches.amsgrad) {
-      check_like_param(a.max_exp_avg_sqs[i], "max_exp_avg_sqs", p, i);
+      check_like_param(a.max_exp_avg_sqs[i], "max_exp_avg_sqs", p, i, state_dtype);
       check_no_self_overlap(a.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+    }
+    if (a.switches.master_weights) {
+      check_like_param(a.master_params[i], "master_params", p, i, at::kFloat);
+      check_no_self_overlap(a.master_params[i], "master_params", i);
     }
 
     const at::Tensor& step = a.state_steps[i];
@@ -213,11 +234,15 @@ BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
 #undef ADAMX_SWITCH_FROM_STACK
   grad_scale_ = args[next].toOptional<at::Tensor>();
   found_inf_ = args[next + 1].toOptional<at::Tensor>();
+  if (!args[next + 2].isNone()) master_params_ = args[next + 2].toTensorVector();
+  const int64_t seed = args[next + 3].toInt();
+  switches.unscale_grad = grad_scale_.has_value();
+  switches.master_weights = master_params_.has_value();
   args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
                    Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
-                         args[11].toDouble(), args[10].toDouble()},
-                   or_null(lr_tensor_), call_switches(switches, grad_scale_),
-                   or_null(grad_scale_), or_null(found_inf_)};
+                         args[11].toDouble(), args[10].toDouble(), 1.0, seed},
+                   or_null(lr_tensor_), switches, or_null(grad_scale_), or_null(found_inf_),
+                   master_params_ ? at::TensorList(*master_params_) : at::TensorList()};
 }
 
 namespace {
@@ -241,19 +266,12 @@ struct AutogradKernel;
 template <class... Args>
 struct AutogradKernel<void(Args...)> {
   static void call(c10::DispatchKeySet keys, Args... args) {
-    auto all = std::forward_as_tuple(args...);
-    // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, and the grads when a
-    // grad_scale (the next to last argument) has them unscaled in place.
-    const bool grads_written = std::get<sizeof...(Args) - 2>(all).has_value();
-    const at::TensorList written[] = {std::get<0>(all), std::get<2>(all), std::get<3>(all),
-                                      std::get<4>(all), std::get<5>(all),
-                                      grads_written ? std::get<1>(all) : at::TensorList()};
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
                                .typed<AdamOpSignature>();
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, args...);
-    for (at::TensorList list : written)
-      for (const at::Tensor& t : list)
+    for (const NamedList& written : written_lists(make_adam_args(args...)))
+      for (const at::Tensor& t : written.tensors)
         if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
 };

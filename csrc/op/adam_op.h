@@ -23,18 +23,24 @@ struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
   Hyper hyper;                     // hyper.lr is ignored when lr_tensor is given
   const at::Tensor* lr_tensor;     // null, or a one-element tensor
-  Switches switches;               // switches.unscale_grad: grad_scale is given
+  // switches.unscale_grad: grad_scale is given; switches.master_weights: master_params are.
+  Switches switches;
   // GradScaler's (null, or one-element tensors): the grads are divided by grad_scale and
   // the quotient written back; a non-zero found_inf makes the step write nothing.
   const at::Tensor* grad_scale;
   const at::Tensor* found_inf;
+  // fp32 master copies of float16/bfloat16 params (empty unless master_weights): the
+  // update runs on them (with fp32 state), and each param gets its master's rounding.
+  at::TensorList master_params;
 };
 
 // The tensor lists a step writes, in this order, with their names; a list this step does
 // not write (the grads unless a grad_scale has them unscaled in place, max_exp_avg_sqs
 // unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
 // temporaries and their copy-back read.
-enum WrittenList { kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kStateSteps, kNumWritten };
+enum WrittenList {
+  kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kMasterParams, kStateSteps, kNumWritten
+};
 struct NamedList {
   at::TensorList tensors;
   const char* name;
@@ -46,6 +52,7 @@ inline std::array<NamedList, kNumWritten> written_lists(const AdamArgs& a) {
            {a.exp_avgs, "exp_avgs"},
            {a.exp_avg_sqs, "exp_avg_sqs"},
            {a.switches.amsgrad ? a.max_exp_avg_sqs : none, "max_exp_avg_sqs"},
+           {a.master_params, "master_params"},
            {a.state_steps, "state_steps"}}};
 }
 
@@ -63,29 +70,38 @@ struct CheckContext {
 // Reads nothing but metadata (and a CPU lr tensor), writes nothing.
 void check_args(const AdamArgs& a, const CheckContext& context);
 
-// The switches of a call: the op's bools, and unscale_grad when it has a grad_scale.
-inline Switches call_switches(Switches s, const std::optional<at::Tensor>& grad_scale) {
-  s.unscale_grad = grad_scale.has_value();
-  return s;
-}
-
 inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
-// eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf (as the schema).
+// eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
+// seed (as the schema), and the AdamArgs of a call. The operand switches are set by the
+// operands given: unscale_grad by a grad_scale, master_weights by master_params.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
+#define ADAMX_OP_PARAMS                                                                    \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                    \
+      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps, \
+      double lr, const std::optional<at::Tensor>&lr_tensor, double beta1, double beta2,     \
+      double weight_decay, double eps, ADAMX_SWITCHES(ADAMX_SWITCH_PARAM)                   \
+      const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf, \
+      const std::optional<at::TensorList>&master_params, int64_t seed
+
+inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
+  Switches switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)};
+  switches.unscale_grad = grad_scale.has_value();
+  switches.master_weights = master_params.has_value();
+  return AdamArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                  Hyper{lr, beta1, beta2, eps, weight_decay, 1.0, seed}, or_null(lr_tensor),
+                  switches, or_null(grad_scale), or_null(found_inf),
+                  master_params.value_or(at::TensorList())};
+}
+
 template <void (*Backend)(const AdamArgs&)>
-void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-             at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-             double beta1, double beta2, double weight_decay, double eps,
-             ADAMX_SWITCHES(ADAMX_SWITCH_PARAM) const std::optional<at::Tensor>& grad_scale,
-             const std::optional<at::Tensor>& found_inf) {
-  Backend(AdamArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   Hyper{lr, beta1, beta2, eps, weight_decay}, or_null(lr_tensor),
-                   call_switches(Switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)}, grad_scale),
-                   or_null(grad_scale), or_null(found_inf)});
+void adam_op(ADAMX_OP_PARAMS) {
+  Backend(make_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                         lr, lr_tensor, beta1, beta2, weight_decay, eps,
+                         ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,
+                         master_params, seed));
 }
 #undef ADAMX_SWITCH_PARAM
 #undef ADAMX_SWITCH_VALUE
@@ -107,11 +123,12 @@ class BoxedAdamArgs {
   explicit BoxedAdamArgs(const c10::IValue* args);
   const AdamArgs& args() const { return args_; }
   // Number of stack entries the op's own arguments take.
-  static constexpr size_t kNumArgs = 14 + kNumSwitches;
+  static constexpr size_t kNumArgs = 16 + kNumSwitches;
 
  private:
   std::vector<at::Tensor> lists_[6];
   std::optional<at::Tensor> lr_tensor_, grad_scale_, found_inf_;
+  std::optional<std::vector<at::Tensor>> master_params_;
   AdamArgs args_;
 };
 

@@ -68,6 +68,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
 
   const size_t n = a.params.size();
   const bool amsgrad = a.switches.amsgrad;
+  const bool master = a.switches.master_weights;
   const bool unscale = a.switches.unscale_grad;
   const auto written = written_lists(a);
   used_.resize(n);
@@ -82,13 +83,16 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
     u[kExpAvgs] = alike(a.exp_avgs[i], param);
     u[kExpAvgSqs] = alike(a.exp_avg_sqs[i], param);
     if (amsgrad) u[kMaxExpAvgSqs] = alike(a.max_exp_avg_sqs[i], param);
+    if (master) u[kMasterParams] = alike(a.master_params[i], param);
     for (size_t k = 0; k < u.size(); ++k)
       if (on_temporary(written, u, i, k)) {
         copied_.push_back(i);
         break;
       }
-    pointers_[i] = {param.data_ptr(), grad_data(u[kGrads], unscale), u[kExpAvgs].data_ptr(),
-                    u[kExpAvgSqs].data_ptr(), data_or_null(u[kMaxExpAvgSqs]), param.numel()};
+    pointers_[i] = {param.data_ptr(),           grad_data(u[kGrads], unscale),
+                    u[kExpAvgs].data_ptr(),     u[kExpAvgSqs].data_ptr(),
+                    data_or_null(u[kMaxExpAvgSqs]), data_or_null(u[kMasterParams]),
+                    param.numel()};
     dtypes_[i] = dtype_of(p.scalar_type());
 
     const at::Tensor& step = a.state_steps[i];

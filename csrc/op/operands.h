@@ -79,7 +79,8 @@ class StepOperands {
 
  private:
   // The tensors the kernel runs on for one param, indexed as written_lists (the grad is
-  // read-only unless unscaled; max_exp_avg_sq undefined unless amsgrad).
+  // read-only unless unscaled; max_exp_avg_sq undefined unless amsgrad, master_param
+  // unless master_weights).
   using Used = std::array<at::Tensor, kStateSteps>;
   const AdamArgs& args_;
   std::vector<Used> used_;

@@ -43,7 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ADAMX_SWITCHES(ADAMX_SWITCH_NAME)
 #undef ADAMX_SWITCH_NAME
   m.attr("SWITCHES") = pybind11::tuple(pybind11::cast(switches));
-  m.attr("NUM_VARIANTS") = adamx::kNumVariants;
+  // Kernels compiled per CPU instruction set and per CUDA architecture.
+  m.attr("NUM_KERNELS") = adamx::kNumKernels;
   // The CUDA launch geometry, the defaults of the emulation's arguments.
   m.attr("CUDA_CHUNK_SIZE") = cuda::kDefaultChunkSize;
   m.attr("CUDA_BLOCK_DIM") = cuda::kBlockDim;

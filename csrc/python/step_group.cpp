@@ -22,6 +22,9 @@ constexpr const char* kLr = "lr";
 constexpr const char* kBetas = "betas";
 constexpr const char* kWeightDecay = "weight_decay";
 constexpr const char* kEps = "eps";
+constexpr const char* kMasterWeights = "master_weights";
+constexpr const char* kSeed = "seed";
+constexpr const char* kMasterParam = "master_param";
 
 PyObject* group_item(PyObject* group, const char* key) {
   PyObject* value = PyDict_GetItemString(group, key);  // borrowed
@@ -37,6 +40,15 @@ double as_number(PyObject* value, const char* key) {
   const double number = PyFloat_AsDouble(value);
   if (number == -1.0 && PyErr_Occurred()) throw py::error_already_set();
   return number;
+}
+
+// The seed of stochastic rounding: an integer (wrapped to 64 bits).
+int64_t as_seed(PyObject* value) {
+  TORCH_CHECK_TYPE(PyLong_Check(value), "adamx: group['seed'] must be an int, got ",
+                   Py_TYPE(value)->tp_name);
+  const unsigned long long bits = PyLong_AsUnsignedLongLongMask(value);
+  if (bits == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<int64_t>(bits);
 }
 
 bool group_flag(PyObject* group, const char* key) {
@@ -64,6 +76,20 @@ py::tuple group_keys() {
   return py::cast(keys);
 }
 
+namespace {
+
+// The op's tensor lists for one call.
+struct CallLists {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+      master_params;
+};
+
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+}  // namespace
+
 int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
@@ -73,8 +99,11 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
 #define ADAMX_SWITCH_READ(name) switches.name = group_flag(group, #name);
   ADAMX_SWITCHES(ADAMX_SWITCH_READ)
 #undef ADAMX_SWITCH_READ
+  // With master weights, float16/bfloat16 params go in a call of their own, with their
+  // master copies; the others step as usual.
+  const bool master_weights = group_flag(group, kMasterWeights);
 
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  CallLists calls[2];  // [0]: without master copies, [1]: with
   std::vector<PyObject*> seen;  // the params with grads, to find one listed twice
   const py::object group_params = py::reinterpret_steal<py::object>(
       PySequence_Fast(group_item(group, "params"), "adamx: group['params'] must be a sequence"));
@@ -93,19 +122,26 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     auto exp_avg_sq = state_tensor(p_state, "exp_avg_sq");
     auto step = state_tensor(p_state, "step");
     if (!exp_avg || !exp_avg_sq || !step) return kNotHandled;
+    // Master weights switched on (no master copy yet) or off (one left): the Python step
+    // converts the state.
+    const bool master = master_weights && is_reduced_float(p);
+    auto master_param = state_tensor(p_state, kMasterParam);
+    if (master != master_param.has_value()) return kNotHandled;
+    CallLists& call = calls[master];
+    if (master) call.master_params.push_back(*master_param);
     if (switches.amsgrad) {
       auto max_exp_avg_sq = state_tensor(p_state, "max_exp_avg_sq");
       if (!max_exp_avg_sq) return kNotHandled;
-      max_exp_avg_sqs.push_back(*max_exp_avg_sq);
+      call.max_exp_avg_sqs.push_back(*max_exp_avg_sq);
     }
     seen.push_back(obj);
-    params.push_back(p);
-    grads.push_back(grad);
-    exp_avgs.push_back(*exp_avg);
-    exp_avg_sqs.push_back(*exp_avg_sq);
-    steps.push_back(*step);
+    call.params.push_back(p);
+    call.grads.push_back(grad);
+    call.exp_avgs.push_back(*exp_avg);
+    call.exp_avg_sqs.push_back(*exp_avg_sq);
+    call.steps.push_back(*step);
   }
-  if (params.empty()) return 0;
+  if (seen.empty()) return 0;
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return kNotHandled;
 
@@ -125,6 +161,7 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   }
   const double weight_decay = as_number(group_item(group, kWeightDecay), kWeightDecay);
   const double eps = as_number(group_item(group, kEps), kEps);
+  const int64_t seed = switches.stochastic_rounding ? as_seed(group_item(group, kSeed)) : 0;
 
   static const auto adam = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
@@ -134,14 +171,27 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                                 .typed<AdamOpSignature>();
   {
     py::gil_scoped_release no_gil;
+    auto run = [&](const auto& op, const CallLists& c, bool master) {
+      if (c.params.empty()) return;
 #define ADAMX_SWITCH_ARG(name) , switches.name
-    (check_only ? check : adam)
-        .call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-              beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
-              grad_scale, found_inf);
+      op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, lr,
+              lr_tensor, beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
+              grad_scale, found_inf,
+              master ? std::optional<at::TensorList>(c.master_params) : std::nullopt, seed);
 #undef ADAMX_SWITCH_ARG
+    };
+    // Two calls: both checked before either writes.
+    const bool both = !calls[0].params.empty() && !calls[1].params.empty();
+    if (check_only || both) {
+      run(check, calls[0], false);
+      run(check, calls[1], true);
+    }
+    if (!check_only) {
+      run(adam, calls[0], false);
+      run(adam, calls[1], true);
+    }
   }
-  return static_cast<int64_t>(params.size());
+  return static_cast<int64_t>(seen.size());
 }
 
 }  // namespace adamx

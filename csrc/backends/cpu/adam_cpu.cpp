@@ -30,6 +30,7 @@ RangeKernel range_kernel(Isa isa, Dtype dtype, const Switches& switches) {
 struct TensorWork {
   RangeKernel kernel;
   StepScalars<double> scalars;
+  uint64_t rounding_key;
 };
 
 void check_cpu(const AdamArgs& a) { check_args(a, CheckContext{c10::DeviceType::CPU}); }
@@ -43,8 +44,9 @@ void adam_cpu(const AdamArgs& a) {
   for (size_t i = 0; i < n; ++i) {
     // One kernel per dtype and variant, looked up once per tensor, not per chunk.
     work[i].kernel = range_kernel(isa, operands.dtype(i), a.switches);
-    work[i].scalars = step_scalars(operands.step(i).next, operands.hyper().lr,
-                                   operands.hyper(), a.switches);
+    const double step = operands.step(i).next;
+    work[i].scalars = step_scalars(step, operands.hyper().lr, operands.hyper(), a.switches);
+    work[i].rounding_key = rounding_key(operands.hyper().seed, uint32_t(i), step);
   }
   operands.increment_steps();
 
@@ -61,7 +63,7 @@ void adam_cpu(const AdamArgs& a) {
       const TensorPointers& tensor = operands.pointers(i);
       const int64_t begin = std::max(lo, start[i]) - start[i];
       const int64_t end = std::min(hi - start[i], tensor.numel);
-      if (begin < end) work[i].kernel(tensor, begin, end, work[i].scalars);
+      if (begin < end) work[i].kernel(tensor, begin, end, work[i].scalars, work[i].rounding_key);
     }
   });
   operands.finish();

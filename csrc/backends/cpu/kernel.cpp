@@ -5,6 +5,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #include "kernel.h"
@@ -58,72 +61,114 @@ inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-template <class T>
-constexpr bool kReduced = !std::is_same_v<T, ComputeType<T>>;
+// One iteration's elements of one operand of storage type X, as `kParts` vectors of the
+// compute type C: a vector of float16/bfloat16 widens to two float vectors; float or
+// double loads `kParts` vectors (two float vectors beside reduced-precision params, for
+// the master copy and fp32 state).
+template <class C, int kParts>
+struct Lanes {
+  Vectorized<C> v[kParts];
+};
 
-// Loads, updates and stores one vector of the storage type (`count` < a full vector
-// only at the end of a range). Reduced precision is widened to two float vectors.
-template <class Var, class T, bool kPartial>
-inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
-                          const StepScalars<Vectorized<ComputeType<T>>>& s) {
-  using V = Vectorized<T>;
-  auto load = [&](const void* base) {
-    const T* ptr = static_cast<const T*>(base) + i;
-    return kPartial ? V::loadu(ptr, count) : V::loadu(ptr);
-  };
-  auto store = [&](const V& x, void* base) {
-    T* ptr = static_cast<T*>(base) + i;
-    if (kPartial) x.store(ptr, count);
-    else x.store(ptr);
-  };
-  V p = load(b.param), g = load(b.grad), m = load(b.exp_avg), v = load(b.exp_avg_sq);
-  V vmax = Var::amsgrad ? load(b.max_exp_avg_sq) : V();
-  if constexpr (kReduced<T>) {
-    auto [p0, p1] = at::vec::convert_to_float<T>(p);
-    auto [g0, g1] = at::vec::convert_to_float<T>(g);
-    auto [m0, m1] = at::vec::convert_to_float<T>(m);
-    auto [v0, v1] = at::vec::convert_to_float<T>(v);
-    auto [x0, x1] = at::vec::convert_to_float<T>(vmax);
-    adam_update<Var>(p0, g0, m0, v0, x0, s);
-    adam_update<Var>(p1, g1, m1, v1, x1, s);
-    p = at::vec::convert_from_float<T>(p0, p1);
-    if (Var::unscale_grad) g = at::vec::convert_from_float<T>(g0, g1);
-    m = at::vec::convert_from_float<T>(m0, m1);
-    v = at::vec::convert_from_float<T>(v0, v1);
-    vmax = at::vec::convert_from_float<T>(x0, x1);
+template <class C, int kParts, class X>
+inline Lanes<C, kParts> load_lanes(const void* base, int64_t i, int64_t count) {
+  const X* ptr = static_cast<const X*>(base) + i;
+  Lanes<C, kParts> out;
+  if constexpr (kReducedFloat<X>) {
+    static_assert(kParts == 2);
+    const auto x = count < Vectorized<X>::size() ? Vectorized<X>::loadu(ptr, count)
+                                                 : Vectorized<X>::loadu(ptr);
+    std::tie(out.v[0], out.v[1]) = at::vec::convert_to_float<X>(x);
   } else {
-    adam_update<Var>(p, g, m, v, vmax, s);
+    constexpr int64_t N = Vectorized<C>::size();
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t c = std::clamp<int64_t>(count - k * N, 0, N);
+      out.v[k] = c == N ? Vectorized<C>::loadu(ptr + k * N)
+                        : c > 0 ? Vectorized<C>::loadu(ptr + k * N, c) : Vectorized<C>(0);
+    }
   }
-  store(p, b.param);
-  if (Var::unscale_grad) store(g, b.grad);
-  store(m, b.exp_avg);
-  store(v, b.exp_avg_sq);
-  if (Var::amsgrad) store(vmax, b.max_exp_avg_sq);
+  return out;
 }
 
-template <class Var, class T>
+template <class X, class C, int kParts>
+inline void store_lanes(const Lanes<C, kParts>& x, void* base, int64_t i, int64_t count) {
+  X* ptr = static_cast<X*>(base) + i;
+  if constexpr (kReducedFloat<X>) {
+    const auto y = at::vec::convert_from_float<X>(x.v[0], x.v[1]);
+    if (count < Vectorized<X>::size()) y.store(ptr, count);
+    else y.store(ptr);
+  } else {
+    constexpr int64_t N = Vectorized<C>::size();
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t c = std::clamp<int64_t>(count - k * N, 0, N);
+      if (c == N) x.v[k].store(ptr + k * N);
+      else if (c > 0) x.v[k].store(ptr + k * N, c);
+    }
+  }
+}
+
+// The new bfloat16 param, rounded stochastically (round_bf16_stochastic) lane by lane, with
+// the random bits of elements i .. i+count-1; a loop the compiler vectorizes.
+template <int kParts>
+inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t i,
+                             int64_t count, uint64_t key) {
+  constexpr int kElems = kParts * Vectorized<float>::size();
+  alignas(64) float in[kElems];
+  alignas(64) c10::BFloat16 out[kElems];
+  for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
+  for (int j = 0; j < kElems; ++j) out[j] = round_bf16_stochastic(in[j], rounding_bits(key, i + j));
+  std::memcpy(static_cast<c10::BFloat16*>(base) + i, out, sizeof(c10::BFloat16) * count);
+}
+
+// Loads, updates and stores one iteration's elements (`count` < kElems only at the end of
+// a range): as many as a vector of the param type holds.
+template <class Var, class P, class S>
+inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
+                          const StepScalars<Vectorized<ComputeType<P>>>& s) {
+  using C = ComputeType<P>;
+  constexpr int kParts = Vectorized<P>::size() / Vectorized<C>::size();
+  using L = Lanes<C, kParts>;
+  L p = Var::master_weights ? load_lanes<C, kParts, S>(b.master_param, i, count)
+                            : load_lanes<C, kParts, P>(b.param, i, count);
+  L g = load_lanes<C, kParts, P>(b.grad, i, count);
+  L m = load_lanes<C, kParts, S>(b.exp_avg, i, count);
+  L v = load_lanes<C, kParts, S>(b.exp_avg_sq, i, count);
+  L x = Var::amsgrad ? load_lanes<C, kParts, S>(b.max_exp_avg_sq, i, count) : L{};
+  for (int k = 0; k < kParts; ++k) adam_update<Var>(p.v[k], g.v[k], m.v[k], v.v[k], x.v[k], s);
+  if constexpr (Var::stochastic_rounding) {
+    store_stochastic(p, b.param, i, count, key);
+  } else {
+    store_lanes<P>(p, b.param, i, count);
+  }
+  if (Var::master_weights) store_lanes<S>(p, b.master_param, i, count);
+  if (Var::unscale_grad) store_lanes<P>(g, b.grad, i, count);
+  store_lanes<S>(m, b.exp_avg, i, count);
+  store_lanes<S>(v, b.exp_avg_sq, i, count);
+  if (Var::amsgrad) store_lanes<S>(x, b.max_exp_avg_sq, i, count);
+}
+
+template <class Var, class P, class S>
 void update_range(const TensorPointers& b, int64_t begin, int64_t end,
-                  const StepScalars<double>& scalars) {
-  using Compute = ComputeType<T>;
+                  const StepScalars<double>& scalars, uint64_t key) {
+  using C = ComputeType<P>;
   // Round the scalars to the compute type first, as torch does, then broadcast.
-  const auto s = scalars.as<Compute>().template as<Vectorized<Compute>>();
-  constexpr int64_t kStep = Vectorized<T>::size();
+  const auto s = scalars.as<C>().template as<Vectorized<C>>();
+  constexpr int64_t kStep = Vectorized<P>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
   // A local copy of the pointers: the stores through them cannot alias it, so the loop
   // keeps them in registers instead of reloading them from `b` after every store.
   const TensorPointers local = b;
   int64_t i = begin;
-  for (; i + kStep <= end; i += kStep) update_vector<Var, T, false>(local, i, kStep, s);
-  if (i < end) update_vector<Var, T, true>(local, i, end - i, s);
+  for (; i + kStep <= end; i += kStep) update_vector<Var, P, S>(local, i, kStep, key, s);
+  if (i < end) update_vector<Var, P, S>(local, i, end - i, key, s);
 }
 
 }  // namespace CPU_CAPABILITY
 
 RangeKernel ADAMX_ISA_ENTRY(Dtype dtype, Switches switches) {
   RangeKernel kernel = nullptr;
-  dispatch_dtype(dtype, [&]<class T>() {
-    dispatch_switches(switches, [&]<class Var>() { kernel = &update_range<Var, T>; });
-  });
+  dispatch_kernel(dtype, switches,
+                  [&]<class Var, class P, class S>() { kernel = &update_range<Var, P, S>; });
   return kernel;
 }
 

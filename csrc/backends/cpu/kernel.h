@@ -12,15 +12,16 @@ namespace adamx::cpu {
 // The instruction sets a kernel is compiled for, widest last.
 enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
 
-// Updates elements [begin, end) of one tensor.
+// Updates elements [begin, end) of one tensor; `rounding_key` (stochastic rounding) is
+// rounding_key(seed, tensor, step).
 using RangeKernel = void (*)(const TensorPointers&, int64_t begin, int64_t end,
-                             const StepScalars<double>&);
+                             const StepScalars<double>&, uint64_t rounding_key);
 
 // Elements per SIMD step of the widest kernel for any dtype; a range that starts at a
 // multiple of it never splits a vector, whatever the ISA.
 constexpr int64_t kMaxVectorElems = 64;
 
-// The kernel for one dtype and set of switches, per ISA.
+// The kernel for params of one dtype and a set of switches, per ISA.
 RangeKernel range_kernel_default(Dtype, Switches);
 RangeKernel range_kernel_avx2(Dtype, Switches);
 RangeKernel range_kernel_avx512(Dtype, Switches);

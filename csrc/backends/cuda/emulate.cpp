@@ -22,7 +22,7 @@
 namespace adamx::cuda {
 namespace {
 
-template <class Var, class T>
+template <class Var, class P, class S>
 void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge_blocks_only,
                 int64_t counts[3]) {
   for (const LaunchTable& tab : tables) {
@@ -34,10 +34,10 @@ void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge
         const int64_t chunk = tab.block_chunk[block];
         if (chunk != 0 && chunk != last) continue;
       }
-      counts[1] += block_is_vectorized<Var, T>(tab, block);
+      counts[1] += block_is_vectorized<Var, P, S>(tab, block);
       ++counts[2];
       for (int thread = 0; thread < block_dim; ++thread)
-        adam_block_body<Var, T>(block, thread, block_dim, tab);
+        adam_block_body<Var, P, S>(block, thread, block_dim, tab);
     }
   }
 }
@@ -65,10 +65,8 @@ void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   operands.increment_steps();
   int64_t counts[3] = {0, 0, 0};
   for (const LaunchGroup& group : groups)
-    dispatch_dtype(group.dtype, [&]<class T>() {
-      dispatch_switches(a.switches, [&]<class Var>() {
-        run_tables<Var, T>(group.tables, int(block_dim), edge_blocks_only, counts);
-      });
+    dispatch_kernel(group.dtype, a.switches, [&]<class Var, class P, class S>() {
+      run_tables<Var, P, S>(group.tables, int(block_dim), edge_blocks_only, counts);
     });
   operands.finish();
   torch::jit::drop(*stack, num_args);

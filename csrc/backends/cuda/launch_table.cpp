@@ -57,6 +57,7 @@ class TableBuilder {
     tab_.tensors[t] = s.pointers;
     tab_.step[t] = s.step;
     tab_.step_source[t] = s.step_source;
+    tab_.tensor_index[t] = s.index;
     tab_.scalar_set[t] = static_cast<uint8_t>(set);
     ids_now_.push_back(id);
     return t;
@@ -146,8 +147,9 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
       s.step.value = step.next;
     } else {
       s.step_source = kHostScalars;
-      s.host_step = step.next;
+      s.step.value = s.host_step = step.next;
     }
+    s.index = static_cast<uint32_t>(i);
     auto it = std::find_if(groups.begin(), groups.end(),
                            [&](const LaunchGroup& g) { return g.dtype == operands.dtype(i); });
     if (it == groups.end()) {

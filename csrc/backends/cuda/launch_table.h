@@ -22,8 +22,9 @@ struct PlanOptions {
 struct TensorSlot {
   TensorPointers pointers;
   uint8_t step_source;  // StepSource
-  StepRef step;         // unused for kHostScalars
+  StepRef step;
   double host_step;     // kHostScalars: the step count, after its increment
+  uint32_t index;       // the tensor's position in the op's lists
 };
 
 // Launch-wide inputs of the planner.
@@ -36,7 +37,7 @@ struct LaunchScalars {
   Switches switches;
 };
 
-// The launch tables for `slots` (all of one dtype), in order: each tensor's chunks go to
+// The launch tables for `slots` (all of one param dtype), in order: each tensor's chunks go to
 // consecutive blocks; a table is closed when it has max_blocks blocks, max_tensors
 // tensors or max_scalar_sets distinct host step counts. Empty tensors get no block.
 // `tensor_ids`, when given, receives per table the index in `slots` of each table tensor.
@@ -44,7 +45,8 @@ std::vector<LaunchTable> build_tables(const std::vector<TensorSlot>& slots,
                                       const LaunchScalars& scalars, const PlanOptions& options,
                                       std::vector<std::vector<int64_t>>* tensor_ids = nullptr);
 
-// The launches of one step: per dtype, in order of first appearance, its launch tables.
+// The launches of one step: per param dtype, in order of first appearance, its launch
+// tables.
 struct LaunchGroup {
   Dtype dtype;
   std::vector<LaunchTable> tables;

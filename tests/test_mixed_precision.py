@@ -1,0 +1,481 @@
+"""Master weights and stochastic rounding: the kernels' two ways of keeping small updates of
+float16/bfloat16 params, on the CPU kernel (every ISA, 1 and 2 threads) and the CUDA kernel
+body emulated on the CPU, through the op, the functional API and the optimizer.
+
+master_params: a float16/bfloat16 model with fp32 master copies must follow the fp32
+model's trajectory exactly: given the same grads, the master copies and the fp32 state are
+bitwise the fp32 run's params and state, and each param is its master's rounding.
+
+stochastic_rounding: each new bfloat16 param is one of the two bfloat16 neighbours of the
+fp32 result, the upper with probability equal to the distance from the lower in units of
+the gap (checked statistically over many elements), reproducibly: the same bits for any
+thread count, ISA, on the CPU and in the emulated CUDA body, and other bits for another
+seed, step or tensor.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import adamx
+from conftest import (LR, OPTION_GRID, OPTION_IDS, OpState, make_grad_seq, make_tensors,
+                      needs_build, op_hyper, same_bits)
+
+pytestmark = needs_build
+
+REDUCED = [torch.float16, torch.bfloat16]
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (1031,), (4, 250)]
+# A geometry that makes the emulated CUDA kernel run several chunks, blocks and launches.
+SMALL_GEOMETRY = dict(chunk_size=64, max_tensors=3, max_blocks=5, block_dim=8)
+
+
+class MasterState(OpState):
+    """OpState for params with fp32 master copies: fp32 state, and master_params."""
+
+    def __init__(self, params, amsgrad):
+        super().__init__(params, amsgrad)
+        self.master_params = [p.float() for p in params]
+        for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+            setattr(self, name, [t.float() for t in getattr(self, name)])
+
+    def clone(self):
+        other = super().clone()
+        other.master_params = [t.clone() for t in self.master_params]
+        return other
+
+    def tensors(self):
+        return super().tensors() + self.master_params
+
+
+def step_cpu(state, grads, **hyper):
+    torch.ops.adamx.adam_(*state.lists(grads), **hyper)
+
+
+def step_emulated(state, grads, **hyper):
+    torch.ops.adamx._adam_emulated_cuda_(*state.lists(grads), **hyper, **SMALL_GEOMETRY)
+
+
+STEPPERS = {"cpu": step_cpu, "emulated_cuda": step_emulated}
+
+
+def assert_same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert same_bits(a, b), f"{what}: max abs diff {(a.double() - b.double()).abs().max()}"
+
+
+# --------------------------------------------------------------------------------------
+# Master weights
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
+def test_master_weights_follow_the_fp32_trajectory(options, dtype, backend):
+    """Same grads in (the reduced-precision grads, widened for the fp32 run): after every
+    step the master copies and state are the fp32 run's bits; each param is its master's
+    rounding to nearest."""
+    step = STEPPERS[backend]
+    amsgrad = options.get("amsgrad", False)
+    params = make_tensors(SHAPES, dtype, seed=1)
+    ours = MasterState([p.clone() for p in params], amsgrad)
+    fp32 = OpState([p.float() for p in params], amsgrad)
+    hyper = op_hyper(weight_decay=0.1, **options)
+    for grads in make_grad_seq(SHAPES, dtype, 4, seed=2):
+        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
+        step(fp32, [g.float() for g in grads], **hyper)
+        for i in range(len(SHAPES)):
+            assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
+            assert_same(ours.exp_avgs[i], fp32.exp_avgs[i], f"exp_avg {i}")
+            assert_same(ours.exp_avg_sqs[i], fp32.exp_avg_sqs[i], f"exp_avg_sq {i}")
+            if amsgrad:
+                assert_same(ours.max_exp_avg_sqs[i], fp32.max_exp_avg_sqs[i], f"max {i}")
+            assert_same(ours.params[i], fp32.params[i].to(dtype), f"param {i}")
+            assert float(ours.steps[i]) == float(fp32.steps[i])
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_master_weights_with_a_grad_scale(dtype):
+    """GradScaler's division in the same pass: the master copy still follows the fp32 run
+    given the same scaled grads, and the grads are written back unscaled in their dtype."""
+    params = make_tensors(SHAPES, dtype, seed=3)
+    ours = MasterState([p.clone() for p in params], amsgrad=False)
+    fp32 = OpState([p.float() for p in params], amsgrad=False)
+    scale = torch.tensor(1024.0)
+    for grads in make_grad_seq(SHAPES, dtype, 3, seed=4, scale=64.0):
+        ours_grads = [g.clone() for g in grads]
+        fp32_grads = [g.float() for g in grads]
+        step_cpu(ours, ours_grads, master_params=ours.master_params, grad_scale=scale,
+                 found_inf=torch.tensor(0.0), **op_hyper())
+        step_cpu(fp32, fp32_grads, grad_scale=scale, found_inf=torch.tensor(0.0), **op_hyper())
+        for i in range(len(SHAPES)):
+            assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
+            assert_same(ours_grads[i], fp32_grads[i].to(dtype), f"grad {i}")
+
+
+def test_master_weights_emulated_cuda_equals_cpu_with_device_scalars():
+    """Step counts, lr and the scaler read by the kernel body (the capturable path)."""
+    params = make_tensors(SHAPES, torch.bfloat16, seed=5)
+    a = MasterState([p.clone() for p in params], amsgrad=True)
+    b = a.clone()
+    hyper = op_hyper(lr=torch.tensor(LR), amsgrad=True, decoupled_weight_decay=True,
+                     weight_decay=0.01)
+    for grads in make_grad_seq(SHAPES, torch.bfloat16, 3, seed=6):
+        scaler = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+        step_cpu(a, [g.clone() for g in grads], master_params=a.master_params, **scaler, **hyper)
+        torch.ops.adamx._adam_emulated_cuda_(
+            *b.lists([g.clone() for g in grads]), master_params=b.master_params, **scaler,
+            **hyper, steps_in_kernel=True, lr_in_kernel=True, scaler_in_kernel=True,
+            **SMALL_GEOMETRY)
+    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
+        assert_same(x, y, f"tensor {i}")
+
+
+def test_master_weights_skip_on_found_inf():
+    params = make_tensors(SHAPES, torch.bfloat16, seed=7)
+    st = MasterState([p.clone() for p in params], amsgrad=False)
+    before = st.clone()
+    grads = make_grad_seq(SHAPES, torch.bfloat16, 1, seed=8)[0]
+    step_cpu(st, grads, master_params=st.master_params, grad_scale=torch.tensor(2.0),
+             found_inf=torch.tensor(1.0), **op_hyper())
+    for i, (x, y) in enumerate(zip(st.tensors(), before.tensors())):
+        assert_same(x, y, f"tensor {i}")
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("fp32 param", TypeError, "master_params are fp32 copies of float16 or bfloat16"),
+    ("bf16 master", RuntimeError, r"master_params\[1\] has dtype BFloat16"),
+    ("bf16 state", RuntimeError, r"exp_avgs\[1\] has dtype BFloat16 .* must be float32"),
+    ("short list", ValueError, "got 2 params but 1 master_params"),
+    ("wrong shape", RuntimeError, r"master_params\[1\] has shape"),
+    ("shares memory", RuntimeError, r"master_params\[0\] and master_params\[1\] share memory"),
+    ("with stochastic rounding", ValueError, "stochastic_rounding rounds bfloat16 params"),
+])
+def test_master_weights_bad_input_changes_nothing(case, error, match):
+    params = [torch.randn(5).bfloat16(), torch.randn(3, 4).bfloat16()]
+    st = MasterState(params, amsgrad=False)
+    grads = [torch.randn_like(p) for p in params]
+    hyper = op_hyper()
+    if case == "fp32 param":
+        st.params[1] = st.params[1].float()
+        grads[1] = grads[1].float()
+    elif case == "bf16 master":
+        st.master_params[1] = st.master_params[1].bfloat16()
+    elif case == "bf16 state":
+        st.exp_avgs[1] = st.exp_avgs[1].bfloat16()
+    elif case == "short list":
+        st.master_params = st.master_params[:1]
+    elif case == "wrong shape":
+        st.master_params[1] = st.master_params[1].flatten()
+    elif case == "shares memory":
+        st.master_params[1] = st.master_params[0][:0].new_empty(0)  # placeholder, replaced
+        base = torch.zeros(12)
+        st.master_params[0], st.master_params[1] = base[:5], base[:12].view(3, 4)
+    elif case == "with stochastic rounding":
+        hyper = op_hyper(stochastic_rounding=True)
+    before = st.clone()
+    for step in STEPPERS.values():
+        with pytest.raises(error, match=match):
+            step(st, grads, master_params=st.master_params, **hyper)
+        for i, (x, y) in enumerate(zip(st.tensors(), before.tensors())):
+            assert same_bits(x, y), f"{case}: tensor {i} changed"
+
+
+def bf16_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.ReLU(), torch.nn.Linear(17, 3),
+                               torch.nn.LayerNorm(3))
+
+
+def set_grads(model, k, dtype=None):
+    g = torch.Generator().manual_seed(100 + k)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(dtype or p.dtype)
+
+
+def test_optimizer_master_weights_follow_fp32_and_fp32_params_step_as_usual():
+    """A model whose Linear layers are bfloat16 and LayerNorm float32, master_weights=True:
+    bfloat16 params get master copies (fp32 state), the float32 LayerNorm does not; the
+    trajectory is the fp32 model's, bit for bit, through the first step (state made in
+    Python) and the later ones (the C++ fast path)."""
+    fp32 = bf16_model()
+    ours = copy.deepcopy(fp32)
+    ours[0].to(torch.bfloat16)
+    ours[2].to(torch.bfloat16)
+    for p32, p in zip(fp32.parameters(), ours.parameters()):
+        p32.data.copy_(p.data.float())  # the same starting values
+    opt32 = adamx.AdamW(fp32.parameters(), lr=LR)
+    opt = adamx.AdamW(ours.parameters(), lr=LR, master_weights=True)
+    for k in range(4):
+        set_grads(ours, k)
+        for p32, p in zip(fp32.parameters(), ours.parameters()):
+            p32.grad = p.grad.float()
+        opt32.step()
+        opt.step()
+        for p32, p in zip(fp32.parameters(), ours.parameters()):
+            state = opt.state[p]
+            if p.dtype == torch.bfloat16:
+                assert_same(state["master_param"], p32.data, "master")
+                assert_same(p.data, p32.data.bfloat16(), "param")
+                assert state["exp_avg"].dtype == torch.float32
+            else:
+                assert "master_param" not in state
+                assert_same(p.data, p32.data, "fp32 param")
+            assert_same(state["exp_avg_sq"], opt32.state[p32]["exp_avg_sq"], "exp_avg_sq")
+
+
+def test_master_weights_state_dict_round_trips_and_moves_to_and_from_torch():
+    model = bf16_model().to(torch.bfloat16)
+    opt = adamx.Adam(model.parameters(), lr=LR, master_weights=True)
+    for k in range(2):
+        set_grads(model, k)
+        opt.step()
+    sd = opt.state_dict()
+    p0 = next(iter(model.parameters()))
+    assert sd["state"][0]["master_param"].dtype == torch.float32
+    assert sd["param_groups"][0]["master_weights"] is True
+
+    # adamx -> adamx: the master copies and fp32 moments come back exactly.
+    twin = copy.deepcopy(model)
+    opt2 = adamx.Adam(twin.parameters(), lr=LR, master_weights=True)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key in ("master_param", "exp_avg", "exp_avg_sq"):
+            assert_same(opt2.state[q][key], opt.state[p][key], key)
+    set_grads(model, 5)
+    set_grads(twin, 5)
+    opt.step()
+    opt2.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_same(q.data, p.data, "param after resuming")
+
+    # adamx -> torch.optim.Adam: loads (torch casts the state to bfloat16) and steps.
+    torch_model = copy.deepcopy(model)
+    topt = torch.optim.Adam(torch_model.parameters(), lr=LR)
+    topt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_grads(torch_model, 6)
+    topt.step()
+
+    # torch.optim.Adam -> adamx with master weights: master copies start from the params,
+    # moments widen exactly; the group setting the checkpoint lacks stays on.
+    opt3_model = copy.deepcopy(torch_model)
+    opt3 = adamx.Adam(opt3_model.parameters(), lr=LR, master_weights=True)
+    tsd = topt.state_dict()
+    opt3.load_state_dict(tsd)
+    assert opt3.param_groups[0]["master_weights"] is True
+    for (i, p) in enumerate(opt3_model.parameters()):
+        state = opt3.state[p]
+        assert_same(state["master_param"], p.data.float(), "master from param")
+        assert_same(state["exp_avg"], tsd["state"][i]["exp_avg"].float(), "exp_avg widened")
+    set_grads(opt3_model, 7)
+    opt3.step()
+    assert p0.dtype == torch.bfloat16
+
+
+def test_master_weights_switched_on_later_start_from_the_params():
+    model = bf16_model().to(torch.bfloat16)
+    opt = adamx.Adam(model.parameters(), lr=LR)
+    set_grads(model, 0)
+    opt.step()
+    opt.param_groups[0]["master_weights"] = True
+    set_grads(model, 1)
+    opt.step()
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert_same(p.data, opt.state[p]["master_param"].bfloat16(), "param")
+    opt.param_groups[0]["master_weights"] = False
+    set_grads(model, 2)
+    opt.step()
+    for p in model.parameters():
+        assert "master_param" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == p.dtype
+
+
+def test_master_weights_and_stochastic_rounding_exclude_each_other():
+    with pytest.raises(ValueError, match="exclude each other"):
+        adamx.Adam([torch.zeros(2, requires_grad=True)], master_weights=True,
+                   stochastic_rounding=True)
+
+
+# --------------------------------------------------------------------------------------
+# Stochastic rounding
+# --------------------------------------------------------------------------------------
+def bf16_neighbours(x):
+    """The bfloat16 neighbours of each float32 x: toward zero and away from zero (equal when
+    x is a bfloat16), and where x lies between them (0 to 1), from its bits."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = bits & 0xFFFF
+    toward = bits - low
+    away = torch.where(low > 0, toward + 0x10000, toward)
+
+    def as_bf16(b):
+        hi = (b >> 16).to(torch.int32)
+        return (hi - (hi >= 2**15).to(torch.int32) * 2**16).to(torch.int16).view(torch.bfloat16)
+
+    return as_bf16(toward), as_bf16(away), low.double() / 2**16
+
+
+def sr_step(params, grads, seed=0, step=STEPPERS["cpu"], steps=None, **hyper):
+    st = OpState([p.clone() for p in params], amsgrad=False, steps=steps)
+    step(st, [g.clone() for g in grads], seed=seed,
+         **op_hyper(stochastic_rounding=True, **hyper))
+    return st
+
+
+def fp32_result(params, grads, steps=None, **hyper):
+    st = OpState([p.float() for p in params], amsgrad=False, steps=steps)
+    step_cpu(st, [g.float() for g in grads], **op_hyper(**hyper))
+    return st
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Each new param is a bfloat16 neighbour of the fp32 result, away from zero with
+    probability equal to the result's distance from the other neighbour in units of their
+    gap: over N elements, sum(away - that probability) is a sum of N independent zero-mean
+    terms of variance <= 1/4, so it lies within 6 sqrt(N)/2; rounding to nearest, or a bias
+    of 1% of a gap, is far outside."""
+    n = 400_000
+    g = torch.Generator().manual_seed(9)
+    params = [(torch.randn(n, generator=g) * 4).bfloat16()]
+    grads = [torch.randn(n, generator=g).bfloat16()]
+    exact = fp32_result(params, grads, lr=1e-3).params[0]
+    rounded = sr_step(params, grads, lr=1e-3).params[0]
+    toward, away, frac = bf16_neighbours(exact)
+    is_away = same_bits_each(rounded, away)
+    assert (is_away | same_bits_each(rounded, toward)).all()
+    moving = frac > 0
+    bound = 6 * moving.sum().item() ** 0.5 / 2
+    assert moving.sum() > n // 2
+    assert abs((is_away[moving].double() - frac[moving]).sum().item()) < bound
+    nearest_away = (frac[moving] >= 0.5).double()
+    assert abs((nearest_away - frac[moving]).sum().item()) > 10 * bound or \
+        abs((nearest_away - frac[moving]).abs().sum().item()) > 10 * bound
+    biased = (frac[moving] + 0.01).clamp(max=1)
+    assert abs((is_away[moving].double() - biased).sum().item()) > bound
+
+
+def same_bits_each(a, b):
+    return a.view(torch.int16) == b.view(torch.int16)
+
+
+def test_round_to_nearest_stalls_and_stochastic_rounding_does_not():
+    """bfloat16 params of 1.0 and a constant grad, lr 1e-4 for 300 steps: each update is
+    ~1e-4, below half a bfloat16 gap at 1.0 (2**-9 ~ 0.002), so rounding to nearest
+    leaves every param at 1.0; stochastic rounding moves them by the fp32 run's amount on
+    average (within 5% of it)."""
+    n, steps = 20_000, 300
+    params = [torch.ones(n, dtype=torch.bfloat16)]
+    grads = [torch.ones(n, dtype=torch.bfloat16)]
+    nearest = OpState([params[0].clone()], amsgrad=False)
+    rounding = OpState([params[0].clone()], amsgrad=False)
+    fp32 = OpState([params[0].float()], amsgrad=False)
+    for _ in range(steps):
+        step_cpu(nearest, grads, **op_hyper(lr=1e-4))
+        step_cpu(rounding, grads, **op_hyper(lr=1e-4, stochastic_rounding=True))
+        step_cpu(fp32, [grads[0].float()], **op_hyper(lr=1e-4))
+    moved = 1 - fp32.params[0].double().mean().item()
+    assert moved > 0.02
+    assert (nearest.params[0] == 1).all()
+    sr_moved = 1 - rounding.params[0].double().mean().item()
+    assert abs(sr_moved - moved) < 0.05 * moved
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
+def test_stochastic_rounding_is_the_same_on_every_isa_thread_count_and_the_emulated_cuda_body(
+        options, restore_cpu_capability, restore_threads):
+    params = make_tensors(SHAPES, torch.bfloat16, seed=10)
+    grad_seq = make_grad_seq(SHAPES, torch.bfloat16, 3, seed=11)
+    amsgrad = options.get("amsgrad", False)
+    hyper = op_hyper(stochastic_rounding=True, weight_decay=0.1, **options)
+
+    def run(step):
+        st = OpState([p.clone() for p in params], amsgrad)
+        for grads in grad_seq:
+            step(st, [g.clone() for g in grads], seed=1234, **hyper)
+        return st
+
+    runs = {}
+    for isa in adamx.supported_cpu_capabilities():
+        adamx.set_cpu_capability(isa)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[f"{isa}/{threads}"] = run(step_cpu)
+    runs["emulated_cuda"] = run(step_emulated)
+    first_name, first = next(iter(runs.items()))
+    for name, st in runs.items():
+        for i, (a, b) in enumerate(zip(first.tensors(), st.tensors())):
+            assert same_bits(a, b), f"{name} vs {first_name}: tensor {i}"
+
+
+def test_stochastic_rounding_emulated_cuda_reads_the_step_in_the_kernel():
+    """The key's step count comes from memory in the capturable path."""
+    params = make_tensors(SHAPES, torch.bfloat16, seed=12)
+    grads = make_grad_seq(SHAPES, torch.bfloat16, 1, seed=13)[0]
+    a = sr_step(params, grads, seed=5, steps=[3.0] * len(SHAPES))
+    b = OpState([p.clone() for p in params], amsgrad=False, steps=[3.0] * len(SHAPES))
+    torch.ops.adamx._adam_emulated_cuda_(*b.lists([g.clone() for g in grads]), seed=5,
+                                         **op_hyper(stochastic_rounding=True),
+                                         steps_in_kernel=True, **SMALL_GEOMETRY)
+    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
+        assert same_bits(x, y), f"tensor {i}"
+
+
+def test_stochastic_rounding_streams_differ_by_seed_step_and_tensor():
+    n = 4096
+    params = [torch.full((n,), 1.0, dtype=torch.bfloat16)] * 2
+    params = [p.clone() for p in params]
+    grads = [torch.full((n,), 1.0, dtype=torch.bfloat16)] * 2
+    base = sr_step(params, grads, seed=1, lr=1e-3).params
+    assert not torch.equal(base[0], base[1])  # two tensors, two streams
+    assert torch.equal(sr_step(params, grads, seed=1, lr=1e-3).params[0], base[0])
+    assert not torch.equal(sr_step(params, grads, seed=2, lr=1e-3).params[0], base[0])
+    later = sr_step(params, grads, seed=1, lr=1e-3, steps=[7.0, 7.0]).params
+    assert not torch.equal(later[0], base[0])
+    # a seed is any 64-bit integer: Python ints wrap
+    x = OpState([p.clone() for p in params], amsgrad=False)
+    adamx.functional.adam(*x.lists([g.clone() for g in grads]), lr=1e-3, beta1=0.9,
+                          beta2=0.999, weight_decay=0, eps=1e-8, stochastic_rounding=True,
+                          seed=2**64 + 1)
+    assert torch.equal(x.params[0], base[0])
+
+
+def test_stochastic_rounding_leaves_float32_params_alone_and_refuses_float16():
+    params = make_tensors([(5,), (7,)], torch.float32, seed=14)
+    grads = make_grad_seq([(5,), (7,)], torch.float32, 1, seed=15)[0]
+    a = sr_step(params, grads)
+    b = fp32_result(params, grads)
+    for x, y in zip(a.params, b.params):
+        assert same_bits(x, y)
+    half = [p.half() for p in params]
+    st = OpState([p.clone() for p in half], amsgrad=False)
+    with pytest.raises(TypeError, match="stochastic_rounding is implemented for bfloat16"):
+        step_cpu(st, [g.half() for g in grads], **op_hyper(stochastic_rounding=True))
+    assert all(same_bits(x, y) for x, y in zip(st.params, half))
+
+
+def test_optimizer_stochastic_rounding_matches_the_functional_step_on_both_paths():
+    """adamx.Adam(stochastic_rounding=True): the first step (state made in Python, the op
+    called with lists) and later ones (the C++ fast path) use the group's seed, and each
+    param's position among the group's params with grads."""
+    model = bf16_model().to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    opt = adamx.Adam(model.parameters(), lr=LR, stochastic_rounding=True, seed=77)
+    assert opt.param_groups[0]["seed"] == 77
+    st = OpState([p.data for p in ref.parameters()], amsgrad=False)
+    for k in range(3):
+        set_grads(model, k)
+        set_grads(ref, k)
+        opt.step()
+        step_cpu(st, [p.grad for p in ref.parameters()], seed=77,
+                 **op_hyper(stochastic_rounding=True))
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert same_bits(p.data, q.data)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["stochastic_rounding"] is True
+    assert sd["param_groups"][0]["seed"] == 77
+
+
+def test_groups_get_seeds_of_their_own():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = adamx.Adam([{"params": [a]}, {"params": [b]}], stochastic_rounding=True)
+    assert [g["seed"] for g in opt.param_groups] == [0, 1]
+    opt = adamx.Adam([{"params": [a]}, {"params": [b], "seed": 9}], seed=5)
+    assert [g["seed"] for g in opt.param_groups] == [5, 9]
