@@ -81,7 +81,23 @@ PEERS = {
     "adamx-eps-inside": ("adamx.Adam(eps_inside_sqrt=True)",
                          lambda ps, lr, cap: _adamx_cls("Adam")(ps, lr=lr, capturable=cap,
                                                                 eps_inside_sqrt=True)),
+    "adamx-master": ("adamx.Adam(master_weights=True): fp32 master copies and state",
+                     lambda ps, lr, cap: _adamx_cls("Adam")(
+                         _reduced(ps, "master weights"), lr=lr, capturable=cap,
+                         master_weights=True)),
+    "adamx-stochastic": ("adamx.Adam(stochastic_rounding=True)",
+                         lambda ps, lr, cap: _adamx_cls("Adam")(
+                             _reduced(ps, "stochastic rounding", (torch.bfloat16,)), lr=lr,
+                             capturable=cap, stochastic_rounding=True)),
 }
+
+
+def _reduced(params, what, dtypes=(torch.float16, torch.bfloat16)):
+    """``params`` if they are all of ``dtypes`` (what ``what`` is for), else PeerUnavailable."""
+    if any(p.dtype not in dtypes for p in params):
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise PeerUnavailable(f"{what} is for {names} params")
+    return params
 
 
 def make_optimizer(name, params, lr=1e-3, capturable=False):

@@ -27,7 +27,11 @@ reported. A peer whose steps are slow stops after --max-seconds of timed steps (
 
 Effective bandwidth = bytes the step must move / median time, where plain Adam moves
 7 * itemsize bytes per element (reads param, grad, exp_avg, exp_avg_sq; writes param,
-exp_avg, exp_avg_sq): 28 B for float32, 14 B for bfloat16.
+exp_avg, exp_avg_sq): 28 B for float32, 14 B for bfloat16. ``adamx-master``
+(``master_weights=True``, float16/bfloat16 params) reads the grad and writes the param in
+their dtype and reads and writes the fp32 master copy and moments: 2 * itemsize + 24 B,
+28 B for bfloat16. ``adamx-stochastic`` (``stochastic_rounding=True``, bfloat16 params)
+moves what plain Adam moves.
 
 The ceiling: the best rate this machine reaches on simple in-place torch streams over
 four buffers p, m, v, g with the case's byte footprint each (so the whole working set is
@@ -62,7 +66,8 @@ import torch
 import bench_common as bc
 
 ALL_CASES = ["mnist", "25m", "gpt2", "sweep"]
-ALL_PEERS = ["python-loop", "torch-forloop", "torch-foreach", "torch-fused", "adamx"]
+ALL_PEERS = ["python-loop", "torch-forloop", "torch-foreach", "torch-fused", "adamx",
+             "adamx-master", "adamx-stochastic"]
 GRAPH_PEERS = ["torch-foreach", "torch-fused", "adamx"]  # capturable, CUDA graph replay
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -215,9 +220,14 @@ def run_peer(name, params, device, args, graph=False):
     return out
 
 
-def bytes_per_element(args):
-    """In units of itemsize: 4 reads and 3 writes, and the grad written back when scaled."""
-    return 8 if args.grad_scaler else 7
+def bytes_per_element(args, peer, itemsize):
+    """Bytes a step must move per element: 4 reads and 3 writes of the param's dtype, and
+    the grad written back when scaled. With master weights the state and the master copy
+    are fp32: the grad read, the param written (and the grad written back when scaled) in
+    the param's dtype, master copy and moments read and written in fp32."""
+    if peer.startswith("adamx-master"):
+        return (3 if args.grad_scaler else 2) * itemsize + 6 * 4
+    return (8 if args.grad_scaler else 7) * itemsize
 
 
 def run_ceiling(n_elements, itemsize, device, args):
@@ -361,7 +371,6 @@ def main(argv=None):
             for case, desc, shapes in cases:
                 progress.update(0, suffix=f"{dev_name} {dtype_name} {case}")
                 n = sum(numel(s) for s in shapes)
-                must_move = bytes_per_element(args) * itemsize * n
                 params = make_params(shapes, dtype, device)
                 ceiling = None if args.no_ceiling else run_ceiling(n, itemsize, device, args)
                 peers = [(p, False) for p in args.peer_list]
@@ -375,6 +384,7 @@ def main(argv=None):
                     except bc.PeerUnavailable as exc:
                         unavailable[f"{dev_name}/{dtype_name}/{case}/{label}"] = str(exc)
                         continue
+                    must_move = bytes_per_element(args, peer, itemsize) * n
                     rec = {"device": dev_name, "dtype": dtype_name, "case": case,
                            "description": desc, "elements": n, "tensors": len(shapes),
                            "peer": label, "bytes_moved": must_move, **s,
@@ -418,9 +428,12 @@ def main(argv=None):
         threads = (f", {torch.get_num_threads()} threads" if dev_name == "cpu" else
                    f", {facts.get('cuda_device', 'cuda')}")
         what = "GradScaler'd step" if args.grad_scaler else "optimizer.step()"
-        per_element = bytes_per_element(args) * DTYPES[dtype_name].itemsize
+        itemsize = DTYPES[dtype_name].itemsize
+        per_element = bytes_per_element(args, "adamx", itemsize)
+        master = bytes_per_element(args, "adamx-master", itemsize)
         print(f"## {dev_name}, {dtype_name}{threads}: {what} median; GB/s = "
-              f"{per_element} B/element / median (ceiling rows: bytes the stream really moves)")
+              f"{per_element} B/element ({master} for adamx-master) / median (ceiling rows: "
+              f"bytes the stream really moves)")
         rows = []
         for r in records:
             peer = r["peer"] + (f" ({r['stream']})" if r.get("is_ceiling") else "")

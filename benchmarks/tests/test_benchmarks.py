@@ -30,9 +30,13 @@ except ImportError:
 
 
 def run_script(name, *args, env=None, timeout=600, check=True):
+    """Runs a benchmark script with the adamx this test imported (first on its path)."""
+    if env is None:
+        env = os.environ.copy()
+        here = os.path.dirname(os.path.dirname(os.path.abspath(adamx.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([here] + [x for x in [env.get("PYTHONPATH")] if x])
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env or os.environ.copy(),
-                          cwd=str(REPO))
+                          text=True, timeout=timeout, env=env, cwd=str(REPO))
     if check:
         assert proc.returncode == 0, \
             f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -192,6 +196,13 @@ def test_step_bench_quick(tmp_path):
                 assert abs(r["gb_s"] - r["bytes_moved"] / r["median_s"] / 1e9) < 1e-6 * r["gb_s"]
                 assert r["ceiling_share"] > 0
             assert got["torch-fused"]["ratio_to_torch_fused"] == 1.0
+            if adamx.is_compiled() and dtype == "bfloat16":
+                # master weights: bfloat16 grad read and param written, fp32 master and
+                # moments read and written
+                assert got["adamx-master"]["bytes_moved"] == (2 * 2 + 6 * 4) * n
+                assert got["adamx-stochastic"]["bytes_moved"] == 7 * 2 * n
+            elif adamx.is_compiled():
+                assert "adamx-master" not in got and "adamx-stochastic" not in got
     assert recs[0]["tensors"] == 4  # the MNIST MLP's 4 tensors
     if adamx.is_compiled():
         # The CPU step targets that --quick covers (MNIST: float32 twice, bfloat16 once).
