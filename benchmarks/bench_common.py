@@ -81,6 +81,16 @@ PEERS = {
     "adamx-eps-inside": ("adamx.Adam(eps_inside_sqrt=True)",
                          lambda ps, lr, cap: _adamx_cls("Adam")(ps, lr=lr, capturable=cap,
                                                                 eps_inside_sqrt=True)),
+    # For bf16/fp16 params. A build without the argument raises TypeError on construction,
+    # which make_optimizer reports as PeerUnavailable.
+    "adamx-stochastic-rounding": (
+        "adamx.Adam(stochastic_rounding=True)",
+        lambda ps, lr, cap: _adamx_cls("Adam")(ps, lr=lr, capturable=cap,
+                                               stochastic_rounding=True)),
+    "adamx-master-weights": (
+        "adamx.Adam(master_weights=True)",
+        lambda ps, lr, cap: _adamx_cls("Adam")(ps, lr=lr, capturable=cap,
+                                               master_weights=True)),
 }
 
 
