@@ -144,6 +144,11 @@ def train_run(name, setting, lr, arrays, init_state, args, progress):
     dtype, peer, scaled, probe_noops = RUNS[name]
     model = mnist_mlp.fresh_model(init_state, args).to(dtype)
     opt = make_run_optimizer(peer, model.parameters(), lr)
+    if scaled and dtype != torch.float32 and not getattr(opt, "_step_supports_amp_scaling",
+                                                         False):
+        # GradScaler's generic path (its own unscale pass) refuses fp16 grads.
+        raise bc.PeerUnavailable("not available in this build (the optimizer lacks "
+                                 "GradScaler's fused path, which fp16 grads need)")
     stepper = ScaledStepper(opt, args.device) if scaled else mnist_mlp.PlainStepper(opt)
     probe = NoOpProbe(opt) if probe_noops else None
     loader = mnist_mlp.batches("tensors", arrays, args)
