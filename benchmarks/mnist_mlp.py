@@ -147,17 +147,39 @@ def fresh_model(init_state, args):
     return model.to(args.device)
 
 
-def train_one(name, mode, data, init_state, args, progress):
-    """Trains one model with optimizer ``name`` on data path ``mode``; returns its record."""
-    model = fresh_model(init_state, args)
-    opt = bc.make_optimizer(name, model.parameters(), lr=args.lr)
-    sync = synchronizer(args.device)
+class PlainStepper:
+    """How a plain run backpropagates and steps: ``loss.backward()``, ``opt.step()``.
+    ``train_loop`` drives any object with these three methods (a GradScaler'd one too)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+
+
+def batches(mode, data, args):
+    """The shuffled batches of data path ``mode``; the same order for every run."""
     gen = torch.Generator().manual_seed(args.seed + 1)
     if mode == "transform":
-        loader = batches_transform(data, args.batch_size, gen)
-    else:
-        loader = TensorBatches(data["train_xn"], data["train_y_dev"], args.batch_size, gen)
-    steps_per_epoch = len(loader)
+        return batches_transform(data, args.batch_size, gen)
+    return TensorBatches(data["train_xn"], data["train_y_dev"], args.batch_size, gen)
+
+
+def train_loop(loss_of, stepper, loader, args, progress, label, probe=None):
+    """The training loop every MNIST benchmark shares: per batch, ``loss_of(xb, yb)``,
+    zero_grad, backward and the timed ``stepper.step()`` (the device synchronized on both
+    sides). A ``probe`` (see mixed_precision.NoOpProbe) takes the steps it ``samples``
+    itself, around its own measurement, and those steps are not timed. Returns the
+    per-epoch mean losses, every batch loss and step time, and the loss every CURVE_EVERY
+    steps."""
+    sync = synchronizer(args.device)
     epoch_losses, curve, step_times, step_losses = [], [], [], []
     step = 0
     sync()
@@ -166,20 +188,25 @@ def train_one(name, mode, data, init_state, args, progress):
         total, count = 0.0, 0
         for xb, yb in loader:
             xb, yb = xb.to(args.device), yb.to(args.device)  # no-op where they are already
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
+            loss = loss_of(xb, yb)
+            stepper.zero_grad()
+            stepper.backward(loss)
             sync()
             t0 = time.perf_counter()
             try:
-                opt.step()
+                if probe is not None and probe.samples(step):
+                    probe.measure(stepper.step)
+                    t0 = None
+                else:
+                    stepper.step()
             except (RuntimeError, NotImplementedError) as exc:
                 if step:  # it stepped before: a real failure, not a missing kernel
                     raise
                 raise bc.PeerUnavailable(f"its first step failed on {args.device}: "
                                          f"{str(exc).splitlines()[0]}") from exc
             sync()
-            step_times.append(time.perf_counter() - t0)
+            if t0 is not None:
+                step_times.append(time.perf_counter() - t0)
             value = loss.item()
             step_losses.append(value)
             total += value
@@ -187,27 +214,43 @@ def train_one(name, mode, data, init_state, args, progress):
             if step % CURVE_EVERY == 0:
                 curve.append([step, value])
             step += 1
-            progress.update(1, suffix=f"{name}/{mode} epoch {epoch + 1}/{args.epochs} "
+            progress.update(1, suffix=f"{label} epoch {epoch + 1}/{args.epochs} "
                                       f"loss {total / count:.4f}")
         epoch_losses.append(total / count)
     sync()
-    t_train = time.perf_counter() - t_start
+    return {"epoch_losses": epoch_losses, "steps": step, "step_times": step_times,
+            "step_losses": step_losses, "curve": curve, "t_start": t_start,
+            "train_s": time.perf_counter() - t_start}
+
+
+def accuracy(model, x, y):
+    """The share of ``x`` that ``model`` classifies as ``y`` (a host sync)."""
     with torch.no_grad():
-        logits = model(data["test_xn"])
-        acc = (logits.argmax(1) == data["test_y"]).float().mean().item()
-    t_total = time.perf_counter() - t_start  # .item() has synchronized
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def train_one(name, mode, data, init_state, args, progress):
+    """Trains one model with optimizer ``name`` on data path ``mode``; returns its record."""
+    model = fresh_model(init_state, args)
+    opt = bc.make_optimizer(name, model.parameters(), lr=args.lr)
+    loader = batches(mode, data, args)
+    run = train_loop(lambda xb, yb: F.cross_entropy(model(xb), yb), PlainStepper(opt),
+                     loader, args, progress, f"{name}/{mode}")
+    acc = accuracy(model, data["test_xn"], data["test_y"])
+    t_total = time.perf_counter() - run["t_start"]  # .item() has synchronized
+    step_times, epoch_losses = run["step_times"], run["epoch_losses"]
     sorted_times = sorted(step_times)
     return {
         "optimizer": name, "data_mode": mode, "device": str(args.device),
         "description": bc.PEERS[name][0],
-        "epochs": args.epochs, "steps": step, "steps_per_epoch": steps_per_epoch,
+        "epochs": args.epochs, "steps": run["steps"], "steps_per_epoch": len(loader),
         "epoch_losses": epoch_losses, "final_train_loss": epoch_losses[-1],
-        "test_accuracy": acc, "wall_s": t_total, "train_s": t_train,
+        "test_accuracy": acc, "wall_s": t_total, "train_s": run["train_s"],
         "step_total_s": sum(step_times), "step_median_s": bc.median(step_times),
         "step_p10_s": sorted_times[len(sorted_times) // 10],
         "step_p90_s": sorted_times[(9 * len(sorted_times)) // 10],
-        "loss_curve_every_30": curve,
-        "_step_losses": step_losses,  # for the checks; not written to the JSON
+        "loss_curve_every_30": run["curve"],
+        "_step_losses": run["step_losses"],  # for the checks; not written to the JSON
     }
 
 
@@ -407,13 +450,13 @@ def parse_args(argv=None):
     return args
 
 
-def check_device(args):
-    """Turns --device into a torch.device; exits with a one-line message (status 2) when
-    it names a GPU that torch cannot see."""
+def check_device(args, prog="mnist_mlp.py"):
+    """Turns --device into a torch.device; exits with a one-line message (status 2, from
+    script ``prog``) when it names a GPU that torch cannot see."""
     if args.device == "cuda" and not torch.cuda.is_available():
         why = ("this torch is built without CUDA" if torch.version.cuda is None
                else "torch sees no CUDA GPU")
-        print(f"mnist_mlp.py: error: --device cuda: {why} (torch {torch.__version__}); "
+        print(f"{prog}: error: --device cuda: {why} (torch {torch.__version__}); "
               f"run with --device cpu", file=sys.stderr)
         raise SystemExit(2)
     return torch.device(args.device)

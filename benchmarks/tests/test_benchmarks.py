@@ -254,3 +254,56 @@ def test_step_bench_grad_scaler_quick(tmp_path):
     res = json.loads((tmp_path / "step_bench.json").read_text())
     assert {r["peer"] for r in res["records"]} >= {"torch-foreach", "torch-fused", "adamx"}
     assert res["bytes_per_element_rule"].startswith("8 * itemsize")
+
+
+def test_mixed_precision_tiny(tmp_path):
+    """Every run of both settings, 10 steps each on synthetic data: the JSON has them all,
+    the runs this build cannot make say why, and the measures are in range."""
+    proc = run_script("mixed_precision.py", "--quick", "--synthetic", "--limit-train", "640",
+                      "--limit-test", "200", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
+    mixed_precision = import_bench("mixed_precision")
+    assert res["synthetic"] and "SYNTHETIC" in proc.stdout
+    assert list(res["settings"]) == ["default", "small-lr"]
+    assert res["settings"]["small-lr"]["lr"] == mixed_precision.SMALL_LR
+    for setting in res["settings"].values():
+        runs = {r["run"]: r for r in setting["runs"]}
+        assert list(runs) == list(mixed_precision.RUNS)
+        for name, r in runs.items():
+            if not r["available"]:
+                assert name not in ("fp32", "bf16-nearest-torch", "fp16-scaler-torch"), r
+                assert r["unavailable"] and r["unavailable"] in proc.stdout
+                continue
+            assert r["steps"] == 10 and len(r["epoch_losses"]) == 1
+            assert r["param_bytes_per_param"] == {"fp32": 4, "bf16": 2, "fp16": 2}[
+                r["param_dtype"]]
+            assert r["state_bytes_per_param"] >= 2 * r["param_bytes_per_param"]
+            assert r["step_median_us"] > 0 and 0.0 <= r["test_accuracy"] <= 1.0
+            probed = mixed_precision.RUNS[name][3]
+            assert (r["noop_sampled_steps"] == 1) == probed
+            assert (r["noop_update_share"] is not None) == probed
+            if probed:
+                assert 0.0 <= r["noop_update_share"] <= 1.0 and r["noop_sampled_moves"] > 0
+                assert r["steps_timed"] == 9  # the sampled step is not timed
+        assert runs["fp32"]["train_loss_minus_fp32"] == 0.0
+        if not adamx.is_compiled():
+            assert not runs["bf16-nearest"]["available"]
+    assert proc.stdout.count("| bf16-nearest-torch |") == 2
+    if HAVE_MPL:
+        assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    assert "\r" not in proc.stderr
+
+
+def test_mixed_precision_unavailable_argument(monkeypatch):
+    """An optimizer argument this build lacks (TypeError on construction) is reported as
+    not available in this build, whatever the build."""
+    mixed_precision = import_bench("mixed_precision")
+    bc = mixed_precision.bc
+
+    def lacks_argument(params, lr, capturable):
+        raise TypeError("__init__() got an unexpected keyword argument 'stochastic_rounding'")
+
+    monkeypatch.setitem(bc.PEERS, "adamx-stochastic", ("test", lacks_argument))
+    with pytest.raises(bc.PeerUnavailable, match="^not available in this build"):
+        mixed_precision.make_run_optimizer("adamx-stochastic",
+                                           [torch.zeros(2, requires_grad=True)], 1e-3)
