@@ -1,6 +1,7 @@
 """adamx.Adam and adamx.AdamW: drop-in replacements for torch.optim.Adam / AdamW."""
 
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _ops
+from . import _ops, _sharded
 from .functional import op_kwargs
 
 __all__ = ["Adam", "AdamW"]
@@ -16,6 +17,9 @@ __all__ = ["Adam", "AdamW"]
 # torch.optim.Adam's group keys that adamx reads or keeps, with their defaults (the
 # switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False).
 _TORCH_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None)
+# adamx's switches that torch.optim.Adam lacks (state_dict leaves them out at False).
+_ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
+                                - set(inspect.signature(torch.optim.Adam).parameters)))
 
 
 def _fast_hooks(step):
@@ -117,6 +121,19 @@ class Adam(Optimizer):
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = self._new_step(p, group, float(p_state["step"]))
 
+    def state_dict(self):
+        """torch's ``state_dict``, less adamx's own group keys (``eps_inside_sqrt``) where
+        they hold their defaults: torch.optim.Adam's layout exactly, which
+        torch.distributed.checkpoint needs to load a torch checkpoint into adamx (its load
+        plan asks the checkpoint for every key the destination's state_dict has). Loading
+        restores the defaults (``__setstate__``)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in _ADAMX_ONLY_KEYS:
+                if group.get(key, True) is False:
+                    del group[key]
+        return state_dict
+
     @staticmethod
     def _new_step(p, group, value=0.0):
         # As torch.optim.Adam: on the param's device when capturable (or fused), else CPU.
@@ -214,7 +231,7 @@ class Adam(Optimizer):
     def _step_fast(self, grad_scale, found_inf):
         """The step through adamx._C.step_group, which reads each group's params, grads
         and state in C++. Returns False, having written nothing, when it leaves a group to
-        _step_lists (a param needs its state made, or is listed twice)."""
+        _step_lists (a param needs its state made, is listed twice, or is a DTensor)."""
         step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
         not_handled = _ops._C.NOT_HANDLED
         if len(groups) == 1:
@@ -230,16 +247,22 @@ class Adam(Optimizer):
         """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
+        sharded = []  # DTensors whose local tensors the step writes (adamx/_sharded.py)
         for group in self.param_groups:
             rounds = self._gather(group, fresh)
             if rounds:
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
-                calls += [(lists, hyper) for lists in rounds]
+                for lists in rounds:
+                    lists, dtensors = _sharded.local_lists(lists)
+                    calls.append((lists, hyper))
+                    sharded += dtensors
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
                 torch.ops.adamx.adam_check(*lists, **hyper)
         for lists, hyper in calls:
             torch.ops.adamx.adam_(*lists, **hyper)
+        if sharded:
+            torch.autograd.graph.increment_version(sharded)
         self.state.update(fresh)
 
 
