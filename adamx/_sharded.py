@@ -21,8 +21,6 @@ always come through here; plain tensors never pay for it.
 
 import sys
 
-import torch
-
 __all__ = ["local_lists"]
 
 

@@ -139,3 +139,19 @@ def test_nccl_two_gpus(tmp_path):
     results = run_job("nccl2", 2, tmp_path, backend="nccl")
     for setting in ("fsdp2", "fsdp2_bf16", "dtensor_placements", "zero_ddp"):
         check(results, setting)
+
+
+def test_state_dict_group_keys_are_torchs():
+    """adamx's own switch (eps_inside_sqrt) is left out of state_dict at its default, so
+    the layout is torch.optim.Adam's exactly (a DCP load plan asks the checkpoint for every
+    key the destination has); kept when set, restored on load."""
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    ours, theirs = adamx.Adam([p], lr=0.1), torch.optim.Adam([p], lr=0.1)
+    assert set(ours.state_dict()["param_groups"][0]) == set(theirs.state_dict()["param_groups"][0])
+    inside = adamx.Adam([p], eps_inside_sqrt=True)
+    assert inside.state_dict()["param_groups"][0]["eps_inside_sqrt"] is True
+    assert ours.param_groups[0]["eps_inside_sqrt"] is False  # the group itself keeps it
+    inside.load_state_dict(ours.state_dict())
+    assert inside.param_groups[0]["eps_inside_sqrt"] is False
+    inside.step()
