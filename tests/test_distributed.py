@@ -14,7 +14,8 @@ the state at the end are compared after gathering (``full_tensor()``).
             load between adamx and torch.optim.Adam both ways
     cpu1    1 rank: the 2-rank adamx checkpoint loaded on one rank (2 -> 1)
     offload FSDP2 with CPUOffloadPolicy (needs a GPU)
-    nccl2   the cpu2 settings but DCP on 2 GPUs with nccl (needs 2 GPUs)
+    nccl2   the cpu2 settings but DCP, on 2 GPUs with nccl (needs 2 GPUs), plus ZeRO with
+            capturable=True (its step counts moved to the CPU by ZeRO's load)
 
 A job that outlives its timeout is killed and fails its tests, rather than hanging.
 """
