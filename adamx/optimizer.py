@@ -1,6 +1,7 @@
 """adamx.Adam and adamx.AdamW: drop-in replacements for torch.optim.Adam / AdamW."""
 
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _ops
+from . import _ops, _sharded
 from .functional import _seed, op_kwargs
 
 __all__ = ["Adam", "AdamW"]
@@ -19,11 +20,20 @@ __all__ = ["Adam", "AdamW"]
 _GROUP_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
                        master_weights=False)
 _REDUCED = (torch.float16, torch.bfloat16)
+# adamx's switches that torch.optim.Adam lacks, and its other group keys: state_dict leaves
+# them out where they hold their defaults (see Adam.state_dict).
+_ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
+                                - set(inspect.signature(torch.optim.Adam).parameters)))
 
 
 def _has_master(p, group):
     """Whether param ``p`` of ``group`` steps with an fp32 master copy (and fp32 state)."""
     return group["master_weights"] and p.dtype in _REDUCED
+
+
+def _local(t):
+    """A DTensor's local tensor (a sharded param's shard), else ``t``."""
+    return getattr(t, "_local_tensor", t)
 
 
 def _zeros_like(p, dtype=None):
@@ -163,6 +173,23 @@ class Adam(Optimizer):
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = self._new_step(p, group, float(p_state["step"]))
 
+    def state_dict(self):
+        """torch's ``state_dict``, less adamx's own group keys where they hold their
+        defaults (``eps_inside_sqrt``, ``stochastic_rounding``, ``master_weights``: False;
+        ``seed``: the group's index): torch.optim.Adam's layout exactly, which
+        torch.distributed.checkpoint needs to load a torch checkpoint into adamx (its load
+        plan asks the checkpoint for every key the destination's state_dict has). Loading
+        keeps the optimizer's own value of a key the checkpoint lacks (``load_state_dict``).
+        """
+        state_dict = super().state_dict()
+        for index, group in enumerate(state_dict["param_groups"]):
+            for key in _ADAMX_ONLY_KEYS + ("master_weights",):
+                if group.get(key, True) is False:
+                    del group[key]
+            if group.get("seed") == index:
+                del group["seed"]
+        return state_dict
+
     def load_state_dict(self, state_dict):
         """As torch.optim.Optimizer.load_state_dict, and: a group setting the checkpoint
         lacks (adamx's own, e.g. ``master_weights``, in a torch.optim.Adam checkpoint) keeps
@@ -192,7 +219,8 @@ class Adam(Optimizer):
                 # along, cast and no longer updated, is not).
                 master = original.get("master_param")
                 if not (torch.is_tensor(master) and master.dtype == torch.float32
-                        and torch.equal(state["master_param"].to(p.dtype), p.detach())):
+                        and torch.equal(_local(state["master_param"]).to(p.dtype),
+                                        _local(p.detach()))):
                     state.pop("master_param", None)
                 self.state[p] = self._conform(p, group, state)
 
@@ -317,7 +345,7 @@ class Adam(Optimizer):
     def _step_fast(self, grad_scale, found_inf):
         """The step through adamx._C.step_group, which reads each group's params, grads
         and state in C++. Returns False, having written nothing, when it leaves a group to
-        _step_lists (a param needs its state made, or is listed twice)."""
+        _step_lists (a param needs its state made, is listed twice, or is a DTensor)."""
         step_group, groups, state = _ops._C.step_group, self.param_groups, self.state
         not_handled = _ops._C.NOT_HANDLED
         if len(groups) == 1:
@@ -333,17 +361,22 @@ class Adam(Optimizer):
         """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
+        sharded = []  # DTensors whose local tensors the step writes (adamx/_sharded.py)
         for group in self.param_groups:
             group_calls = self._gather(group, fresh)
             if group_calls:
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
-                calls += [(lists, dict(hyper, master_params=masters))
-                          for lists, masters in group_calls]
+                for lists, masters in group_calls:
+                    lists, masters, dtensors = _sharded.local_lists(lists, masters)
+                    calls.append((lists, dict(hyper, master_params=masters)))
+                    sharded += dtensors
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
                 torch.ops.adamx.adam_check(*lists, **hyper)
         for lists, hyper in calls:
             torch.ops.adamx.adam_(*lists, **hyper)
+        if sharded:
+            torch.autograd.graph.increment_version(sharded)
         self.state.update(fresh)
 
 

@@ -2,7 +2,8 @@
 // group's hyper-parameters, params, grads and state straight from the Python objects
 // and calls adamx::adam_ through the dispatcher. It saves building six Python lists and
 // parsing them against the op's schema at every step, which for a small model costs
-// more than the kernel itself. The op does all the checking.
+// more than the kernel itself. The op does all the checking. Tensor subclasses (DTensor)
+// are left to the Python step.
 #include "step_group.h"
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -116,6 +117,9 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     const at::Tensor& p = THPVariable_Unpack(obj);
     const at::Tensor& grad = p.grad();
     if (!grad.defined()) continue;
+    // A tensor subclass (a DTensor of FSDP2 or tensor parallel) takes the Python step,
+    // which steps its local shard (adamx/_sharded.py); a bit test, free for plain tensors.
+    if (p.key_set().has(c10::DispatchKey::Python)) return kNotHandled;
     PyObject* p_state = PyDict_GetItem(state, obj);  // no __missing__: nothing is created
     if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNotHandled;
     auto exp_avg = state_tensor(p_state, "exp_avg");

@@ -1,0 +1,106 @@
+"""Sharded params in adamx's step: DTensors (FSDP2's ``fully_shard``, tensor parallel).
+
+Adam is elementwise, and a DTensor param's grad and state are sharded exactly as the
+param is (the state is made by ``torch.zeros_like(p)``, which gives a DTensor of the same
+mesh and placements), so each rank steps its own local shards, with no communication:
+``local_lists`` swaps every DTensor in the op's lists for its local tensor before
+``torch.ops.adamx.adam_`` runs. Step counts are plain tensors, as torch keeps them for
+DTensor params, or replicated DTensors (as a checkpoint may load them), whose local tensor
+is the whole count. The optimizer's state stays DTensors, so ``state_dict`` and
+``torch.distributed.checkpoint`` see it sharded as torch's.
+
+Why not a DTensor sharding strategy for ``adamx::adam_`` (torch registers ``_fused_adam_``
+as a pointwise list op): that route runs DTensor's dispatch and sharding propagation on
+every step only to find that every placement already matches (torch's fused step pays
+15.5 us per tensor for it, this module 4.3: diagnostics/dtensor_overhead.py), and the
+registration APIs are experimental or private and change between torch releases.
+The local step is the same kernel on the same memory (see docs/DEVELOPING.md).
+
+The C++ fast path (``adamx._C.step_group``) declines tensor subclasses, so sharded params
+always come through here; plain tensors never pay for it.
+"""
+
+import sys
+
+__all__ = ["local_lists"]
+
+
+def _dtensor_type():
+    """DTensor, or None when torch.distributed.tensor was never imported (then no DTensor
+    exists, and adamx does not pay the ~0.6 s its import costs)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _same_layout(a, b):
+    a, b = a._spec, b._spec  # (the identity tests first: this runs thrice per param)
+    return ((a.mesh is b.mesh or a.mesh == b.mesh)
+            and (a.placements is b.placements or a.placements == b.placements))
+
+
+def _local_row(DTensor, p, grad, states):
+    """The local tensors of one DTensor param, its grad and its state tensors."""
+    if not isinstance(grad, DTensor):
+        raise RuntimeError(f"adamx: a DTensor param ({p.placements}) has a grad that is "
+                           f"not a DTensor ({type(grad).__name__})")
+    if not _same_layout(grad, p):
+        # As DTensor's sharding propagation would do for torch's fused step (e.g. a
+        # Partial grad of tensor parallel): bring the grad to the param's placements.
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    for state in states:
+        if not isinstance(state, DTensor) or not _same_layout(state, p):
+            layout = (f"{state.device_mesh}, {state.placements}" if isinstance(state, DTensor)
+                      else f"a {type(state).__name__}")
+            raise RuntimeError(
+                f"adamx: a DTensor param on {p.device_mesh}, {p.placements} has optimizer "
+                f"state on {layout}; state must be sharded as its param (load sharded "
+                "checkpoints with torch.distributed.checkpoint.state_dict."
+                "set_optimizer_state_dict)")
+    return p._local_tensor, grad._local_tensor, [s._local_tensor for s in states]
+
+
+def _local_step(DTensor, step):
+    if not isinstance(step, DTensor):
+        return step
+    if not all(placement.is_replicate() for placement in step.placements):
+        raise RuntimeError(f"adamx: a step count is a DTensor with placements "
+                           f"{step.placements}; it must be replicated")
+    return step._local_tensor
+
+
+def local_lists(lists, master_params=None):
+    """``lists`` (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: the
+    op's tensor lists) and ``master_params`` (None, or one per param) with each DTensor
+    replaced by its local tensor, and the DTensors the step writes (so that their version
+    counters can be bumped); ``lists``, ``master_params`` and an empty list when they hold
+    no DTensor. Raises, having written nothing, when a DTensor param's state (or master
+    copy) is not sharded like it."""
+    DTensor = _dtensor_type()
+    if DTensor is None:
+        return lists, master_params, []
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+    amsgrad = bool(max_exp_avg_sqs)
+    if not any(isinstance(t, DTensor) for t in params + steps):
+        return lists, master_params, []
+    local = ([], [], [], [], [], [])
+    masters = None if master_params is None else []
+    written = []
+    for i, p in enumerate(params):
+        states = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else []) \
+            + ([master_params[i]] if masters is not None else [])
+        if isinstance(p, DTensor):
+            written += [p] + states
+            p, grad, states = _local_row(DTensor, p, grads[i], states)
+        else:
+            grad = grads[i]
+        local[0].append(p)
+        local[1].append(grad)
+        local[2].append(states[0])
+        local[3].append(states[1])
+        if amsgrad:
+            local[4].append(states[2])
+        if masters is not None:
+            masters.append(states[-1])
+        local[5].append(_local_step(DTensor, steps[i]))
+    written += [s for s in steps if isinstance(s, DTensor)]
+    return local, masters, written
