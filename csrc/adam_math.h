@@ -236,22 +236,30 @@ ADAMX_HD uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
+// The bits of element index_lo + 2^32 * index_hi: rounding_bits32(key_lo, key_hi ^
+// index_hi, index_lo) with key_lo/key_hi the key's halves (the CPU kernel hoists the second
+// argument out of its loop, and its lanes' hashes stay 32-bit).
+ADAMX_HD uint32_t rounding_bits32(uint32_t key_lo, uint32_t key_hi_index_hi, uint32_t index_lo) {
+  return hash32(hash32(index_lo ^ key_lo) ^ key_hi_index_hi);
+}
+
 ADAMX_HD uint32_t rounding_bits(uint64_t key, int64_t index) {
   const uint64_t i = static_cast<uint64_t>(index);
-  const uint32_t h = hash32(static_cast<uint32_t>(i) ^ static_cast<uint32_t>(key));
-  return hash32(h ^ static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(i >> 32));
+  return rounding_bits32(static_cast<uint32_t>(key),
+                         static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(i >> 32),
+                         static_cast<uint32_t>(i));
 }
 
 // x rounded to a neighbouring bfloat16 at random, up (away from zero) with probability
 // equal to the distance from the lower neighbour in units of the gap: adding 16 random
-// bits below bfloat16's last bit and truncating does that. NaN is rounded as usual (a
-// truncated NaN payload could become an infinity); magnitudes past bfloat16's largest
-// finite value may round to infinity.
+// bits below bfloat16's last bit and truncating does that. A NaN keeps its sign and the
+// top of its payload, made quiet (truncating a payload held in the low bits alone would
+// give an infinity); magnitudes past bfloat16's largest finite value may round to
+// infinity. Branch-free, so that the CPU kernel's lane loop vectorizes.
 ADAMX_HD c10::BFloat16 round_bf16_stochastic(float x, uint32_t random) {
-  if (x != x) return c10::BFloat16(x);
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  u += random & 0xffffu;
+  u = x != x ? (u | 0x00400000u) : u + (random & 0xffffu);
   return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
 }
 

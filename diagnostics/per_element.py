@@ -4,9 +4,11 @@
 
 For each size and dtype: one param with its grad and state, stepped alternately by
 torch.ops.adamx.adam_ and torch._fused_adam_ (the same lists), in rounds of calls; prints
-the median time per element of each and their ratio. Sizes in cache show the arithmetic,
-large ones the memory. A one-off diagnostic, used for the per-ISA notes in
-benchmarks/RESULTS.md; needs adamx built.
+the median time per element of each and their ratio. For bfloat16 also adamx's
+stochastic rounding (the same lists), and for float16/bfloat16 its master weights (fp32
+master copy and state: 28 bytes per element moved for bfloat16, twice the plain step's),
+in the same rounds. Sizes in cache show the arithmetic, large ones the memory. A one-off
+diagnostic, used for the per-ISA notes in benchmarks/RESULTS.md; needs adamx built.
 """
 
 import argparse
@@ -28,8 +30,8 @@ def main():
     p.add_argument("--rounds", type=int, default=11)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ours_kw = F.op_kwargs(**HYPER, amsgrad=False, maximize=False, decoupled_weight_decay=False,
-                          eps_inside_sqrt=False)
+    ours_kw = F.op_kwargs(**HYPER)
+    ours_kw_sr = F.op_kwargs(**HYPER, stochastic_rounding=True)
     print(f"# threads {args.threads}, median of {args.rounds} interleaved rounds, ns per element")
     for dtype in [getattr(torch, d) for d in args.dtype.split(",")]:
         for n in [int(s) for s in args.sizes.split(",")]:
@@ -37,6 +39,8 @@ def main():
             p_, g_, m_, v_ = [torch.randn(n, generator=g).to(dtype) for _ in range(4)]
             v_.abs_()
             lists = ([p_], [g_], [m_], [v_], [], [torch.tensor(1.0)])
+            f32 = [t.float() for t in (p_, m_, v_)]
+            master_lists = ([p_], [g_], [f32[1]], [f32[2]], [], [torch.tensor(1.0)])
 
             def ours():
                 torch.ops.adamx.adam_(*lists, **ours_kw)
@@ -44,7 +48,18 @@ def main():
             def theirs():
                 torch._fused_adam_(*lists, **HYPER, amsgrad=False, maximize=False)
 
-            times = {ours: [], theirs: []}
+            def stochastic():
+                torch.ops.adamx.adam_(*lists, **ours_kw_sr)
+
+            def master():
+                torch.ops.adamx.adam_(*master_lists, **ours_kw, master_params=[f32[0]])
+
+            funcs = {"adamx": ours, "torch._fused_adam_": theirs}
+            if dtype == torch.bfloat16:
+                funcs["adamx stochastic"] = stochastic
+            if dtype in (torch.float16, torch.bfloat16):
+                funcs["adamx master"] = master
+            times = {f: [] for f in funcs.values()}
             calls = max(1, int(2e7 // n))
             for f in times:
                 for _ in range(3):
@@ -55,9 +70,10 @@ def main():
                     for _ in range(calls):
                         f()
                     ts.append((time.perf_counter() - t) / calls)
-            a, b = (statistics.median(ts) / n * 1e9 for ts in times.values())
-            print(f"{str(dtype):15s} {n:>11,d}  adamx {a:7.3f}  torch._fused_adam_ {b:7.3f}  "
-                  f"ratio {a / b:.3f}")
+            per = {name: statistics.median(times[f]) / n * 1e9 for name, f in funcs.items()}
+            ref = per["torch._fused_adam_"]
+            print(f"{str(dtype):15s} {n:>11,d}  " + "  ".join(
+                f"{name} {t:7.3f} ({t / ref:.3f})" for name, t in per.items()))
 
 
 if __name__ == "__main__":

@@ -479,3 +479,18 @@ def test_groups_get_seeds_of_their_own():
     assert [g["seed"] for g in opt.param_groups] == [0, 1]
     opt = adamx.Adam([{"params": [a]}, {"params": [b], "seed": 9}], seed=5)
     assert [g["seed"] for g in opt.param_groups] == [5, 9]
+
+
+def test_stochastic_rounding_of_special_values():
+    """Infinities stay infinite, NaNs stay NaN (quiet), zeros stay zero, on the CPU kernel
+    and the emulated CUDA body alike: a zero lr leaves each fp32 result the param itself."""
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1.0],
+                           dtype=torch.bfloat16)
+    params = [special.repeat(50)]
+    grads = [torch.ones_like(params[0])]
+    results = [sr_step(params, grads, lr=0.0, step=step) for step in STEPPERS.values()]
+    for st in results:
+        out = st.params[0]
+        assert same_bits(out[~out.isnan()], params[0][~params[0].isnan()])
+        assert torch.equal(out.isnan(), params[0].isnan())
+    assert same_bits(results[0].params[0], results[1].params[0])

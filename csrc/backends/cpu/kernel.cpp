@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 
 #include "kernel.h"
@@ -64,87 +63,102 @@ using at::vec::Vectorized;
 // One iteration's elements of one operand of storage type X, as `kParts` vectors of the
 // compute type C: a vector of float16/bfloat16 widens to two float vectors; float or
 // double loads `kParts` vectors (two float vectors beside reduced-precision params, for
-// the master copy and fp32 state).
+// the master copy and fp32 state). `kPartial`: only the first `count` elements exist (the
+// end of a range); a compile-time flag, so that whole vectors load and store without a
+// branch.
 template <class C, int kParts>
 struct Lanes {
   Vectorized<C> v[kParts];
 };
 
-template <class C, int kParts, class X>
+template <class C, int kParts, class X, bool kPartial>
 inline Lanes<C, kParts> load_lanes(const void* base, int64_t i, int64_t count) {
   const X* ptr = static_cast<const X*>(base) + i;
   Lanes<C, kParts> out;
   if constexpr (kReducedFloat<X>) {
     static_assert(kParts == 2);
-    const auto x = count < Vectorized<X>::size() ? Vectorized<X>::loadu(ptr, count)
-                                                 : Vectorized<X>::loadu(ptr);
-    std::tie(out.v[0], out.v[1]) = at::vec::convert_to_float<X>(x);
+    const auto x = kPartial ? Vectorized<X>::loadu(ptr, count) : Vectorized<X>::loadu(ptr);
+    auto [lo, hi] = at::vec::convert_to_float<X>(x);
+    out.v[0] = lo;
+    out.v[1] = hi;
+  } else if constexpr (!kPartial) {
+    for (int k = 0; k < kParts; ++k) out.v[k] = Vectorized<C>::loadu(ptr + k * Vectorized<C>::size());
   } else {
     constexpr int64_t N = Vectorized<C>::size();
     for (int k = 0; k < kParts; ++k) {
       const int64_t c = std::clamp<int64_t>(count - k * N, 0, N);
-      out.v[k] = c == N ? Vectorized<C>::loadu(ptr + k * N)
-                        : c > 0 ? Vectorized<C>::loadu(ptr + k * N, c) : Vectorized<C>(0);
+      out.v[k] = c > 0 ? Vectorized<C>::loadu(ptr + k * N, c) : Vectorized<C>(0);
     }
   }
   return out;
 }
 
-template <class X, class C, int kParts>
+template <class X, bool kPartial, class C, int kParts>
 inline void store_lanes(const Lanes<C, kParts>& x, void* base, int64_t i, int64_t count) {
   X* ptr = static_cast<X*>(base) + i;
   if constexpr (kReducedFloat<X>) {
     const auto y = at::vec::convert_from_float<X>(x.v[0], x.v[1]);
-    if (count < Vectorized<X>::size()) y.store(ptr, count);
+    if (kPartial) y.store(ptr, count);
     else y.store(ptr);
+  } else if constexpr (!kPartial) {
+    for (int k = 0; k < kParts; ++k) x.v[k].store(ptr + k * Vectorized<C>::size());
   } else {
     constexpr int64_t N = Vectorized<C>::size();
     for (int k = 0; k < kParts; ++k) {
       const int64_t c = std::clamp<int64_t>(count - k * N, 0, N);
-      if (c == N) x.v[k].store(ptr + k * N);
-      else if (c > 0) x.v[k].store(ptr + k * N, c);
+      if (c > 0) x.v[k].store(ptr + k * N, c);
     }
   }
 }
 
 // The new bfloat16 param, rounded stochastically (round_bf16_stochastic) lane by lane, with
-// the random bits of elements i .. i+count-1; a loop the compiler vectorizes.
-template <int kParts>
+// the random bits of elements i .. i+count-1; a loop the compiler vectorizes (the hash's
+// multiplications become vector ones), storing straight into the param but at the end of
+// a range.
+template <bool kPartial, int kParts>
 inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t i,
                              int64_t count, uint64_t key) {
   constexpr int kElems = kParts * Vectorized<float>::size();
   alignas(64) float in[kElems];
-  alignas(64) c10::BFloat16 out[kElems];
+  alignas(64) c10::BFloat16 part[kElems];
+  c10::BFloat16* out = kPartial ? part : static_cast<c10::BFloat16*>(base) + i;
   for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
-  for (int j = 0; j < kElems; ++j) out[j] = round_bf16_stochastic(in[j], rounding_bits(key, i + j));
-  std::memcpy(static_cast<c10::BFloat16*>(base) + i, out, sizeof(c10::BFloat16) * count);
+  // rounding_bits(key, i + j), with i a multiple of kElems: j never carries into i's high
+  // half, so the hashes are of 32-bit lanes.
+  const auto key_lo = static_cast<uint32_t>(key);
+  const auto high = static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(uint64_t(i) >> 32);
+  const auto base_lo = static_cast<uint32_t>(i);
+  for (int j = 0; j < kElems; ++j)
+    out[j] = round_bf16_stochastic(in[j], rounding_bits32(key_lo, high, base_lo + uint32_t(j)));
+  if (kPartial) std::memcpy(static_cast<c10::BFloat16*>(base) + i, part, sizeof(part[0]) * count);
 }
 
 // Loads, updates and stores one iteration's elements (`count` < kElems only at the end of
-// a range): as many as a vector of the param type holds.
-template <class Var, class P, class S>
+// a range, kPartial): as many as a vector of the param type holds.
+template <class Var, class P, class S, bool kPartial>
 inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
                           const StepScalars<Vectorized<ComputeType<P>>>& s) {
   using C = ComputeType<P>;
   constexpr int kParts = Vectorized<P>::size() / Vectorized<C>::size();
   using L = Lanes<C, kParts>;
-  L p = Var::master_weights ? load_lanes<C, kParts, S>(b.master_param, i, count)
-                            : load_lanes<C, kParts, P>(b.param, i, count);
-  L g = load_lanes<C, kParts, P>(b.grad, i, count);
-  L m = load_lanes<C, kParts, S>(b.exp_avg, i, count);
-  L v = load_lanes<C, kParts, S>(b.exp_avg_sq, i, count);
-  L x = Var::amsgrad ? load_lanes<C, kParts, S>(b.max_exp_avg_sq, i, count) : L{};
+  L p = Var::master_weights ? load_lanes<C, kParts, S, kPartial>(b.master_param, i, count)
+                            : load_lanes<C, kParts, P, kPartial>(b.param, i, count);
+  L g = load_lanes<C, kParts, P, kPartial>(b.grad, i, count);
+  L m = load_lanes<C, kParts, S, kPartial>(b.exp_avg, i, count);
+  L v = load_lanes<C, kParts, S, kPartial>(b.exp_avg_sq, i, count);
+  L x;
+  if constexpr (Var::amsgrad) x = load_lanes<C, kParts, S, kPartial>(b.max_exp_avg_sq, i, count);
   for (int k = 0; k < kParts; ++k) adam_update<Var>(p.v[k], g.v[k], m.v[k], v.v[k], x.v[k], s);
   if constexpr (Var::stochastic_rounding) {
-    store_stochastic(p, b.param, i, count, key);
+    store_stochastic<kPartial>(p, b.param, i, count, key);
   } else {
-    store_lanes<P>(p, b.param, i, count);
+    store_lanes<P, kPartial>(p, b.param, i, count);
   }
-  if (Var::master_weights) store_lanes<S>(p, b.master_param, i, count);
-  if (Var::unscale_grad) store_lanes<P>(g, b.grad, i, count);
-  store_lanes<S>(m, b.exp_avg, i, count);
-  store_lanes<S>(v, b.exp_avg_sq, i, count);
-  if (Var::amsgrad) store_lanes<S>(x, b.max_exp_avg_sq, i, count);
+  if constexpr (Var::master_weights) store_lanes<S, kPartial>(p, b.master_param, i, count);
+  if constexpr (Var::unscale_grad) store_lanes<P, kPartial>(g, b.grad, i, count);
+  store_lanes<S, kPartial>(m, b.exp_avg, i, count);
+  store_lanes<S, kPartial>(v, b.exp_avg_sq, i, count);
+  if constexpr (Var::amsgrad) store_lanes<S, kPartial>(x, b.max_exp_avg_sq, i, count);
 }
 
 template <class Var, class P, class S>
@@ -159,8 +173,8 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   // keeps them in registers instead of reloading them from `b` after every store.
   const TensorPointers local = b;
   int64_t i = begin;
-  for (; i + kStep <= end; i += kStep) update_vector<Var, P, S>(local, i, kStep, key, s);
-  if (i < end) update_vector<Var, P, S>(local, i, end - i, key, s);
+  for (; i + kStep <= end; i += kStep) update_vector<Var, P, S, false>(local, i, kStep, key, s);
+  if (i < end) update_vector<Var, P, S, true>(local, i, end - i, key, s);
 }
 
 }  // namespace CPU_CAPABILITY
