@@ -154,8 +154,9 @@ def give_grads(replicas, model):
 
 # -- settings ----------------------------------------------------------------------------
 
-def fsdp2(ctx, mp_policy=None, offload_policy=None):
-    """FSDP2 fully_shard, adamx against adamx and torch.optim on an unsharded replica."""
+def fsdp2(ctx, mp_policy=None, offload_policy=None, dtype=torch.float32, configs=CONFIGS):
+    """FSDP2 fully_shard, adamx against adamx and torch.optim on an unsharded replica
+    (torch.optim only where it has the same formula: not with master weights)."""
     from torch.distributed.tensor import DTensor
     kwargs = {}
     if mp_policy is not None:
@@ -163,30 +164,38 @@ def fsdp2(ctx, mp_policy=None, offload_policy=None):
     if offload_policy is not None:
         kwargs["offload_policy"] = offload_policy
     m = Mismatches()
-    for config_name, config in CONFIGS.items():
-        base = mlp().to(ctx.device)
+    for config_name, config in configs.items():
+        base = mlp().to(ctx.device, dtype)
         ref_model, torch_model = copy.deepcopy(base), copy.deepcopy(base)
         model = shard(base, **kwargs)
         opt = make_opt(adamx.Adam, model, config)
         ref_opt = make_opt(adamx.Adam, ref_model, config)
-        torch_opt = make_opt(torch.optim.Adam, torch_model, config)
+        with_torch = not config.get("master_weights")
+        torch_opt = make_opt(torch.optim.Adam, torch_model, config) if with_torch else None
         for step in range(STEPS):
-            x = batch(ctx.rank, step, ctx.device)
-            model(x).square().mean().backward()
+            x = batch(ctx.rank, step, ctx.device, dtype)
+            model(x).float().square().mean().backward()
             give_grads([ref_model, torch_model], model)
             for o in (opt, ref_opt, torch_opt):
-                o.step()
-                o.zero_grad()
+                if o is not None:
+                    o.step()
+                    o.zero_grad()
             what = f"{config_name} step {step + 1}"
             compare_models(m, f"{what} adamx", model, ref_model)
-            compare_models(m, f"{what} torch", model, torch_model, exact=False)
+            if with_torch:
+                compare_models(m, f"{what} torch", model, torch_model, exact=False)
         state = named_state(model, opt)
         compare_states(m, f"{config_name} adamx", state, named_state(ref_model, ref_opt))
-        compare_states(m, f"{config_name} torch", state, named_state(torch_model, torch_opt),
-                       exact=False)
+        if with_torch:
+            compare_states(m, f"{config_name} torch", state,
+                           named_state(torch_model, torch_opt), exact=False)
+        if config.get("master_weights"):
+            for name, s in state.items():
+                m.check(s["master_param"].dtype == torch.float32
+                        and s["exp_avg"].dtype == torch.float32, f"{name}: state not fp32")
         for p in model.parameters():  # state sharded exactly as its param; steps as torch's
             s = opt.state[p]
-            for key in STATE_KEYS:
+            for key in STATE_KEYS + ("master_param",):
                 if key in s:
                     m.check(isinstance(s[key], DTensor) and s[key].placements == p.placements
                             and s[key].device_mesh == p.device_mesh
@@ -203,6 +212,15 @@ def fsdp2_bf16(ctx):
     """MixedPrecisionPolicy(param_dtype=bf16): the step sees float32 shards and grads."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     fsdp2(ctx, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+
+
+def fsdp2_bf16_master(ctx):
+    """bfloat16 params sharded, with fp32 master copies (master_weights=True): the master
+    copies are DTensors sharded as their params, and the step equals the unsharded one's
+    bit for bit."""
+    fsdp2(ctx, dtype=torch.bfloat16, configs={
+        "master": dict(lr=LR, master_weights=True),
+        "master-amsgrad": dict(CONFIGS["adamw-amsgrad"], master_weights=True)})
 
 
 def fsdp2_offload(ctx):
@@ -449,10 +467,11 @@ def dcp_reshard(ctx):
 
 
 JOBS = {  # job -> its settings, run in this order
-    "cpu2": [fsdp2, fsdp2_bf16, dtensor_placements, zero_ddp, dcp_save_load],
+    "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp,
+             dcp_save_load],
     "cpu1": [dcp_reshard],
     "offload": [fsdp2_offload],
-    "nccl2": [fsdp2, fsdp2_bf16, dtensor_placements, zero_ddp],
+    "nccl2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp],
 }
 
 

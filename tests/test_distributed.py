@@ -110,6 +110,10 @@ def test_fsdp2_mixed_precision_bf16(cpu2):
     check(cpu2, "fsdp2_bf16")
 
 
+def test_fsdp2_bf16_params_with_master_weights(cpu2):
+    check(cpu2, "fsdp2_bf16_master")
+
+
 def test_dtensor_mixed_placements_uneven_2d(cpu2):
     check(cpu2, "dtensor_placements")
 
@@ -138,7 +142,8 @@ def test_fsdp2_cpu_offload(tmp_path):
                     reason="needs 2 CUDA devices and nccl")
 def test_nccl_two_gpus(tmp_path):
     results = run_job("nccl2", 2, tmp_path, backend="nccl")
-    for setting in ("fsdp2", "fsdp2_bf16", "dtensor_placements", "zero_ddp"):
+    for setting in ("fsdp2", "fsdp2_bf16", "fsdp2_bf16_master", "dtensor_placements",
+                    "zero_ddp"):
         check(results, setting)
 
 
