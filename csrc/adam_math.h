@@ -12,12 +12,12 @@
 // A GradScaler'd step first divides the grad by the scale (`unscale_grad`, below) and
 // writes the quotient back to the grad, as torch's fused Adam does.
 //
-// How the new param is stored is the kernel's other compile-time choice (see `ParamWrite`):
-// rounded to nearest in the param's dtype (as torch), rounded stochastically (bfloat16
-// params, `stochastic_rounding`: the random bits come from `rounding_bits`, a hash of
-// (seed, tensor, step, element), so results do not depend on threads, ISA or device), or,
-// with an fp32 master copy (`master_weights`), the update runs on the master copy, which
-// is stored, and the param gets its rounding to nearest.
+// How the new param is stored is the kernels' other compile-time choice (their stores
+// follow these switches): rounded to nearest in the param's dtype (as torch), rounded
+// stochastically (bfloat16 params, `stochastic_rounding`: the random bits come from
+// `rounding_bits`, a hash of (seed, tensor, step, element), so results do not depend on
+// threads, ISA or device), or, with an fp32 master copy (`master_weights`), the update runs
+// on the master copy, which is stored, and the param gets its rounding to nearest.
 //
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
