@@ -494,3 +494,35 @@ def test_stochastic_rounding_of_special_values():
         assert same_bits(out[~out.isnan()], params[0][~params[0].isnan()])
         assert torch.equal(out.isnan(), params[0].isnan())
     assert same_bits(results[0].params[0], results[1].params[0])
+
+
+# --------------------------------------------------------------------------------------
+# On a GPU: the CUDA kernel gives the CPU kernel's bits (master copies and stochastic
+# rounding alike), with host and device step counts.
+# --------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("mode", ["master", "stochastic"])
+@pytest.mark.parametrize("capturable", [False, True], ids=["host_steps", "device_steps"])
+def test_cuda_kernel_equals_the_cpu_kernel(mode, capturable):
+    dtype = torch.bfloat16
+    params = make_tensors(SHAPES, dtype, seed=20)
+    grad_seq = make_grad_seq(SHAPES, dtype, 3, seed=21)
+    cpu = MasterState([p.clone() for p in params], amsgrad=True) if mode == "master" \
+        else OpState([p.clone() for p in params], amsgrad=True)
+    gpu = cpu.clone()
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"):
+        if hasattr(gpu, name):
+            setattr(gpu, name, [t.cuda() for t in getattr(gpu, name)])
+    if capturable:
+        gpu.steps = [s.cuda() for s in gpu.steps]
+    extra = dict(stochastic_rounding=True) if mode == "stochastic" else {}
+    hyper = op_hyper(amsgrad=True, weight_decay=0.1, **extra)
+    for grads in grad_seq:
+        kw = dict(master_params=cpu.master_params) if mode == "master" else dict(seed=3)
+        step_cpu(cpu, [g.clone() for g in grads], **kw, **hyper)
+        kw = dict(master_params=gpu.master_params) if mode == "master" else dict(seed=3)
+        step_cpu(gpu, [g.cuda() for g in grads], **kw, **hyper)
+    for i, (a, b) in enumerate(zip(cpu.tensors(), gpu.tensors())):
+        assert same_bits(a, b.cpu()), f"tensor {i}"
