@@ -526,3 +526,23 @@ def test_cuda_kernel_equals_the_cpu_kernel(mode, capturable):
         step_cpu(gpu, [g.cuda() for g in grads], **kw, **hyper)
     for i, (a, b) in enumerate(zip(cpu.tensors(), gpu.tensors())):
         assert same_bits(a, b.cpu()), f"tensor {i}"
+
+
+@pytest.mark.parametrize("option", ["master_weights", "stochastic_rounding"])
+def test_compiled_step_equals_eager(option):
+    """torch.compile(fullgraph=True) of the step: the op's fake kernel takes master_params
+    and the seed, and the compiled step gives the eager step's bits."""
+    eager_model = bf16_model().to(torch.bfloat16)
+    compiled_model = copy.deepcopy(eager_model)
+    eager = adamx.Adam(eager_model.parameters(), lr=LR, **{option: True})
+    compiled = adamx.Adam(compiled_model.parameters(), lr=LR, **{option: True})
+    step = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")
+    for k in range(3):
+        set_grads(eager_model, k)
+        set_grads(compiled_model, k)
+        eager.step()
+        step()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert same_bits(p.data, q.data)
+        for key, value in eager.state[p].items():
+            assert same_bits(value, compiled.state[q][key]), key
