@@ -19,17 +19,38 @@ namespace {
 
 namespace py = pybind11;
 
-constexpr const char* kLr = "lr";
-constexpr const char* kBetas = "betas";
-constexpr const char* kWeightDecay = "weight_decay";
-constexpr const char* kEps = "eps";
-constexpr const char* kMasterWeights = "master_weights";
-constexpr const char* kSeed = "seed";
-constexpr const char* kMasterParam = "master_param";
+// A dict key: its C string, and a Python string interned once (never freed). Looking a
+// key up by the object spares making a Python string per lookup, as PyDict_GetItemString
+// does: 20-odd lookups a step for a small model.
+struct Key {
+  explicit Key(const char* n) : name(n), object(PyUnicode_InternFromString(n)) {
+    if (!object) throw py::error_already_set();
+  }
+  const char* name;
+  PyObject* object;
+};
 
-PyObject* group_item(PyObject* group, const char* key) {
-  PyObject* value = PyDict_GetItemString(group, key);  // borrowed
-  TORCH_CHECK_VALUE(value, "adamx: param group has no '", key, "'");
+struct Keys {
+  Key lr{"lr"}, betas{"betas"}, weight_decay{"weight_decay"}, eps{"eps"}, params{"params"},
+      master_weights{"master_weights"}, seed{"seed"}, exp_avg{"exp_avg"},
+      exp_avg_sq{"exp_avg_sq"}, max_exp_avg_sq{"max_exp_avg_sq"}, step{"step"},
+      master_param{"master_param"};
+  struct {
+#define ADAMX_SWITCH_KEY_FIELD(name) Key name{#name};
+    ADAMX_SWITCHES(ADAMX_SWITCH_KEY_FIELD)
+#undef ADAMX_SWITCH_KEY_FIELD
+  } switches;
+};
+
+// Made on first use, with the GIL held (module import or a step).
+const Keys& keys() {
+  static const Keys* k = new Keys;
+  return *k;
+}
+
+PyObject* group_item(PyObject* group, const Key& key) {
+  PyObject* value = PyDict_GetItem(group, key.object);  // borrowed
+  TORCH_CHECK_VALUE(value, "adamx: param group has no '", key.name, "'");
   return value;
 }
 
@@ -52,17 +73,17 @@ int64_t as_seed(PyObject* value) {
   return static_cast<int64_t>(bits);
 }
 
-bool group_flag(PyObject* group, const char* key) {
+bool group_flag(PyObject* group, const Key& key) {
   const int value = PyObject_IsTrue(group_item(group, key));
   if (value < 0) throw py::error_already_set();
   return value;
 }
 
 // The tensor at state[key], or nullopt when the key is missing.
-std::optional<at::Tensor> state_tensor(PyObject* state, const char* key) {
-  PyObject* value = PyDict_GetItemString(state, key);
+std::optional<at::Tensor> state_tensor(PyObject* state, const Key& key) {
+  PyObject* value = PyDict_GetItem(state, key.object);
   if (!value) return std::nullopt;
-  TORCH_CHECK_TYPE(THPVariable_Check(value), "adamx: optimizer state '", key,
+  TORCH_CHECK_TYPE(THPVariable_Check(value), "adamx: optimizer state '", key.name,
                    "' is not a tensor");
   return THPVariable_Unpack(value);
 }
@@ -70,11 +91,12 @@ std::optional<at::Tensor> state_tensor(PyObject* state, const char* key) {
 }  // namespace
 
 py::tuple group_keys() {
-  std::vector<std::string> keys = {kLr, kBetas, kWeightDecay, kEps};
-#define ADAMX_SWITCH_KEY(name) keys.push_back(#name);
+  const Keys& k = keys();
+  std::vector<std::string> names = {k.lr.name, k.betas.name, k.weight_decay.name, k.eps.name};
+#define ADAMX_SWITCH_KEY(name) names.push_back(#name);
   ADAMX_SWITCHES(ADAMX_SWITCH_KEY)
 #undef ADAMX_SWITCH_KEY
-  return py::cast(keys);
+  return py::cast(names);
 }
 
 namespace {
@@ -96,18 +118,19 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                    const std::optional<at::Tensor>& found_inf) {
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
+  const Keys& key = keys();
   Switches switches;
-#define ADAMX_SWITCH_READ(name) switches.name = group_flag(group, #name);
+#define ADAMX_SWITCH_READ(name) switches.name = group_flag(group, key.switches.name);
   ADAMX_SWITCHES(ADAMX_SWITCH_READ)
 #undef ADAMX_SWITCH_READ
   // With master weights, float16/bfloat16 params go in a call of their own, with their
   // master copies; the others step as usual.
-  const bool master_weights = group_flag(group, kMasterWeights);
+  const bool master_weights = group_flag(group, key.master_weights);
 
   CallLists calls[2];  // [0]: without master copies, [1]: with
   std::vector<PyObject*> seen;  // the params with grads, to find one listed twice
   const py::object group_params = py::reinterpret_steal<py::object>(
-      PySequence_Fast(group_item(group, "params"), "adamx: group['params'] must be a sequence"));
+      PySequence_Fast(group_item(group, key.params), "adamx: group['params'] must be a sequence"));
   if (!group_params) throw py::error_already_set();
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(group_params.ptr());
   PyObject** items = PySequence_Fast_ITEMS(group_params.ptr());
@@ -122,19 +145,21 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     if (p.key_set().has(c10::DispatchKey::Python)) return kNotHandled;
     PyObject* p_state = PyDict_GetItem(state, obj);  // no __missing__: nothing is created
     if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNotHandled;
-    auto exp_avg = state_tensor(p_state, "exp_avg");
-    auto exp_avg_sq = state_tensor(p_state, "exp_avg_sq");
-    auto step = state_tensor(p_state, "step");
+    auto exp_avg = state_tensor(p_state, key.exp_avg);
+    auto exp_avg_sq = state_tensor(p_state, key.exp_avg_sq);
+    auto step = state_tensor(p_state, key.step);
     if (!exp_avg || !exp_avg_sq || !step) return kNotHandled;
     // Master weights switched on (no master copy yet) or off (one left): the Python step
     // converts the state.
-    const bool master = master_weights && is_reduced_float(p);
-    auto master_param = state_tensor(p_state, kMasterParam);
+    // (Only float16/bfloat16 params have master copies.)
+    const bool reduced = is_reduced_float(p);
+    const bool master = master_weights && reduced;
+    auto master_param = reduced ? state_tensor(p_state, key.master_param) : std::nullopt;
     if (master != master_param.has_value()) return kNotHandled;
     CallLists& call = calls[master];
     if (master) call.master_params.push_back(*master_param);
     if (switches.amsgrad) {
-      auto max_exp_avg_sq = state_tensor(p_state, "max_exp_avg_sq");
+      auto max_exp_avg_sq = state_tensor(p_state, key.max_exp_avg_sq);
       if (!max_exp_avg_sq) return kNotHandled;
       call.max_exp_avg_sqs.push_back(*max_exp_avg_sq);
     }
@@ -149,23 +174,23 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return kNotHandled;
 
-  PyObject* lr_obj = group_item(group, kLr);
+  PyObject* lr_obj = group_item(group, key.lr);
   std::optional<at::Tensor> lr_tensor;
   double lr = 0;
   if (THPVariable_Check(lr_obj)) lr_tensor = THPVariable_Unpack(lr_obj);
-  else lr = as_number(lr_obj, kLr);
-  PyObject* betas = group_item(group, kBetas);
+  else lr = as_number(lr_obj, key.lr.name);
+  PyObject* betas = group_item(group, key.betas);
   TORCH_CHECK_TYPE(PySequence_Check(betas) && PySequence_Size(betas) == 2,
                    "adamx: group['betas'] must hold two numbers");
   double beta[2];
   for (int b = 0; b < 2; ++b) {
     py::object item = py::reinterpret_steal<py::object>(PySequence_GetItem(betas, b));
     if (!item) throw py::error_already_set();
-    beta[b] = as_number(item.ptr(), kBetas);
+    beta[b] = as_number(item.ptr(), key.betas.name);
   }
-  const double weight_decay = as_number(group_item(group, kWeightDecay), kWeightDecay);
-  const double eps = as_number(group_item(group, kEps), kEps);
-  const int64_t seed = switches.stochastic_rounding ? as_seed(group_item(group, kSeed)) : 0;
+  const double weight_decay = as_number(group_item(group, key.weight_decay), key.weight_decay.name);
+  const double eps = as_number(group_item(group, key.eps), key.eps.name);
+  const int64_t seed = switches.stochastic_rounding ? as_seed(group_item(group, key.seed)) : 0;
 
   static const auto adam = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
