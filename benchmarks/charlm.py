@@ -290,6 +290,9 @@ def train_run(name, init_state, train, val, train_starts, val_starts, args, prog
                 window = []
                 val_curve.append([done, evaluate(model, val, val_starts, args)])
                 progress.update(0, suffix=f"{name} val {val_curve[-1][1]:.3f}")
+                if not progress.active and args.log_evals:  # a line per eval in a log file
+                    print(f"# {name} step {done}: val {val_curve[-1][1]:.4f}, "
+                          f"{time.perf_counter() - t_run:.0f} s", file=sys.stderr, flush=True)
             progress.update()
     except Exception as exc:  # noqa: BLE001 - a peer that fails on this device; reported
         rec.update(status="failed", available=False,
@@ -363,11 +366,13 @@ def plot(records, out, title):
         if len(r.get("val_curve") or []) < 2:
             continue
         steps, losses = zip(*r["val_curve"])
-        style = "-" if r["run"] in (BASELINE, "torch-fused") else "--"
-        ax.plot(steps, losses, style, label=r["run"], linewidth=1.2)
+        style = dict(linestyle="-" if r["run"] in (BASELINE, "torch-fused") else "--",
+                     color=f"C{list(OPTIMIZERS).index(r['run'])}", label=r["run"],
+                     linewidth=1.2)
+        ax.plot(steps, losses, **style)
         pairs = [(s, v - ref[s]) for s, v in r["val_curve"] if s in ref and s > 0]
         if pairs and r is not base:
-            axd.plot(*zip(*pairs), style, label=r["run"], linewidth=1.2)
+            axd.plot(*zip(*pairs), **style)
     ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
@@ -412,6 +417,8 @@ def parse_args(argv=None):
                    help="tiny run for tests: 1 layer, d_model 32, context 32, batch 4, "
                         "6 steps on 0.25 MB")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-evals", action="store_true",
+                   help="without a progress bar (no terminal), print a line per evaluation")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.context = 6, 4, 32
