@@ -335,3 +335,14 @@ def fmt_time(seconds):
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def save_figure(fig, path, title=None):
+    """Titles, lays out, writes (dpi 110) and closes a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

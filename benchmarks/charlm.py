@@ -383,12 +383,7 @@ def plot(records, out, title):
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = out / "val_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [bc.save_figure(fig, out / "val_loss.png", title)]
 
 
 def parse_args(argv=None):

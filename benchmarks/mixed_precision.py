@@ -240,21 +240,14 @@ def plot(by_setting, out, data, args):
         ax.set_title(f"{setting}: lr {lr:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("MLP 784-200-10, mixed precision"
-                 + (" (SYNTHETIC data)" if data.synthetic else " (MNIST)"))
-    fig.tight_layout()
-    path = out / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [bc.save_figure(fig, out / "loss_curves.png", "MLP 784-200-10, mixed precision"
+                           + (" (SYNTHETIC data)" if data.synthetic else " (MNIST)"))]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=None,
-                   help=f"MNIST directory (default ${mnist_data.ENV_VAR}, else "
-                        f"{mnist_data.DEFAULT_DIR})")
+    mnist_data.add_arguments(p)
     p.add_argument("--out", default="out/mixed_precision",
                    help="output directory (default out/mixed_precision)")
     p.add_argument("--epochs", type=int, default=5)
@@ -268,19 +261,8 @@ def parse_args(argv=None):
                    help="comma-separated subset of: " + ", ".join(RUNS))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
-    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    p.add_argument("--no-download", action="store_true", help="never try the mirrors")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use the synthetic MNIST-shaped set even if MNIST is available")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: 1 epoch on 2048 train / 1000 test images")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.epochs = 1
-        args.limit_train = args.limit_train or 2048
-        args.limit_test = args.limit_test or 1000
+    args = mnist_data.apply_quick(p.parse_args(argv))
     args.run_list = bc.parse_list(args.runs, list(RUNS), "run")
     args.settings = SETTINGS if args.setting == "both" else [args.setting]
     return args

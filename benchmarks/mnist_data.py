@@ -301,3 +301,26 @@ def get_mnist(data_dir=None, *, allow_download=True, allow_synthetic=True, mirro
     data = synthetic_mnist()
     data.notes = notes + [reason]
     return data
+
+
+def add_arguments(p):
+    """The data options every MNIST benchmark takes (argparse parser ``p``); call
+    ``apply_quick`` on the parsed arguments."""
+    p.add_argument("--data-dir", default=None,
+                   help=f"MNIST directory (default ${ENV_VAR}, else {DEFAULT_DIR})")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
+    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
+    p.add_argument("--no-download", action="store_true", help="never try the mirrors")
+    p.add_argument("--synthetic", action="store_true",
+                   help="use the synthetic MNIST-shaped set even if MNIST is available")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run for tests: 1 epoch on 2048 train / 1000 test images")
+
+
+def apply_quick(args):
+    """--quick: 1 epoch on the first 2048 train / 1000 test images (unless limited)."""
+    if args.quick:
+        args.epochs = 1
+        args.limit_train = args.limit_train or 2048
+        args.limit_test = args.limit_test or 1000
+    return args

@@ -419,9 +419,7 @@ def report_agreement(by, modes, arrays, init_state, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=None,
-                   help=f"MNIST directory (default ${mnist_data.ENV_VAR}, else "
-                        f"{mnist_data.DEFAULT_DIR})")
+    mnist_data.add_arguments(p)
     p.add_argument("--out", default="out/mnist", help="output directory (default out/mnist)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -433,19 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model, the batches and every optimizer run (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
-    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    p.add_argument("--no-download", action="store_true", help="never try the mirrors")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use the synthetic MNIST-shaped set even if MNIST is available")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: 1 epoch on 2048 train / 1000 test images")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.epochs = 1
-        args.limit_train = args.limit_train or 2048
-        args.limit_test = args.limit_test or 1000
+    args = mnist_data.apply_quick(p.parse_args(argv))
     args.optimizer_list = bc.parse_list(args.optimizers, ALL_OPTIMIZERS, "optimizer")
     return args
 
