@@ -427,8 +427,14 @@ def test_stochastic_rounding_streams_differ_by_seed_step_and_tensor():
     assert not torch.equal(base[0], base[1])  # two tensors, two streams
     assert torch.equal(sr_step(params, grads, seed=1, lr=1e-3).params[0], base[0])
     assert not torch.equal(sr_step(params, grads, seed=2, lr=1e-3).params[0], base[0])
-    later = sr_step(params, grads, seed=1, lr=1e-3, steps=[7.0, 7.0]).params
-    assert not torch.equal(later[0], base[0])
+    # with beta1 = beta2 = 0 the exact update is the same at every step count: only the
+    # key's step can make the roundings differ
+    flat = dict(seed=1, lr=1e-3, beta1=0.0, beta2=0.0)
+    first, later = sr_step(params, grads, **flat), sr_step(params, grads, **flat, steps=[7.0, 7.0])
+    assert torch.equal(fp32_result(params, grads, lr=1e-3, beta1=0.0, beta2=0.0).params[0],
+                       fp32_result(params, grads, lr=1e-3, beta1=0.0, beta2=0.0,
+                                   steps=[7.0, 7.0]).params[0])
+    assert not torch.equal(later.params[0], first.params[0])
     # a seed is any 64-bit integer: Python ints wrap
     x = OpState([p.clone() for p in params], amsgrad=False)
     adamx.functional.adam(*x.lists([g.clone() for g in grads]), lr=1e-3, beta1=0.9,

@@ -69,7 +69,8 @@ int64_t as_seed(PyObject* value) {
   TORCH_CHECK_TYPE(PyLong_Check(value), "adamx: group['seed'] must be an int, got ",
                    Py_TYPE(value)->tp_name);
   const unsigned long long bits = PyLong_AsUnsignedLongLongMask(value);
-  if (bits == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  if (bits == static_cast<unsigned long long>(-1) && PyErr_Occurred())
+    throw py::error_already_set();
   return static_cast<int64_t>(bits);
 }
 

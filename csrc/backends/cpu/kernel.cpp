@@ -82,7 +82,8 @@ inline Lanes<C, kParts> load_lanes(const void* base, int64_t i, int64_t count) {
     out.v[0] = lo;
     out.v[1] = hi;
   } else if constexpr (!kPartial) {
-    for (int k = 0; k < kParts; ++k) out.v[k] = Vectorized<C>::loadu(ptr + k * Vectorized<C>::size());
+    constexpr int64_t N = Vectorized<C>::size();
+    for (int k = 0; k < kParts; ++k) out.v[k] = Vectorized<C>::loadu(ptr + k * N);
   } else {
     constexpr int64_t N = Vectorized<C>::size();
     for (int k = 0; k < kParts; ++k) {
