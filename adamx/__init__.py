@@ -8,10 +8,11 @@ behind both, and ``adamx.reference.seed_adam`` the tutorial loop adamx reproduce
 
 from . import _ops, functional, reference
 from ._ops import is_compiled
-from .optimizer import Adam, AdamW
+from .optimizer import COMPACT_MIN_NUMEL, Adam, AdamW, state_bytes, to_torch_state_dict
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "functional", "reference", "is_compiled", "build_info",
+           "state_bytes", "to_torch_state_dict", "COMPACT_MIN_NUMEL",
            "cpu_capability", "set_cpu_capability", "supported_cpu_capabilities"]
 
 

@@ -87,11 +87,13 @@ def adam_arguments(mutable: bool) -> str:
             f"Tensor{mark('e')}[] state_steps, *, float lr, Tensor? lr_tensor=None, "
             f"float beta1, float beta2, float weight_decay, float eps{switches}, "
             f"Tensor? grad_scale=None, Tensor? found_inf=None, "
-            f"Tensor{mark('g')}[]? master_params=None, int seed=0")
+            f"Tensor{mark('g')}[]? master_params=None, "
+            f"Tensor{mark('h')}[]? code_scales=None, int seed=0")
 
 
 def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   lr_tensor, grad_scale=None, found_inf=None, master_params=None):
+                   lr_tensor, grad_scale=None, found_inf=None, master_params=None,
+                   code_scales=None):
     """The device rules of the op's checks (csrc/op/adam_op.cpp), for the fake kernel: the
     dispatcher picks a kernel from the devices of all tensors together, so a stray meta or
     CUDA tensor among CPU ones (the lr, a step count) routes the call here or elsewhere."""
@@ -100,7 +102,8 @@ def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     device = params[0].device
     for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                           ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
-                          ("master_params", master_params or ())):
+                          ("master_params", master_params or ()),
+                          ("code_scales", code_scales or ())):
         for i, t in enumerate(tensors):
             if t.device != device:
                 raise RuntimeError(
@@ -124,8 +127,11 @@ if _C is not None:
     # grad_scale and the quotient written back to them; a non-zero found_inf leaves every
     # tensor, step counts included, unchanged. master_params (fp32 copies of float16 /
     # bfloat16 params, whose state is then fp32) are updated, and each param set to its
-    # master's rounding. seed keys stochastic rounding (bfloat16 params). Checks all its
-    # inputs before it writes anything.
+    # master's rounding. Compact moments: bfloat16 exp_avgs/exp_avg_sqs beside float32
+    # params or master copies, or uint8 ones (8-bit codes) with their block scales in
+    # code_scales (float32, [2, blocks]: exp_avg's row, exp_avg_sq's row); both rounded
+    # stochastically. seed keys stochastic rounding (bfloat16 params, compact moments).
+    # Checks all its inputs before it writes anything.
     _lib.define(f"adam_({adam_arguments(mutable=True)}) -> ()")
     # The same checks alone, writing nothing: lets a multi-group step check every group
     # before it updates the first.
@@ -134,10 +140,10 @@ if _C is not None:
     @torch.library.register_fake("adamx::adam_", lib=_lib)
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                    lr_tensor=None, grad_scale=None, found_inf=None, master_params=None,
-                   **hyper):
+                   code_scales=None, **hyper):
         # In place, no outputs: nothing to compute, but the device rules still hold.
         _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                       lr_tensor, grad_scale, found_inf, master_params)
+                       lr_tensor, grad_scale, found_inf, master_params, code_scales)
 
     # Test-only (csrc/backends/cuda/emulate.cpp): adam_ run as the CUDA backend runs it,
     # with the kernel body executed on the CPU for every block and thread; the extra

@@ -22,7 +22,7 @@ always come through here; plain tensors never pay for it.
 
 import sys
 
-__all__ = ["local_lists"]
+__all__ = ["local_lists", "is_dtensor"]
 
 
 def _dtensor_type():
@@ -30,6 +30,12 @@ def _dtensor_type():
     exists, and adamx does not pay the ~0.6 s its import costs)."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t):
+    """Whether ``t`` is a DTensor (without importing torch.distributed.tensor)."""
+    DTensor = _dtensor_type()
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _same_layout(a, b):

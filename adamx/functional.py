@@ -61,6 +61,7 @@ def adam(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     master_params: Optional[List[Tensor]] = None,
+    code_scales: Optional[List[Tensor]] = None,
     seed: int = 0,
     **switches: bool,
 ) -> None:
@@ -88,6 +89,12 @@ def adam(
     ``master_params``: fp32 master copies of float16/bfloat16 ``params`` (one each); their
     state (``exp_avgs``, ...) is then float32 too. The update runs on the master copy, and
     each param is set to its master's rounding to nearest.
+
+    Compact moments (see ``adamx.Adam``'s ``state_dtype``): ``exp_avgs[i]`` and
+    ``exp_avg_sqs[i]`` in bfloat16 beside a float32 param or a master copy, or uint8 8-bit
+    codes beside a float32 or bfloat16 param, with ``code_scales[i]`` its block scales
+    (float32, shape ``[2, ceil(numel / 256)]``; any tensor for params without codes; see
+    ``adamx.compact``). Both are rounded stochastically with random bits keyed by ``seed``.
     """
     kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                        **switches)
@@ -96,4 +103,5 @@ def adam(
     torch.ops.adamx.adam_(params, grads, exp_avgs, exp_avg_sqs,
                           max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs,
                           grad_scale=grad_scale, found_inf=found_inf,
-                          master_params=master_params, seed=_seed(seed))
+                          master_params=master_params, code_scales=code_scales,
+                          seed=_seed(seed))

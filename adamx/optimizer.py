@@ -9,21 +9,136 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _ops, _sharded
+from . import _compact, _ops, _sharded
 from .functional import _seed, op_kwargs
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "state_bytes", "to_torch_state_dict", "COMPACT_MIN_NUMEL"]
 
 # torch.optim.Adam's group keys that adamx reads or keeps, and adamx's own, with their
 # defaults (the switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False; a
 # group's "seed" defaults to its index).
 _GROUP_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
-                       master_weights=False)
+                       master_weights=False, state_dtype="float32")
 _REDUCED = (torch.float16, torch.bfloat16)
 # adamx's switches that torch.optim.Adam lacks, and its other group keys: state_dict leaves
 # them out where they hold their defaults (see Adam.state_dict).
 _ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
                                 - set(inspect.signature(torch.optim.Adam).parameters)))
+
+
+# How moments may be stored (a group's "state_dtype"), and the smallest param that gets
+# compact moments: smaller ones keep float32 state (as bitsandbytes' 8-bit optimizers keep
+# params under 4096 elements), where the savings are small and the precision is worth more.
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+COMPACT_MIN_NUMEL = 4096
+_STATE_DTYPE_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                        torch.int8: "int8", torch.uint8: "int8"}
+
+
+def _state_dtype(value):
+    """A group's state_dtype as one of STATE_DTYPES (a string, or a torch dtype)."""
+    name = _STATE_DTYPE_ALIASES.get(value, value)
+    if name not in STATE_DTYPES:
+        raise ValueError(f"adamx: state_dtype must be one of {list(STATE_DTYPES)}, got "
+                         f"{value!r}")
+    return name
+
+
+def _check_state_dtype(group):
+    """The settings compact moments do not combine with, refused when a group is added."""
+    name = group["state_dtype"] = _state_dtype(group.get("state_dtype", "float32"))
+    if name == "float32":
+        return
+    if group.get("amsgrad"):
+        raise ValueError(f"adamx: state_dtype={name!r} does not combine with amsgrad=True "
+                         "(its running maximum needs float32 state)")
+    for p in group["params"]:
+        _moments_kind(p, group)
+
+
+def _dense(t):
+    """Whether ``t`` covers its memory without gaps or overlaps (any order of dims)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _moments_kind(p, group):
+    """How param ``p`` of ``group`` stores its moments: "float32" (torch's layout: the
+    param's dtype, or float32 beside a master copy), "bfloat16" or "int8". Params with
+    fewer than COMPACT_MIN_NUMEL elements, float64/float16 params and DTensors keep
+    torch's layout."""
+    want = group["state_dtype"]
+    if (want == "float32" or p.numel() < COMPACT_MIN_NUMEL
+            or p.dtype not in (torch.float32, torch.bfloat16)):
+        return "float32"
+    if _sharded.is_dtensor(p):
+        raise NotImplementedError(
+            f"adamx: state_dtype={want!r} is not implemented for DTensor (FSDP2, tensor "
+            "parallel) params yet; use state_dtype='float32' for them")
+    if want == "bfloat16" and p.dtype == torch.bfloat16 and not _has_master(p, group):
+        raise ValueError(
+            "adamx: state_dtype='bfloat16' for bfloat16 params needs master_weights=True "
+            "(bfloat16 moments beside fp32 master copies): without master copies, bfloat16 "
+            "params keep torch's bfloat16 moments rounded to nearest. Or use "
+            "state_dtype='int8'")
+    if want == "int8" and not _dense(p):
+        return "float32"  # 8-bit blocks are runs of memory: a strided view keeps float32
+    return want
+
+
+def _stored_kind(p, state):
+    """How ``state`` holds its moments now (as _moments_kind names it)."""
+    dtype = state["exp_avg"].dtype
+    if dtype == torch.uint8:
+        return "int8"
+    if dtype == torch.bfloat16 and (p.dtype == torch.float32 or "master_param" in state):
+        return "bfloat16"
+    return "float32"
+
+
+def _moment_float(state, key):
+    """Moment ``key`` of ``state`` decoded to float32 (from any storage)."""
+    value = _local(state[key])
+    if value.dtype == torch.uint8:
+        row = 0 if key == "exp_avg" else 1
+        return _compact.decode_codes(value, state["code_scales"][row], signed=row == 0)
+    return value.float()
+
+
+def _saved_compact(p, saved):
+    """Whether a checkpoint's state of param ``p`` holds compact moments."""
+    m = saved.get("exp_avg")
+    return torch.is_tensor(m) and (m.dtype == torch.uint8 or (
+        m.dtype == torch.bfloat16 and (p.dtype == torch.float32 or "master_param" in saved)))
+
+
+def _check_saved_moments(p, key, saved):
+    """Refuses a checkpoint's compact moments that do not fit param ``p`` (before
+    load_state_dict changes anything)."""
+    if not _saved_compact(p, saved):
+        return
+    m, v = saved.get("exp_avg"), saved.get("exp_avg_sq")
+    where = f"adamx: the checkpoint's state of param {key}"
+    if not torch.is_tensor(v) or v.dtype != m.dtype:
+        raise ValueError(f"{where} has exp_avg in {m.dtype} but exp_avg_sq in "
+                         f"{getattr(v, 'dtype', type(v).__name__)}")
+    for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
+        if t.shape != p.shape:
+            raise ValueError(f"{where} has {name} of shape {tuple(t.shape)} but the param "
+                             f"has shape {tuple(p.shape)}")
+    if m.dtype == torch.uint8:
+        scales = saved.get("code_scales")
+        blocks = _compact.num_code_blocks(p.numel())
+        if not (torch.is_tensor(scales) and scales.dtype == torch.float32
+                and tuple(scales.shape) == (2, blocks)):
+            raise ValueError(
+                f"{where} holds 8-bit moments, whose code_scales must be a float32 tensor of "
+                f"shape (2, {blocks}); got "
+                f"{tuple(scales.shape) if torch.is_tensor(scales) else scales!r}")
 
 
 def _has_master(p, group):
@@ -90,6 +205,17 @@ class Adam(Optimizer):
       (the group's ``seed``, the param's position among the group's params with grads,
       its step count, the element), so steps are reproducible on any thread count, CPU or
       GPU. ``seed`` defaults to the group's index.
+
+    ``state_dtype`` (per group) stores the moments of float32 and bfloat16 params with at
+    least COMPACT_MIN_NUMEL (4096) elements in fewer bytes, updated in the same one pass
+    (see README.md, Lean optimizer state): ``"float32"`` (default; torch's layout),
+    ``"bfloat16"`` (4 bytes per param instead of 8; bfloat16 params need
+    ``master_weights=True``) or ``"int8"`` (8-bit codes with a float32 scale per 256
+    elements: 2.03 bytes per param). Both round stochastically (keyed by ``seed``), so the
+    moments do not stall. Not with amsgrad. ``state_dict`` holds the compact tensors (and
+    ``code_scales`` for int8); ``adamx.to_torch_state_dict`` converts one to torch's
+    layout, and loading a torch checkpoint encodes it. ``adamx.state_bytes`` reports the
+    memory.
     """
 
     # GradScaler.step sets self.grad_scale and self.found_inf for the step and deletes them
@@ -115,6 +241,7 @@ class Adam(Optimizer):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        state_dtype="float32",
     ):
         # The checks and messages of torch.optim.Adam.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -144,7 +271,7 @@ class Adam(Optimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            seed=seed,
+            seed=seed, state_dtype=_state_dtype(state_dtype),
         )
         super().__init__(params, defaults)
 
@@ -156,6 +283,7 @@ class Adam(Optimizer):
             param_group = dict(param_group, seed=base + len(self.param_groups))
         _seed(param_group["seed"])  # an int
         super().add_param_group(param_group)
+        _check_state_dtype(self.param_groups[-1])
 
     def __setstate__(self, state):
         # Also what load_state_dict ends with: groups from a torch.optim.Adam checkpoint
@@ -186,6 +314,8 @@ class Adam(Optimizer):
             for key in _ADAMX_ONLY_KEYS + ("master_weights",):
                 if group.get(key, True) is False:
                     del group[key]
+            if group.get("state_dtype") == "float32":
+                del group["state_dtype"]
             if group.get("seed") == index:
                 del group["seed"]
         return state_dict
@@ -193,35 +323,49 @@ class Adam(Optimizer):
     def load_state_dict(self, state_dict):
         """As torch.optim.Optimizer.load_state_dict, and: a group setting the checkpoint
         lacks (adamx's own, e.g. ``master_weights``, in a torch.optim.Adam checkpoint) keeps
-        this optimizer's value; master copies and fp32 moments of float16/bfloat16 params
-        keep their precision (torch casts every state tensor to its param's dtype); master
-        copies missing from the checkpoint, or that no longer round to their param, start
-        from the params."""
+        this optimizer's value; master copies, fp32 moments of float16/bfloat16 params and
+        compact moments keep their dtypes (torch casts every state tensor to its param's
+        dtype); master copies missing from the checkpoint, or that no longer round to their
+        param, start from the params; moments stored otherwise than the group's
+        state_dtype asks are converted (a torch.optim.Adam checkpoint loaded with
+        state_dtype="int8" is encoded). A checkpoint whose compact moments do not fit their
+        params is refused before anything changes."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
             state_dict = dict(state_dict, param_groups=[
                 {**{k: v for k, v in group.items() if k != "params"}, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
+            for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+                for p, key in zip(group["params"], saved["params"]):
+                    _check_saved_moments(p, key, state_dict["state"].get(key, {}))
         super().load_state_dict(state_dict)
         saved_state = state_dict["state"]
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group["state_dtype"] = _state_dtype(group.get("state_dtype", "float32"))
             for p, key in zip(group["params"], saved["params"]):
                 state = self.state.get(p)
-                if not state or not _has_master(p, group):
+                if not state:
                     continue
                 original = saved_state.get(key, {})
-                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                # Tensors to take from the checkpoint as they are (compact moments), or
+                # as float32 (beside a master copy), rather than cast to the param's dtype.
+                keep = dict.fromkeys(("exp_avg", "exp_avg_sq", "code_scales")) \
+                    if _saved_compact(p, original) else {}
+                if _has_master(p, group):
+                    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                        keep.setdefault(k, torch.float32)
+                for k, dtype in keep.items():
                     if torch.is_tensor(original.get(k)):
-                        state[k] = original[k].to(device=p.device, dtype=torch.float32,
-                                                  copy=True)
-                # A master copy is kept only if it is still the param's: fp32 in the
-                # checkpoint and rounding to the param (one that torch.optim.Adam carried
-                # along, cast and no longer updated, is not).
-                master = original.get("master_param")
-                if not (torch.is_tensor(master) and master.dtype == torch.float32
-                        and torch.equal(_local(state["master_param"]).to(p.dtype),
-                                        _local(p.detach()))):
-                    state.pop("master_param", None)
+                        state[k] = original[k].to(device=p.device, dtype=dtype, copy=True)
+                if _has_master(p, group):
+                    # A master copy is kept only if it is still the param's: fp32 in the
+                    # checkpoint and rounding to the param (one that torch.optim.Adam
+                    # carried along, cast and no longer updated, is not).
+                    master = original.get("master_param")
+                    if not (torch.is_tensor(master) and master.dtype == torch.float32
+                            and torch.equal(_local(state["master_param"]).to(p.dtype),
+                                            _local(p.detach()))):
+                        state.pop("master_param", None)
                 self.state[p] = self._conform(p, group, state)
 
     @staticmethod
@@ -242,27 +386,50 @@ class Adam(Optimizer):
         succeeded): the moments it lacks (all, or max_exp_avg_sq when amsgrad is switched
         on) as zeros; with master weights switched on, the moments widened to fp32 and a
         master copy that starts as the param; switched off, the moments in the param's
-        dtype and no master copy."""
+        dtype and no master copy; moments stored as the group's state_dtype asks (decoded
+        and encoded again when it changed, e.g. after loading a torch.optim.Adam
+        checkpoint into a compact optimizer)."""
         master = _has_master(p, group)
+        kind = _moments_kind(p, group)
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         switched = master != ("master_param" in state)
-        if not switched and all(k in state for k in keys):
+        recoded = "exp_avg" in state and _stored_kind(p, state) != kind
+        if not switched and not recoded and all(k in state for k in keys):
             return state
-        dtype = torch.float32 if master else p.dtype
         state = dict(state)
-        for k in keys:
-            state[k] = (state[k].to(dtype) if switched else state[k]) if k in state \
-                else _zeros_like(p, dtype)
         if master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True,
                                                   memory_format=torch.preserve_format)
         elif not master:
             state.pop("master_param", None)
+        moments = ("exp_avg", "exp_avg_sq")
+        if kind == "int8":
+            if recoded or not all(k in state for k in moments + ("code_scales",)):
+                key = _compact.rounding_key(_seed(group["seed"]), 0, float(state["step"]))
+                rows = []
+                for which, k in enumerate(moments):
+                    x = _zeros_like(p, torch.float32)
+                    if k in state:
+                        x.copy_(_moment_float(state, k))
+                    state[k], row = _compact.encode_codes(x, which == 0,
+                                                          _compact.moment_key(key, which))
+                    rows.append(row)
+                state["code_scales"] = torch.stack(rows)
+            return state
+        dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32 if master else p.dtype
+        for k in keys:
+            if k not in state:
+                state[k] = _zeros_like(p, dtype)
+            elif recoded and k in moments:
+                state[k] = _zeros_like(p, dtype).copy_(_moment_float(state, k))
+            elif switched or recoded:
+                state[k] = state[k].to(dtype)
+        state.pop("code_scales", None)
         return state
 
     def _gather(self, group, fresh):
-        """The op calls for one group, as (tensor lists, master_params or None): one or two
-        (params with master copies apart) per round. A param listed k times in the group
+        """The op calls for one group, as (tensor lists, master_params or None, code_scales
+        or None): one or two (params with master copies apart) per round. A param listed k times in the group
         (torch warns) is stepped k times, in round 1, ..., k, as torch's loop steps it. New
         or converted state goes into ``fresh``, which the step adds to ``self.state`` only
         once every update has succeeded."""
@@ -281,8 +448,8 @@ class Adam(Optimizer):
             if state is not self.state.get(p):
                 fresh[p] = state
             master = "master_param" in state
-            lists = rounds[k].setdefault(master, ([], [], [], [], [], [], []))
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters = lists
+            lists = rounds[k].setdefault(master, ([], [], [], [], [], [], [], []))
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, scales = lists
             params.append(p)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -292,15 +459,26 @@ class Adam(Optimizer):
             steps.append(state["step"])
             if master:
                 masters.append(state["master_param"])
-        return [(calls[master][:6], calls[master][6] if master else None)
+            scales.append(state.get("code_scales"))
+        return [(calls[master][:6], calls[master][6] if master else None,
+                 self._code_scales(calls[master][7]))
                 for calls in rounds for master in (False, True) if master in calls]
+
+    @staticmethod
+    def _code_scales(scales):
+        """The op's code_scales: None when no param has 8-bit moments, else one tensor per
+        param (an empty one where a param has none)."""
+        present = [s for s in scales if s is not None]
+        if not present:
+            return None
+        empty = present[0].new_empty(0)
+        return [empty if s is None else s for s in scales]
 
     @staticmethod
     def _hyper(group):
         values = {key: group[key] for key in _ops._C.GROUP_KEYS}
         beta1, beta2 = values.pop("betas")
-        seed = _seed(group["seed"]) if group["stochastic_rounding"] else 0
-        return dict(op_kwargs(beta1=beta1, beta2=beta2, **values), seed=seed)
+        return dict(op_kwargs(beta1=beta1, beta2=beta2, **values), seed=_seed(group["seed"]))
 
     def _check_capturable(self):
         """As torch.optim.Adam (but for fused=True): capturable=True needs params on a
@@ -366,9 +544,10 @@ class Adam(Optimizer):
             group_calls = self._gather(group, fresh)
             if group_calls:
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
-                for lists, masters in group_calls:
+                for lists, masters, scales in group_calls:
                     lists, masters, dtensors = _sharded.local_lists(lists, masters)
-                    calls.append((lists, dict(hyper, master_params=masters)))
+                    calls.append((lists, dict(hyper, master_params=masters,
+                                              code_scales=scales)))
                     sharded += dtensors
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:
@@ -380,6 +559,46 @@ class Adam(Optimizer):
         self.state.update(fresh)
 
 
+def state_bytes(optimizer):
+    """The memory an optimizer's state takes, as a dict: ``bytes`` (every state tensor:
+    moments, 8-bit codes' scales, master copies, amsgrad's maxima, step counts),
+    ``moment_bytes`` (exp_avg and exp_avg_sq with their scales), ``params`` (elements of the
+    params that have state) and ``moment_bytes_per_param``: 8 for float32 moments, 4 for
+    bfloat16, 2 + 8/256 for 8-bit codes (less where small params keep float32)."""
+    total = moments = params = 0
+    for p, state in optimizer.state.items():
+        params += p.numel()
+        for k, t in state.items():
+            if torch.is_tensor(t):
+                size = t.numel() * t.element_size()
+                total += size
+                if k in ("exp_avg", "exp_avg_sq", "code_scales"):
+                    moments += size
+    return dict(bytes=total, moment_bytes=moments, params=params,
+                moment_bytes_per_param=moments / params if params else 0.0)
+
+
+def to_torch_state_dict(state_dict):
+    """An adamx ``state_dict`` in torch.optim.Adam's layout: compact moments decoded to
+    float32 (``code_scales`` dropped), ``state_dtype`` dropped from the groups; other
+    entries as they are (a new dict; the tensors of float32 state are shared)."""
+    state = {}
+    for key, s in state_dict["state"].items():
+        s = dict(s)
+        m = s.get("exp_avg")
+        if torch.is_tensor(m) and m.dtype == torch.uint8:
+            scales = s.pop("code_scales")
+            for row, k in enumerate(("exp_avg", "exp_avg_sq")):
+                s[k] = _compact.decode_codes(s[k], scales[row], signed=row == 0)
+        elif torch.is_tensor(m) and m.dtype == torch.bfloat16:
+            # (torch casts float32 moments back to a bfloat16 param's dtype on loading.)
+            s["exp_avg"], s["exp_avg_sq"] = m.float(), s["exp_avg_sq"].float()
+        state[key] = s
+    groups = [{k: v for k, v in g.items() if k != "state_dtype"}
+              for g in state_dict["param_groups"]]
+    return dict(state_dict, state=state, param_groups=groups)
+
+
 class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay, defaults as ``torch.optim.AdamW``."""
 
@@ -388,13 +607,14 @@ class AdamW(Adam):
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, eps_inside_sqrt: bool = False,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, state_dtype="float32"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt,
                          master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding, seed=seed)
+                         stochastic_rounding=stochastic_rounding, seed=seed,
+                         state_dtype=state_dtype)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -89,6 +89,14 @@ PEERS = {
                          lambda ps, lr, cap: _adamx_cls("Adam")(
                              _reduced(ps, "stochastic rounding", (torch.bfloat16,)), lr=lr,
                              capturable=cap, stochastic_rounding=True)),
+    "adamx-bf16-state": ("adamx.Adam(state_dtype='bfloat16'): bfloat16 moments (bfloat16 "
+                         "params: with master weights)",
+                         lambda ps, lr, cap: _adamx_cls("Adam")(
+                             ps, lr=lr, capturable=cap, state_dtype="bfloat16",
+                             master_weights=any(p.dtype == torch.bfloat16 for p in ps))),
+    "adamx-int8-state": ("adamx.Adam(state_dtype='int8'): 8-bit moments",
+                         lambda ps, lr, cap: _adamx_cls("Adam")(
+                             ps, lr=lr, capturable=cap, state_dtype="int8")),
 }
 
 

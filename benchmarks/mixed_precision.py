@@ -14,6 +14,11 @@ pre-normalised ``tensors`` data path). Each run trains one model:
     fp16-scaler-torch   the same with torch.optim.Adam(fused=True)
     fp16-scaler-master  fp16 params, GradScaler, adamx.Adam(master_weights=True): fp32
                         master copies and moments (no peer has this in its fused step)
+    fp32-bf16-state     fp32 params, adamx.Adam(state_dtype="bfloat16"): bfloat16 moments
+    fp32-int8-state     fp32 params, adamx.Adam(state_dtype="int8"): 8-bit moments
+    bf16-master-bf16-state  bf16 params, master weights, bfloat16 moments
+(Compact moments are for params of 4096 elements or more: here the 784x200 weight; the
+others keep fp32 moments.)
 
 The loss is taken on the logits cast to fp32. Two settings: ``default`` (lr 1e-3, the
 tutorial's) and ``small-lr`` (--small-lr), where many Adam updates are smaller than half
@@ -59,6 +64,9 @@ RUNS = {
     "fp16-scaler-adamx": (torch.float16, "adamx", True, False),
     "fp16-scaler-torch": (torch.float16, "torch-fused", True, False),
     "fp16-scaler-master": (torch.float16, "adamx-master", True, False),
+    "fp32-bf16-state": (torch.float32, "adamx-bf16-state", False, False),
+    "fp32-int8-state": (torch.float32, "adamx-int8-state", False, False),
+    "bf16-master-bf16-state": (torch.bfloat16, "adamx-bf16-state", False, False),
 }
 SETTINGS = ["default", "small-lr"]
 # The small-lr setting's lr, chosen by measurement (real MNIST, 12800 images, 2 epochs):

@@ -31,7 +31,9 @@ exp_avg, exp_avg_sq): 28 B for float32, 14 B for bfloat16. ``adamx-master``
 (``master_weights=True``, float16/bfloat16 params) reads the grad and writes the param in
 their dtype and reads and writes the fp32 master copy and moments: 2 * itemsize + 24 B,
 28 B for bfloat16. ``adamx-stochastic`` (``stochastic_rounding=True``, bfloat16 params)
-moves what plain Adam moves.
+moves what plain Adam moves. ``adamx-bf16-state`` / ``adamx-int8-state``
+(``state_dtype``; bfloat16 params: with master weights) move the param or master copy and
+the grad as above and their moments in 2 or 1 bytes: 20 and 16.06 B for float32 params.
 
 The ceiling: the best rate this machine reaches on simple in-place torch streams over
 four buffers p, m, v, g with the case's byte footprint each (so the whole working set is
@@ -67,7 +69,7 @@ import bench_common as bc
 
 ALL_CASES = ["mnist", "25m", "gpt2", "sweep"]
 ALL_PEERS = ["python-loop", "torch-forloop", "torch-foreach", "torch-fused", "adamx",
-             "adamx-master", "adamx-stochastic"]
+             "adamx-master", "adamx-stochastic", "adamx-bf16-state", "adamx-int8-state"]
 GRAPH_PEERS = ["torch-foreach", "torch-fused", "adamx"]  # capturable, CUDA graph replay
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -227,6 +229,14 @@ def bytes_per_element(args, peer, itemsize):
     the param's dtype, master copy and moments read and written in fp32."""
     if peer.startswith("adamx-master"):
         return (3 if args.grad_scaler else 2) * itemsize + 6 * 4
+    if peer in ("adamx-bf16-state", "adamx-int8-state"):
+        # param read and written, grad read (with master weights: the master copy instead
+        # of the param read, fp32), moments read and written in 2 or 1 bytes (8-bit codes'
+        # scales: 2 x 2 x 4 B per 256 elements)
+        params = 2 * itemsize + 8 if itemsize == 2 else 3 * itemsize
+        grads = itemsize if args.grad_scaler else 0
+        moments = 8 if peer == "adamx-bf16-state" else 4 + 16 / 256
+        return params + grads + moments
     return (8 if args.grad_scaler else 7) * itemsize
 
 
@@ -294,6 +304,11 @@ def targets(records, dtype_name, device):
         if r and r.get("ceiling_share") is not None:
             add("25m: adamx share of the RMW ceiling", r["ceiling_share"], 0.9, ">=")
         add("gpt2: adamx / torch-fused", ratio("gpt2", "adamx", "torch-fused"), 0.9)
+        for case in ("25m", "gpt2"):
+            add(f"{case}: adamx bf16 state / torch-fused",
+                ratio(case, "adamx-bf16-state", "torch-fused"), 0.8)
+            add(f"{case}: adamx int8 state / torch-fused",
+                ratio(case, "adamx-int8-state", "torch-fused"), 0.7)
     elif dtype_name == "bfloat16":
         for case in ("mnist", "25m", "gpt2"):
             add(f"{case} bf16: adamx / torch-fused", ratio(case, "adamx", "torch-fused"), 0.8)

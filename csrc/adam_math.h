@@ -125,13 +125,36 @@ constexpr bool kReducedFloat = std::is_same_v<T, c10::Half> || std::is_same_v<T,
 template <class T>
 using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// The kernels that exist: for params of type P (grads alike) and state of type S
-// (exp_avg, exp_avg_sq, max_exp_avg_sq, the master copy), a variant Var of the switches.
-// S is P, but with master weights, which keep fp32 state for float16/bfloat16 params;
-// stochastic rounding is for bfloat16 params without a master copy.
+// How a param's moments (exp_avg, exp_avg_sq) are stored. Plain: in the state type S of
+// kSupported below (the param's dtype, or float32 beside a master copy), rounded to nearest,
+// as torch stores them. The compact kinds store fewer bytes and round stochastically, so
+// that small changes are not lost (a bfloat16 v rounded to nearest cannot absorb a relative
+// change of 1e-3 and stalls): Bf16 in bfloat16 (for float32 params, or beside a master
+// copy); Codes8 as 8-bit codes with a float32 scale per block of kCodeBlock elements (see
+// "8-bit codes" below). The kind of a param is read from its state's dtype (operands.cpp).
+enum class StateKind : uint8_t { Plain, Bf16, Codes8 };
+
+// The kernels' tag types for the compact kinds (in place of a state type S).
+struct StochasticBf16 {};
+struct Codes8 {};
+template <class S>
+constexpr bool kCompact = std::is_same_v<S, StochasticBf16> || std::is_same_v<S, Codes8>;
+
+// The kernels that exist: for params of type P (grads alike) and moments stored as S, a
+// variant Var of the switches. S is P, or float with master weights (fp32 state beside
+// float16/bfloat16 params), or a compact kind (float32 or bfloat16 params, without
+// amsgrad). Stochastic rounding of the param is for bfloat16 params without a master copy.
+// The master copy, when there is one, is always float.
 template <class Var, class P, class S>
 constexpr bool kSupported =
-    Var::master_weights
+    kCompact<S>
+        ? !Var::amsgrad && (std::is_same_v<P, float>
+                                ? !Var::master_weights && !Var::stochastic_rounding
+                            : std::is_same_v<P, c10::BFloat16>
+                                ? !(Var::master_weights && Var::stochastic_rounding) &&
+                                      (Var::master_weights || std::is_same_v<S, Codes8>)
+                                : false)
+    : Var::master_weights
         ? kReducedFloat<P> && std::is_same_v<S, float> && !Var::stochastic_rounding
         : std::is_same_v<P, S> && (!Var::stochastic_rounding || std::is_same_v<P, c10::BFloat16>);
 
@@ -141,14 +164,22 @@ void dispatch_bits(unsigned bits, F& f, std::integer_sequence<unsigned, kBits...
   ((bits == kBits ? (f.template operator()<Variant<kBits>>(), 0) : 0), ...);
 }
 
-template <class P, class F>
+// The state type of the kind: P or float for Plain, else the compact tag.
+template <class P, StateKind kKind>
+using StateOf = std::conditional_t<
+    kKind == StateKind::Bf16, StochasticBf16,
+    std::conditional_t<kKind == StateKind::Codes8, Codes8,
+                       std::conditional_t<kReducedFloat<P>, float, P>>>;
+
+template <class P, StateKind kKind, class F>
 void dispatch_variant(Switches s, F& f) {
-  using S = std::conditional_t<kReducedFloat<P>, float, P>;
+  using S = StateOf<P, kKind>;
   // Stochastic rounding concerns bfloat16 params only: float32 and float64 params are
   // stored in the type the math runs in (check_args refuses float16 params with it).
   if (!std::is_same_v<P, c10::BFloat16>) s.stochastic_rounding = false;
   auto kernel = [&]<class Var>() {
-    if constexpr (kSupported<Var, P, P>) f.template operator()<Var, P, P>();
+    if constexpr (kKind == StateKind::Plain && kSupported<Var, P, P>)
+      f.template operator()<Var, P, P>();
     else if constexpr (kSupported<Var, P, S>) f.template operator()<Var, P, S>();
   };
   dispatch_bits(switch_bits(s), kernel, std::make_integer_sequence<unsigned, kNumVariants>{});
@@ -157,7 +188,8 @@ void dispatch_variant(Switches s, F& f) {
 template <class Var, class P>
 constexpr unsigned count_kernels() {
   using S = std::conditional_t<kReducedFloat<P>, float, P>;
-  return unsigned(kSupported<Var, P, P>) + unsigned(!std::is_same_v<P, S> && kSupported<Var, P, S>);
+  return unsigned(kSupported<Var, P, P>) + unsigned(!std::is_same_v<P, S> && kSupported<Var, P, S>) +
+         unsigned(kSupported<Var, P, StochasticBf16>) + unsigned(kSupported<Var, P, Codes8>);
 }
 template <class P, unsigned... kBits>
 constexpr unsigned count_kernels(std::integer_sequence<unsigned, kBits...>) {
@@ -176,12 +208,19 @@ void dispatch_dtype(Dtype d, F&& f) {
   }
 }
 
-// Calls f.template operator()<Var, P, S>() with the kernel for params of dtype `param`
-// and these switches: the single place where run-time dtypes and switches become
-// template parameters. (check_args has refused the combinations that are no kernel.)
+// Calls f.template operator()<Var, P, S>() with the kernel for params of dtype `param`,
+// moments stored as `kind`, and these switches: the single place where run-time dtypes and
+// switches become template parameters. (check_args has refused the combinations that are
+// no kernel.)
 template <class F>
-void dispatch_kernel(Dtype param, const Switches& s, F&& f) {
-  dispatch_dtype(param, [&]<class P>() { detail::dispatch_variant<P>(s, f); });
+void dispatch_kernel(Dtype param, StateKind kind, const Switches& s, F&& f) {
+  dispatch_dtype(param, [&]<class P>() {
+    switch (kind) {
+      case StateKind::Bf16: return detail::dispatch_variant<P, StateKind::Bf16>(s, f);
+      case StateKind::Codes8: return detail::dispatch_variant<P, StateKind::Codes8>(s, f);
+      case StateKind::Plain: return detail::dispatch_variant<P, StateKind::Plain>(s, f);
+    }
+  });
 }
 
 // How many kernels there are (per ISA on the CPU, per architecture in CUDA).
@@ -199,7 +238,8 @@ struct TensorPointers {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // null unless amsgrad
-  void* master_param;    // null unless master_weights (then float, as the state)
+  void* master_param;    // null unless master_weights (then float)
+  float* code_scales;    // Codes8: exp_avg's block scales, then exp_avg_sq's; else null
   int64_t numel;
 };
 
@@ -261,6 +301,128 @@ ADAMX_HD c10::BFloat16 round_bf16_stochastic(float x, uint32_t random) {
   std::memcpy(&u, &x, sizeof(u));
   u = x != x ? (u | 0x00400000u) : u + (random & 0xffffu);
   return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+
+// The random bits of the compact moments' stochastic rounding: streams of their own, apart
+// from the param's (`which`: 0 for exp_avg, 1 for exp_avg_sq), keyed like it.
+ADAMX_HD uint64_t moment_key(uint64_t key, int which) {
+  return mix64(key + 0x632be59bd9b4e019ull * static_cast<uint64_t>(which + 1));
+}
+
+// The random streams of one tensor's step, from its rounding_key: the param's
+// (stochastic_rounding) and its compact moments'.
+struct RoundingKeys {
+  uint64_t param = 0, exp_avg = 0, exp_avg_sq = 0;
+  RoundingKeys() = default;
+  ADAMX_HD explicit RoundingKeys(uint64_t key)
+      : param(key), exp_avg(moment_key(key, 0)), exp_avg_sq(moment_key(key, 1)) {}
+};
+
+// How compact moments of kind S are stored: bfloat16 for StochasticBf16, uint8 codes for
+// Codes8, S itself for the plain kinds.
+template <class S>
+using MomentStorage = std::conditional_t<std::is_same_v<S, StochasticBf16>, c10::BFloat16,
+                                         std::conditional_t<std::is_same_v<S, Codes8>, uint8_t, S>>;
+
+// 8-bit codes (StateKind::Codes8). The elements of a tensor, in memory order, form blocks
+// of kCodeBlock (the last may be shorter); each block has a float32 scale, a power of two,
+// and each element a code whose magnitude part c stands for code_value(c) * scale. The
+// values form a small floating-point format with 3 mantissa bits and subnormals, largest
+// value 1.875: for exp_avg a sign bit and 7 bits (e4m3: 15 binades of normal numbers down
+// to 2^-14, then 8 subnormal steps of 2^-17), for exp_avg_sq, never negative, 8 bits (e5m3:
+// down to 2^-30, steps of 2^-33). Like an fp8 number, each value has about the same
+// relative precision (1/16 to 1/8), so the small moments of a block are not lost as they
+// would be in a linear code. The scale is the smallest power of two that brings the
+// block's largest magnitude to at most 1.875; being a power of two, it never moves the grid
+// of values when it changes (a value on the grid stays on it), so a moment that does not
+// change is not rounded anew.
+//
+// A code is the magnitude rounded stochastically in that format: 20 random bits added to
+// the float32's bits below the format's last mantissa bit, then truncated, which rounds up
+// with probability equal to the distance from the lower value. The stored moments are
+// unbiased: rounding to nearest would stall, as bfloat16 does, and worse (a step moves
+// exp_avg_sq by 1e-3 of the way to g^2; the gaps here are 6-12%). With a fixed grid, the
+// rounding noise of a step is about sqrt(change * gap), not the gap: what lets a moment
+// averaged over 1000 steps (beta2 = 0.999) keep its value to ~20% rather than ~80%.
+// Encoding and decoding are a few integer operations, the same on every ISA and the GPU.
+constexpr int64_t kCodeBlock = 256;
+
+// Number of blocks of codes of a tensor of `numel` elements.
+ADAMX_HD int64_t code_blocks(int64_t numel) { return (numel + kCodeBlock - 1) / kCodeBlock; }
+
+template <bool kSigned>
+struct CodeFormat {
+  static constexpr uint32_t kMaxCode = kSigned ? 127u : 255u;
+  // A normal code c (c >= 8) is 2^((c >> 3) - kBias) * (1 + (c & 7) / 8): its float32 bits
+  // are (c << 20) + kOffset. A subnormal one (c < 8) is c * kSubnormalStep.
+  static constexpr int kBias = kSigned ? 15 : 31;
+  static constexpr uint32_t kOffset = uint32_t(127 - kBias) << 23;
+  static constexpr float kSmallestNormal = kSigned ? 0x1p-14f : 0x1p-30f;
+  static constexpr float kSubnormalStep = kSigned ? 0x1p-17f : 0x1p-33f;
+};
+
+ADAMX_HD float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+ADAMX_HD uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// The value of magnitude code c, in units of the block's scale (exact).
+template <bool kSigned>
+ADAMX_HD float code_value(uint32_t c) {
+  using F = CodeFormat<kSigned>;
+  const float subnormal = static_cast<float>(c & 7u) * F::kSubnormalStep;
+  const float normal = float_from_bits((c << 20) + F::kOffset);
+  return c < 8 ? subnormal : normal;
+}
+
+template <bool kSigned>
+ADAMX_HD float decode_code(uint8_t code, float scale) {
+  const float magnitude = code_value<kSigned>(kSigned ? code & 0x7fu : code) * scale;
+  return kSigned && (code & 0x80u) ? -magnitude : magnitude;
+}
+
+// A block's scale (a power of two: the smallest 2^k with absmax <= 1.875 * 2^k, k in
+// [-126, 126]) and its inverse, from the block's largest magnitude. An all-zero block has
+// scale 0. A NaN or an infinity makes the whole block NaN (scale NaN or inf, inverse 0;
+// the infinite element stays infinite).
+struct CodeScale {
+  float scale, inv;
+};
+ADAMX_HD CodeScale code_scale(float absmax) {
+  if (!(absmax <= 3.402823466e38f)) return {absmax, 0.0f};
+  if (absmax == 0.0f) return {0.0f, 0.0f};
+  const uint32_t b = bits_of(absmax);
+  int k = int(b >> 23) - 127 + ((b & 0x7fffffu) > 0x700000u ? 1 : 0);
+  k = k < -126 ? -126 : k > 126 ? 126 : k;
+  return {float_from_bits(uint32_t(k + 127) << 23), float_from_bits(uint32_t(127 - k) << 23)};
+}
+
+// The code of x (a moment) in a block of inverse scale `inv`, rounded stochastically with
+// `random`'s top 20 bits. Branch-free, so that the CPU kernel's lane loop vectorizes.
+template <bool kSigned>
+ADAMX_HD uint8_t encode_code(float x, float inv, uint32_t random) {
+  using F = CodeFormat<kSigned>;
+  const float magnitude = (kSigned ? std::fabs(x) : x) * inv;  // exact but under/overflow
+  // Subnormals: rounded as the normal numbers of the binade above kSmallestNormal, less
+  // its 8 codes (adding kSmallestNormal rounds away only bits far below the code's).
+  const bool small = magnitude < F::kSmallestNormal;  // false for NaN
+  const float a = small ? magnitude + F::kSmallestNormal : magnitude;
+  const uint32_t u = ((bits_of(a) + (random >> 12)) >> 20) - (F::kOffset >> 20) - (small ? 8u : 0u);
+  const uint32_t c = u < F::kMaxCode ? u : F::kMaxCode;
+  return static_cast<uint8_t>(kSigned ? c | ((bits_of(x) >> 24) & 0x80u) : c);
+}
+
+// The largest magnitude, NaN-propagating (a NaN wins over everything).
+ADAMX_HD float absmax_of(float current, float x) {
+  const float a = std::fabs(x);
+  return (a != a || a > current) ? a : current;
 }
 
 // Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD

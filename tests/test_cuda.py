@@ -315,3 +315,43 @@ def test_tensor_of_more_than_2_31_elements(dtype, bytes_per):
         assert torch.equal(v[sl].cpu(), small.exp_avg_sqs[0]), sl
     del p, g, m, v
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compact_moments_match_the_cpu_bitwise(capturable):
+    """bfloat16 moments and 8-bit codes on the GPU (the codes' warp kernel): the CPU
+    kernel's bits, host or device step counts (the rounding key reads the step in the
+    kernel then)."""
+    from test_lean_state import CONFIGS, LeanCase, _assert_same, _op_kwargs, _run_cpu
+
+    for k, config in enumerate(CONFIGS):
+        want = LeanCase(config, seed=k)
+        got = want.clone()
+        for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales"):
+            setattr(got, name, [t.cuda() for t in getattr(got, name)])
+        if capturable:
+            got.steps = [s.cuda() for s in got.steps]
+        switches = dict(decoupled_weight_decay=True, weight_decay=0.1)
+        _run_cpu(want, 3, switches)
+        torch.ops.adamx.adam_(*got.lists(), **_op_kwargs(got, 3, switches))
+        for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales", "steps"):
+            setattr(got, name, [t.cpu() for t in getattr(got, name)])
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_lean_optimizer_on_cuda_matches_cpu(state_dtype):
+    torch.manual_seed(0)
+    cpu = torch.nn.Linear(300, 100)
+    gpu = torch.nn.Linear(300, 100).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    opts = [adamx.AdamW(m.parameters(), state_dtype=state_dtype) for m in (cpu, gpu)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in cpu.parameters()]
+        for m, opt, dev in ((cpu, opts[0], "cpu"), (gpu, opts[1], "cuda")):
+            for p, g in zip(m.parameters(), grads):  # the same grads: matmuls differ
+                p.grad = g.to(dev)
+            opt.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(a, b.cpu())

@@ -144,7 +144,9 @@ def test_master_weights_skip_on_found_inf():
 @pytest.mark.parametrize("case, error, match", [
     ("fp32 param", TypeError, "master_params are fp32 copies of float16 or bfloat16"),
     ("bf16 master", RuntimeError, r"master_params\[1\] has dtype BFloat16"),
-    ("bf16 state", RuntimeError, r"exp_avgs\[1\] has dtype BFloat16 .* must be float32"),
+    ("bf16 state", TypeError, r"exp_avgs\[1\] is BFloat16 but exp_avg_sqs\[1\] is Float; "
+                              "both moments are stored alike"),
+    ("fp16 state", RuntimeError, r"exp_avgs\[1\] has dtype Half .* must be float32"),
     ("short list", ValueError, "got 2 params but 1 master_params"),
     ("wrong shape", RuntimeError, r"master_params\[1\] has shape"),
     ("shares memory", RuntimeError, r"master_params\[0\] and master_params\[1\] share memory"),
@@ -160,8 +162,10 @@ def test_master_weights_bad_input_changes_nothing(case, error, match):
         grads[1] = grads[1].float()
     elif case == "bf16 master":
         st.master_params[1] = st.master_params[1].bfloat16()
-    elif case == "bf16 state":
+    elif case == "bf16 state":  # bfloat16 moments beside a master copy: both of them
         st.exp_avgs[1] = st.exp_avgs[1].bfloat16()
+    elif case == "fp16 state":
+        st.exp_avgs[1] = st.exp_avgs[1].half()
     elif case == "short list":
         st.master_params = st.master_params[:1]
     elif case == "wrong shape":

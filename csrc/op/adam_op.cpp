@@ -45,6 +45,45 @@ void check_no_self_overlap(const at::Tensor& x, const char* list, size_t i) {
               "] has overlapping memory (e.g. from expand()); it cannot be updated in place");
 }
 
+// Compact moments (bfloat16 or 8-bit codes, `kind`) of param i: which params and switches
+// they combine with, and the block scales of codes.
+void check_compact(const AdamArgs& a, size_t i, StateKind kind) {
+  const at::Tensor& p = a.params[i];
+  const char* what = kind == StateKind::Codes8 ? "8-bit codes (uint8)" : "bfloat16";
+  TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16,
+                   "adamx: exp_avgs[", i, "] holds compact moments in ", what, ", which are "
+                   "implemented for float32 and bfloat16 params, but params[", i, "] is ",
+                   p.scalar_type());
+  TORCH_CHECK_VALUE(!a.switches.amsgrad, "adamx: compact moments (exp_avgs[", i, "] in ", what,
+                    ") do not combine with amsgrad; keep float32 state for amsgrad");
+  TORCH_CHECK_TYPE(a.exp_avg_sqs[i].defined() &&
+                       a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(),
+                   "adamx: exp_avgs[", i, "] is ", a.exp_avgs[i].scalar_type(),
+                   " but exp_avg_sqs[", i, "] is ",
+                   a.exp_avg_sqs[i].defined() ? toString(a.exp_avg_sqs[i].scalar_type()) : "undefined",
+                   "; both moments are stored alike");
+  if (kind != StateKind::Codes8) return;
+  // Blocks are runs of the param's memory order, so codes share the param's layout.
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), "adamx: params[", i, "] is not dense in "
+              "memory (a strided view); 8-bit moments need a dense param");
+  for (const at::Tensor* m : {&a.exp_avgs[i], &a.exp_avg_sqs[i]})
+    TORCH_CHECK(m->strides() == p.strides(), "adamx: the 8-bit moments of params[", i,
+                "] have strides ", m->strides(), " but the param has ", p.strides(),
+                "; codes are laid out like their param");
+  TORCH_CHECK_VALUE(a.code_scales.size() == a.params.size(), "adamx: exp_avgs[", i, "] holds "
+                    "8-bit codes, which need their block scales: code_scales, one tensor per "
+                    "param, got ", a.code_scales.size(), " for ", a.params.size(), " params");
+  const at::Tensor& s = a.code_scales[i];
+  const int64_t blocks = code_blocks(p.numel());
+  TORCH_CHECK(s.defined() && s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == 2 &&
+                  s.size(1) == blocks && s.is_contiguous() && s.device() == p.device(),
+              "adamx: code_scales[", i, "] must be a contiguous float32 tensor of shape [2, ",
+              blocks, "] (a scale per ", kCodeBlock, " elements of exp_avg, then of "
+              "exp_avg_sq) on ", p.device(), "; got ",
+              s.defined() ? toString(s.scalar_type()) : "undefined", " ",
+              s.defined() ? s.sizes() : at::IntArrayRef(), s.defined() && !s.is_contiguous() ? " (not contiguous)" : "");
+}
+
 void check_hyper(double value, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(value), "adamx: ", name, " must be a finite number, got ",
                     value);
@@ -165,7 +204,8 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   if (!c10::InferenceMode::is_enabled()) {
     const at::TensorList written_grads = a.switches.unscale_grad ? a.grads : at::TensorList();
     for (at::TensorList list : {a.params, written_grads, a.exp_avgs, a.exp_avg_sqs,
-                                a.max_exp_avg_sqs, a.master_params, a.state_steps})
+                                a.max_exp_avg_sqs, a.master_params, a.code_scales,
+                                a.state_steps})
       for (const at::Tensor& t : list)
         TORCH_CHECK(!t.defined() || !t.is_inference(),
                     "adamx: an in-place update of an inference tensor outside InferenceMode "
@@ -190,7 +230,12 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
     TORCH_CHECK_TYPE(!a.switches.master_weights || reduced, "adamx: master_params are fp32 "
                      "copies of float16 or bfloat16 params, but params[", i, "] is ",
                      p.scalar_type(), "; step it in a call without master_params");
-    const at::ScalarType state_dtype = a.switches.master_weights ? at::kFloat : p.scalar_type();
+    const StateKind kind = state_kind(a, i);
+    if (kind != StateKind::Plain) check_compact(a, i, kind);
+    const at::ScalarType state_dtype = kind == StateKind::Codes8 ? at::kByte
+                                       : kind == StateKind::Bf16 ? at::kBFloat16
+                                       : a.switches.master_weights ? at::kFloat
+                                                                   : p.scalar_type();
 
     const at::Tensor& g = a.grads[i];
     TORCH_CHECK(g.defined(), "adamx: params[", i, "] has no grad");
@@ -235,14 +280,16 @@ BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
   grad_scale_ = args[next].toOptional<at::Tensor>();
   found_inf_ = args[next + 1].toOptional<at::Tensor>();
   if (!args[next + 2].isNone()) master_params_ = args[next + 2].toTensorVector();
-  const int64_t seed = args[next + 3].toInt();
+  if (!args[next + 3].isNone()) code_scales_ = args[next + 3].toTensorVector();
+  const int64_t seed = args[next + 4].toInt();
   switches.unscale_grad = grad_scale_.has_value();
   switches.master_weights = master_params_.has_value();
   args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
                    Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
                          args[11].toDouble(), args[10].toDouble(), 1.0, seed},
                    or_null(lr_tensor_), switches, or_null(grad_scale_), or_null(found_inf_),
-                   master_params_ ? at::TensorList(*master_params_) : at::TensorList()};
+                   master_params_ ? at::TensorList(*master_params_) : at::TensorList(),
+                   code_scales_ ? at::TensorList(*code_scales_) : at::TensorList()};
 }
 
 namespace {

@@ -32,6 +32,10 @@ struct AdamArgs {
   // fp32 master copies of float16/bfloat16 params (empty unless master_weights): the
   // update runs on them (with fp32 state), and each param gets its master's rounding.
   at::TensorList master_params;
+  // Block scales of 8-bit moments (StateKind::Codes8): per param a float32 [2, blocks]
+  // tensor (exp_avg's, exp_avg_sq's), read and written where the param's moments are uint8
+  // codes, ignored (may be empty) elsewhere. Empty when no param has codes.
+  at::TensorList code_scales;
 };
 
 // The tensor lists a step writes, in this order, with their names; a list this step does
@@ -39,7 +43,8 @@ struct AdamArgs {
 // unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
 // temporaries and their copy-back read.
 enum WrittenList {
-  kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kMasterParams, kStateSteps, kNumWritten
+  kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kMasterParams, kCodeScales, kStateSteps,
+  kNumWritten
 };
 struct NamedList {
   at::TensorList tensors;
@@ -53,7 +58,21 @@ inline std::array<NamedList, kNumWritten> written_lists(const AdamArgs& a) {
            {a.exp_avg_sqs, "exp_avg_sqs"},
            {a.switches.amsgrad ? a.max_exp_avg_sqs : none, "max_exp_avg_sqs"},
            {a.master_params, "master_params"},
+           {a.code_scales, "code_scales"},
            {a.state_steps, "state_steps"}}};
+}
+
+// How param i's moments are stored (see StateKind), read from its exp_avg's dtype: uint8
+// codes; bfloat16 beside a float32 param or a master copy (a bfloat16 param's own state
+// in bfloat16 is torch's, rounded to nearest: Plain); else Plain.
+inline StateKind state_kind(const AdamArgs& a, size_t i) {
+  const at::Tensor& m = a.exp_avgs[i];
+  if (!m.defined()) return StateKind::Plain;
+  if (m.scalar_type() == at::kByte) return StateKind::Codes8;
+  if (m.scalar_type() == at::kBFloat16 &&
+      (a.params[i].scalar_type() == at::kFloat || a.switches.master_weights))
+    return StateKind::Bf16;
+  return StateKind::Plain;
 }
 
 // What a backend knows about where its kernel runs, for the checks that depend on it.
@@ -74,7 +93,7 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// seed (as the schema), and the AdamArgs of a call. The operand switches are set by the
+// code_scales, seed (as the schema), and the AdamArgs of a call. The operand switches are set by the
 // operands given: unscale_grad by a grad_scale, master_weights by master_params.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
@@ -84,7 +103,8 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
       double lr, const std::optional<at::Tensor>&lr_tensor, double beta1, double beta2,     \
       double weight_decay, double eps, ADAMX_SWITCHES(ADAMX_SWITCH_PARAM)                   \
       const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf, \
-      const std::optional<at::TensorList>&master_params, int64_t seed
+      const std::optional<at::TensorList>&master_params,                                  \
+      const std::optional<at::TensorList>&code_scales, int64_t seed
 
 inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
   Switches switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)};
@@ -93,7 +113,7 @@ inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
   return AdamArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                   Hyper{lr, beta1, beta2, eps, weight_decay, 1.0, seed}, or_null(lr_tensor),
                   switches, or_null(grad_scale), or_null(found_inf),
-                  master_params.value_or(at::TensorList())};
+                  master_params.value_or(at::TensorList()), code_scales.value_or(at::TensorList())};
 }
 
 template <void (*Backend)(const AdamArgs&)>
@@ -101,7 +121,7 @@ void adam_op(ADAMX_OP_PARAMS) {
   Backend(make_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                          lr, lr_tensor, beta1, beta2, weight_decay, eps,
                          ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,
-                         master_params, seed));
+                         master_params, code_scales, seed));
 }
 #undef ADAMX_SWITCH_PARAM
 #undef ADAMX_SWITCH_VALUE
@@ -123,12 +143,12 @@ class BoxedAdamArgs {
   explicit BoxedAdamArgs(const c10::IValue* args);
   const AdamArgs& args() const { return args_; }
   // Number of stack entries the op's own arguments take.
-  static constexpr size_t kNumArgs = 16 + kNumSwitches;
+  static constexpr size_t kNumArgs = 17 + kNumSwitches;
 
  private:
   std::vector<at::Tensor> lists_[6];
   std::optional<at::Tensor> lr_tensor_, grad_scale_, found_inf_;
-  std::optional<std::vector<at::Tensor>> master_params_;
+  std::optional<std::vector<at::Tensor>> master_params_, code_scales_;
   AdamArgs args_;
 };
 

@@ -14,7 +14,7 @@ namespace {
 // else a dense copy that is.
 at::Tensor alike(const at::Tensor& x, const at::Tensor& layout) {
   if (x.strides() == layout.strides()) return x;
-  return at::empty_like(layout).copy_(x);
+  return at::empty_like(layout, x.options()).copy_(x);
 }
 
 void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -36,7 +36,8 @@ ScalarOperand scalar_operand(const at::Tensor* t, double absent, bool in_kernel)
 // user's own tensor: then it is copied back after the kernel.
 bool on_temporary(const std::array<NamedList, kNumWritten>& written,
                   const std::array<at::Tensor, kStateSteps>& used, size_t i, size_t k) {
-  return !written[k].tensors.empty() && !used[k].is_same(written[k].tensors[i]);
+  return !written[k].tensors.empty() && used[k].defined() &&
+         !used[k].is_same(written[k].tensors[i]);
 }
 
 bool host_step(const at::Tensor& step, InKernel in_kernel) {
@@ -74,6 +75,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
   used_.resize(n);
   pointers_.resize(n);
   dtypes_.resize(n);
+  kinds_.resize(n);
   steps_.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
@@ -84,6 +86,8 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
     u[kExpAvgSqs] = alike(a.exp_avg_sqs[i], param);
     if (amsgrad) u[kMaxExpAvgSqs] = alike(a.max_exp_avg_sqs[i], param);
     if (master) u[kMasterParams] = alike(a.master_params[i], param);
+    kinds_[i] = state_kind(a, i);
+    if (kinds_[i] == StateKind::Codes8) u[kCodeScales] = a.code_scales[i];  // contiguous
     for (size_t k = 0; k < u.size(); ++k)
       if (on_temporary(written, u, i, k)) {
         copied_.push_back(i);
@@ -92,7 +96,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
     pointers_[i] = {param.data_ptr(),           grad_data(u[kGrads], unscale),
                     u[kExpAvgs].data_ptr(),     u[kExpAvgSqs].data_ptr(),
                     data_or_null(u[kMaxExpAvgSqs]), data_or_null(u[kMasterParams]),
-                    param.numel()};
+                    static_cast<float*>(data_or_null(u[kCodeScales])), param.numel()};
     dtypes_[i] = dtype_of(p.scalar_type());
 
     const at::Tensor& step = a.state_steps[i];

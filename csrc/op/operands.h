@@ -60,6 +60,7 @@ class StepOperands {
   size_t size() const { return pointers_.size(); }
   const TensorPointers& pointers(size_t i) const { return pointers_[i]; }
   Dtype dtype(size_t i) const { return dtypes_[i]; }
+  StateKind kind(size_t i) const { return kinds_[i]; }
   const StepCount& step(size_t i) const { return steps_[i]; }
   const ScalarOperand& lr() const { return lr_; }
   const ScalarOperand& grad_scale() const { return grad_scale_; }
@@ -80,13 +81,14 @@ class StepOperands {
  private:
   // The tensors the kernel runs on for one param, indexed as written_lists (the grad is
   // read-only unless unscaled; max_exp_avg_sq undefined unless amsgrad, master_param
-  // unless master_weights).
+  // unless master_weights, code_scales unless 8-bit moments).
   using Used = std::array<at::Tensor, kStateSteps>;
   const AdamArgs& args_;
   std::vector<Used> used_;
   std::vector<size_t> copied_;  // params that run on temporaries
   std::vector<TensorPointers> pointers_;
   std::vector<Dtype> dtypes_;
+  std::vector<StateKind> kinds_;
   std::vector<StepCount> steps_;
   std::vector<at::Tensor> kernel_steps_;  // incremented in place, before the kernel
   ScalarOperand lr_{}, grad_scale_{}, found_inf_{};

@@ -34,7 +34,7 @@ struct Keys {
   Key lr{"lr"}, betas{"betas"}, weight_decay{"weight_decay"}, eps{"eps"}, params{"params"},
       master_weights{"master_weights"}, seed{"seed"}, exp_avg{"exp_avg"},
       exp_avg_sq{"exp_avg_sq"}, max_exp_avg_sq{"max_exp_avg_sq"}, step{"step"},
-      master_param{"master_param"};
+      master_param{"master_param"}, state_dtype{"state_dtype"}, float32{"float32"};
   struct {
 #define ADAMX_SWITCH_KEY_FIELD(name) Key name{#name};
     ADAMX_SWITCHES(ADAMX_SWITCH_KEY_FIELD)
@@ -127,6 +127,11 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   // With master weights, float16/bfloat16 params go in a call of their own, with their
   // master copies; the others step as usual.
   const bool master_weights = group_flag(group, key.master_weights);
+  // Compact moments (state_dtype other than float32) take the Python step, which picks
+  // each param's storage and makes or converts its state.
+  PyObject* state_dtype = PyDict_GetItem(group, key.state_dtype.object);  // borrowed
+  if (state_dtype && PyObject_RichCompareBool(state_dtype, key.float32.object, Py_EQ) != 1)
+    return kNotHandled;
 
   CallLists calls[2];  // [0]: without master copies, [1]: with
   std::vector<PyObject*> seen;  // the params with grads, to find one listed twice
@@ -157,6 +162,9 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     const bool master = master_weights && reduced;
     auto master_param = reduced ? state_tensor(p_state, key.master_param) : std::nullopt;
     if (master != master_param.has_value()) return kNotHandled;
+    // Moments stored otherwise than float32 groups keep them (compact ones, after the
+    // group's state_dtype changed): the Python step converts them.
+    if (exp_avg->scalar_type() != (master ? at::kFloat : p.scalar_type())) return kNotHandled;
     CallLists& call = calls[master];
     if (master) call.master_params.push_back(*master_param);
     if (switches.amsgrad) {
@@ -207,7 +215,8 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, lr,
               lr_tensor, beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
               grad_scale, found_inf,
-              master ? std::optional<at::TensorList>(c.master_params) : std::nullopt, seed);
+              master ? std::optional<at::TensorList>(c.master_params) : std::nullopt,
+              std::nullopt, seed);
 #undef ADAMX_SWITCH_ARG
     };
     // Two calls: both checked before either writes.

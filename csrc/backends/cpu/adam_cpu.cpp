@@ -14,16 +14,16 @@ namespace adamx::cpu {
 namespace {
 
 // Threads split the step's elements evenly, across tensor boundaries: each tensor takes
-// a span of the step's element space padded to whole vectors, and thread ranges are
-// cut at multiples of kMaxVectorElems, so no vector straddles two threads and the
-// results are the same for any thread count. Below kGrainElems, one thread does all.
+// a span of the step's element space padded to whole vectors and blocks of codes, and
+// thread ranges are cut at multiples of kCutElems, so no vector or block of 8-bit codes
+// straddles two threads and the results are the same for any thread count. Below kGrainElems, one thread does all.
 constexpr int64_t kGrainElems = 32 * 1024;
 
-RangeKernel range_kernel(Isa isa, Dtype dtype, const Switches& switches) {
+RangeKernel range_kernel(Isa isa, Dtype dtype, StateKind kind, const Switches& switches) {
   switch (isa) {
-    case Isa::Avx512: return range_kernel_avx512(dtype, switches);
-    case Isa::Avx2: return range_kernel_avx2(dtype, switches);
-    default: return range_kernel_default(dtype, switches);
+    case Isa::Avx512: return range_kernel_avx512(dtype, kind, switches);
+    case Isa::Avx2: return range_kernel_avx2(dtype, kind, switches);
+    default: return range_kernel_default(dtype, kind, switches);
   }
 }
 
@@ -43,19 +43,20 @@ void adam_cpu(const AdamArgs& a) {
   std::vector<TensorWork> work(n);
   for (size_t i = 0; i < n; ++i) {
     // One kernel per dtype and variant, looked up once per tensor, not per chunk.
-    work[i].kernel = range_kernel(isa, operands.dtype(i), a.switches);
+    work[i].kernel = range_kernel(isa, operands.dtype(i), operands.kind(i), a.switches);
     const double step = operands.step(i).next;
     work[i].scalars = step_scalars(step, operands.hyper().lr, operands.hyper(), a.switches);
-    work[i].rounding_key = rounding_key(operands.hyper().seed, uint32_t(i), step);
+    const bool random = a.switches.stochastic_rounding || operands.kind(i) != StateKind::Plain;
+    work[i].rounding_key = random ? rounding_key(operands.hyper().seed, uint32_t(i), step) : 0;
   }
   operands.increment_steps();
 
   // Where each tensor's span starts in the step's element space.
   std::vector<int64_t> start(n + 1, 0);
   for (size_t i = 0; i < n; ++i)
-    start[i + 1] = start[i] + at::divup(operands.pointers(i).numel, kMaxVectorElems) * kMaxVectorElems;
+    start[i + 1] = start[i] + at::divup(operands.pointers(i).numel, kCutElems) * kCutElems;
   at::parallel_for(0, start[n], kGrainElems, [&](int64_t lo, int64_t hi) {
-    auto cut = [&](int64_t x) { return x == start[n] ? x : x / kMaxVectorElems * kMaxVectorElems; };
+    auto cut = [&](int64_t x) { return x == start[n] ? x : x / kCutElems * kCutElems; };
     lo = cut(lo);
     hi = cut(hi);
     size_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;

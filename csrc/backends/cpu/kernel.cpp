@@ -75,12 +75,18 @@ template <class C, int kParts, class X, bool kPartial>
 inline Lanes<C, kParts> load_lanes(const void* base, int64_t i, int64_t count) {
   const X* ptr = static_cast<const X*>(base) + i;
   Lanes<C, kParts> out;
-  if constexpr (kReducedFloat<X>) {
-    static_assert(kParts == 2);
+  if constexpr (kReducedFloat<X> && kParts == 2) {
     const auto x = kPartial ? Vectorized<X>::loadu(ptr, count) : Vectorized<X>::loadu(ptr);
     auto [lo, hi] = at::vec::convert_to_float<X>(x);
     out.v[0] = lo;
     out.v[1] = hi;
+  } else if constexpr (kReducedFloat<X>) {
+    // Half a vector of X (bfloat16 moments beside float32 params): widened lane by lane,
+    // a loop the compiler vectorizes.
+    constexpr int64_t N = Vectorized<C>::size();
+    alignas(64) C wide[N];
+    for (int64_t j = 0; j < N; ++j) wide[j] = !kPartial || j < count ? static_cast<C>(ptr[j]) : C(0);
+    out.v[0] = Vectorized<C>::loadu(wide);
   } else if constexpr (!kPartial) {
     constexpr int64_t N = Vectorized<C>::size();
     for (int k = 0; k < kParts; ++k) out.v[k] = Vectorized<C>::loadu(ptr + k * N);
@@ -98,6 +104,7 @@ template <class X, bool kPartial, class C, int kParts>
 inline void store_lanes(const Lanes<C, kParts>& x, void* base, int64_t i, int64_t count) {
   X* ptr = static_cast<X*>(base) + i;
   if constexpr (kReducedFloat<X>) {
+    static_assert(kParts == 2, "rounded to nearest in float16/bfloat16: params only");
     const auto y = at::vec::convert_from_float<X>(x.v[0], x.v[1]);
     if (kPartial) y.store(ptr, count);
     else y.store(ptr);
@@ -112,10 +119,21 @@ inline void store_lanes(const Lanes<C, kParts>& x, void* base, int64_t i, int64_
   }
 }
 
-// The new bfloat16 param, rounded stochastically (round_bf16_stochastic) lane by lane, with
-// the random bits of elements i .. i+count-1; a loop the compiler vectorizes (the hash's
-// multiplications become vector ones), storing straight into the param but at the end of
-// a range.
+// rounding_bits(key, i + j) for j < kElems, with i a multiple of kElems (a power of two):
+// i + j never carries into i's high half, so the hashes are of 32-bit lanes.
+struct LaneBits {
+  uint32_t key_lo, high, base_lo;
+  LaneBits(uint64_t key, int64_t i)
+      : key_lo(static_cast<uint32_t>(key)),
+        high(static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(uint64_t(i) >> 32)),
+        base_lo(static_cast<uint32_t>(i)) {}
+  uint32_t operator()(int j) const { return rounding_bits32(key_lo, high, base_lo + uint32_t(j)); }
+};
+
+// Float lanes rounded stochastically to bfloat16 (round_bf16_stochastic) lane by lane, with
+// the random bits of elements i .. i+count-1 under `key`; a loop the compiler vectorizes
+// (the hash's multiplications become vector ones), storing straight into `base` but at the
+// end of a range. For bfloat16 params (stochastic_rounding) and bfloat16 moments.
 template <bool kPartial, int kParts>
 inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t i,
                              int64_t count, uint64_t key) {
@@ -124,42 +142,125 @@ inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t 
   alignas(64) c10::BFloat16 part[kElems];
   c10::BFloat16* out = kPartial ? part : static_cast<c10::BFloat16*>(base) + i;
   for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
-  // rounding_bits(key, i + j), with i a multiple of kElems: j never carries into i's high
-  // half, so the hashes are of 32-bit lanes.
-  const auto key_lo = static_cast<uint32_t>(key);
-  const auto high = static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(uint64_t(i) >> 32);
-  const auto base_lo = static_cast<uint32_t>(i);
-  for (int j = 0; j < kElems; ++j)
-    out[j] = round_bf16_stochastic(in[j], rounding_bits32(key_lo, high, base_lo + uint32_t(j)));
+  const LaneBits bits(key, i);
+  for (int j = 0; j < kElems; ++j) out[j] = round_bf16_stochastic(in[j], bits(j));
   if (kPartial) std::memcpy(static_cast<c10::BFloat16*>(base) + i, part, sizeof(part[0]) * count);
 }
 
-// Loads, updates and stores one iteration's elements (`count` < kElems only at the end of
-// a range, kPartial): as many as a vector of the param type holds.
-template <class Var, class P, class S, bool kPartial>
-inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
-                          const StepScalars<Vectorized<ComputeType<P>>>& s) {
+using Keys = RoundingKeys;
+
+template <class P>
+constexpr int kPartsOf = Vectorized<P>::size() / Vectorized<ComputeType<P>>::size();
+
+// Loads the param (or its master copy) and grad of one iteration's elements, updates them
+// with the moments m, v (and x, amsgrad's max) given in lanes, and stores the param
+// (rounded to nearest or stochastically), its master copy and the unscaled grad. The
+// caller loads and stores the moments in their own storage.
+template <class Var, class P, bool kPartial, class L>
+inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
+                         const StepScalars<Vectorized<ComputeType<P>>>& s, L& m, L& v, L& x) {
   using C = ComputeType<P>;
-  constexpr int kParts = Vectorized<P>::size() / Vectorized<C>::size();
-  using L = Lanes<C, kParts>;
-  L p = Var::master_weights ? load_lanes<C, kParts, S, kPartial>(b.master_param, i, count)
+  constexpr int kParts = kPartsOf<P>;
+  L p = Var::master_weights ? load_lanes<C, kParts, float, kPartial>(b.master_param, i, count)
                             : load_lanes<C, kParts, P, kPartial>(b.param, i, count);
   L g = load_lanes<C, kParts, P, kPartial>(b.grad, i, count);
-  L m = load_lanes<C, kParts, S, kPartial>(b.exp_avg, i, count);
-  L v = load_lanes<C, kParts, S, kPartial>(b.exp_avg_sq, i, count);
-  L x;
-  if constexpr (Var::amsgrad) x = load_lanes<C, kParts, S, kPartial>(b.max_exp_avg_sq, i, count);
   for (int k = 0; k < kParts; ++k) adam_update<Var>(p.v[k], g.v[k], m.v[k], v.v[k], x.v[k], s);
   if constexpr (Var::stochastic_rounding) {
     store_stochastic<kPartial>(p, b.param, i, count, key);
   } else {
     store_lanes<P, kPartial>(p, b.param, i, count);
   }
-  if constexpr (Var::master_weights) store_lanes<S, kPartial>(p, b.master_param, i, count);
+  if constexpr (Var::master_weights) store_lanes<float, kPartial>(p, b.master_param, i, count);
   if constexpr (Var::unscale_grad) store_lanes<P, kPartial>(g, b.grad, i, count);
-  store_lanes<S, kPartial>(m, b.exp_avg, i, count);
-  store_lanes<S, kPartial>(v, b.exp_avg_sq, i, count);
-  if constexpr (Var::amsgrad) store_lanes<S, kPartial>(x, b.max_exp_avg_sq, i, count);
+}
+
+// One iteration's elements (`count` < kElems only at the end of a range, kPartial): as
+// many as a vector of the param type holds, with moments in S (plain: rounded to
+// nearest; StochasticBf16: bfloat16 rounded stochastically).
+template <class Var, class P, class S, bool kPartial>
+inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, const Keys& keys,
+                          const StepScalars<Vectorized<ComputeType<P>>>& s) {
+  using C = ComputeType<P>;
+  constexpr int kParts = kPartsOf<P>;
+  constexpr bool kBf16 = std::is_same_v<S, StochasticBf16>;
+  using Stored = MomentStorage<S>;
+  using L = Lanes<C, kParts>;
+  L m = load_lanes<C, kParts, Stored, kPartial>(b.exp_avg, i, count);
+  L v = load_lanes<C, kParts, Stored, kPartial>(b.exp_avg_sq, i, count);
+  L x;
+  if constexpr (Var::amsgrad) x = load_lanes<C, kParts, S, kPartial>(b.max_exp_avg_sq, i, count);
+  update_lanes<Var, P, kPartial>(b, i, count, keys.param, s, m, v, x);
+  if constexpr (kBf16) {
+    store_stochastic<kPartial>(m, b.exp_avg, i, count, keys.exp_avg);
+    store_stochastic<kPartial>(v, b.exp_avg_sq, i, count, keys.exp_avg_sq);
+  } else {
+    store_lanes<S, kPartial>(m, b.exp_avg, i, count);
+    store_lanes<S, kPartial>(v, b.exp_avg_sq, i, count);
+    if constexpr (Var::amsgrad) store_lanes<S, kPartial>(x, b.max_exp_avg_sq, i, count);
+  }
+}
+
+// The largest magnitude of the lanes so far (NaN-propagating, see absmax_of).
+inline Vectorized<float> lanes_absmax(const Vectorized<float>& current, const Vectorized<float>& x) {
+  const auto a = x.abs();
+  return Vectorized<float>::blendv(current, a, (a != a) | (a > current));
+}
+
+inline float horizontal_absmax(const Vectorized<float>& x) {
+  alignas(64) float lanes[Vectorized<float>::size()];
+  x.store(lanes);
+  float r = 0.0f;
+  for (float a : lanes) r = absmax_of(r, a);
+  return r;
+}
+
+// One block of 8-bit moments (kCodeBlock elements from `start`, or `n` < kCodeBlock at a
+// tensor's end), in one pass: its codes decoded into two L1-resident buffers, the update
+// run over them vector by vector (storing the param as it goes), the block's new scales
+// taken from the new moments' largest magnitudes, the codes encoded back lane by lane.
+template <class Var, class P>
+void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const Keys& keys,
+                       const StepScalars<Vectorized<float>>& s) {
+  constexpr int kParts = kPartsOf<P>;
+  constexpr int64_t kStep = Vectorized<P>::size();
+  constexpr int64_t N = Vectorized<float>::size();
+  using L = Lanes<float, kParts>;
+  alignas(64) float mbuf[kCodeBlock], vbuf[kCodeBlock];
+  uint8_t* mcodes = static_cast<uint8_t*>(b.exp_avg) + start;
+  uint8_t* vcodes = static_cast<uint8_t*>(b.exp_avg_sq) + start;
+  float* m_scale = b.code_scales + start / kCodeBlock;
+  float* v_scale = m_scale + code_blocks(b.numel);
+  const float ms = *m_scale, vs = *v_scale;
+  for (int64_t j = 0; j < n; ++j) mbuf[j] = decode_code<true>(mcodes[j], ms);
+  for (int64_t j = 0; j < n; ++j) vbuf[j] = decode_code<false>(vcodes[j], vs);
+  for (int64_t j = n; j < kCodeBlock; ++j) mbuf[j] = vbuf[j] = 0.0f;
+
+  Vectorized<float> m_max(0.0f), v_max(0.0f);
+  auto iteration = [&]<bool kPartial>(int64_t j) {
+    L m, v, x;
+    for (int k = 0; k < kParts; ++k) {
+      m.v[k] = Vectorized<float>::loadu(mbuf + j + k * N);
+      v.v[k] = Vectorized<float>::loadu(vbuf + j + k * N);
+    }
+    update_lanes<Var, P, kPartial>(b, start + j, n - j, keys.param, s, m, v, x);
+    for (int k = 0; k < kParts; ++k) {
+      m.v[k].store(mbuf + j + k * N);
+      v.v[k].store(vbuf + j + k * N);
+      m_max = lanes_absmax(m_max, m.v[k]);
+      v_max = lanes_absmax(v_max, v.v[k]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) iteration.template operator()<false>(j);
+  if (j < n) iteration.template operator()<true>(j);
+
+  const CodeScale mc = code_scale(horizontal_absmax(m_max));
+  const CodeScale vc = code_scale(horizontal_absmax(v_max));
+  const LaneBits m_bits(keys.exp_avg, start), v_bits(keys.exp_avg_sq, start);
+  for (int64_t k = 0; k < n; ++k) mcodes[k] = encode_code<true>(mbuf[k], mc.inv, m_bits(int(k)));
+  for (int64_t k = 0; k < n; ++k) vcodes[k] = encode_code<false>(vbuf[k], vc.inv, v_bits(int(k)));
+  *m_scale = mc.scale;
+  *v_scale = vc.scale;
 }
 
 template <class Var, class P, class S>
@@ -170,19 +271,26 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   const auto s = scalars.as<C>().template as<Vectorized<C>>();
   constexpr int64_t kStep = Vectorized<P>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
+  static_assert(kCutElems % kCodeBlock == 0, "ranges must hold whole blocks of codes");
   // A local copy of the pointers: the stores through them cannot alias it, so the loop
   // keeps them in registers instead of reloading them from `b` after every store.
   const TensorPointers local = b;
-  int64_t i = begin;
-  for (; i + kStep <= end; i += kStep) update_vector<Var, P, S, false>(local, i, kStep, key, s);
-  if (i < end) update_vector<Var, P, S, true>(local, i, end - i, key, s);
+  const Keys keys(key);
+  if constexpr (std::is_same_v<S, Codes8>) {
+    for (int64_t i = begin; i < end; i += kCodeBlock)
+      update_code_block<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
+  } else {
+    int64_t i = begin;
+    for (; i + kStep <= end; i += kStep) update_vector<Var, P, S, false>(local, i, kStep, keys, s);
+    if (i < end) update_vector<Var, P, S, true>(local, i, end - i, keys, s);
+  }
 }
 
 }  // namespace CPU_CAPABILITY
 
-RangeKernel ADAMX_ISA_ENTRY(Dtype dtype, Switches switches) {
+RangeKernel ADAMX_ISA_ENTRY(Dtype dtype, StateKind kind, Switches switches) {
   RangeKernel kernel = nullptr;
-  dispatch_kernel(dtype, switches,
+  dispatch_kernel(dtype, kind, switches,
                   [&]<class Var, class P, class S>() { kernel = &update_range<Var, P, S>; });
   return kernel;
 }

@@ -20,10 +20,13 @@ using RangeKernel = void (*)(const TensorPointers&, int64_t begin, int64_t end,
 // Elements per SIMD step of the widest kernel for any dtype; a range that starts at a
 // multiple of it never splits a vector, whatever the ISA.
 constexpr int64_t kMaxVectorElems = 64;
+// Where thread ranges may be cut: whole vectors of any ISA, and whole blocks of 8-bit codes.
+constexpr int64_t kCutElems = kCodeBlock > kMaxVectorElems ? kCodeBlock : kMaxVectorElems;
 
-// The kernel for params of one dtype and a set of switches, per ISA.
-RangeKernel range_kernel_default(Dtype, Switches);
-RangeKernel range_kernel_avx2(Dtype, Switches);
-RangeKernel range_kernel_avx512(Dtype, Switches);
+// The kernel for params of one dtype, moments stored as `kind`, and a set of switches, per
+// ISA.
+RangeKernel range_kernel_default(Dtype, StateKind, Switches);
+RangeKernel range_kernel_avx2(Dtype, StateKind, Switches);
+RangeKernel range_kernel_avx512(Dtype, StateKind, Switches);
 
 }  // namespace adamx::cpu

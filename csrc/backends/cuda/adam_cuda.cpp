@@ -37,8 +37,8 @@ void adam_cuda(const AdamArgs& a) {
   operands.increment_steps();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (const LaunchGroup& group : groups)
-    launch_adam_tables(group.dtype, a.switches, group.tables.data(), group.tables.size(),
-                       stream);
+    launch_adam_tables(group.dtype, group.kind, a.switches, group.tables.data(),
+                       group.tables.size(), stream);
   operands.finish();
 }
 

@@ -31,7 +31,7 @@ namespace adamx::cuda {
 
 // Capacity of one launch table. sizeof(LaunchTable) stays below the 4 KiB kernel
 // parameter limit (static_assert below).
-constexpr int kMaxTensors = 32;
+constexpr int kMaxTensors = 30;  // (32 no longer fit beside the code scales pointer)
 constexpr int kMaxBlocks = 256;
 constexpr int kMaxScalarSets = 2;
 
@@ -86,9 +86,13 @@ static_assert(sizeof(LaunchTable) <= 4000, "the launch table must fit in 4 KiB o
 static_assert(kMaxTensors <= 256 && kMaxScalarSets <= 256, "uint8_t indices");
 static_assert(std::is_trivially_copyable_v<LaunchTable>, "passed by value to a kernel");
 
-// Elements per vector step: 16 bytes of the widest of the param and state types.
-template <class P, class S>
-constexpr int kVecElems = kVectorBytes / (sizeof(P) > sizeof(S) ? sizeof(P) : sizeof(S));
+// Elements per vector step: 16 bytes of the widest of the param, moment and master types.
+template <class Var, class P, class S>
+constexpr int kVecElems = [] {
+  size_t widest = sizeof(P) > sizeof(MomentStorage<S>) ? sizeof(P) : sizeof(MomentStorage<S>);
+  if (Var::master_weights && widest < sizeof(float)) widest = sizeof(float);
+  return int(kVectorBytes / widest);
+}();
 
 template <class T, int W>
 struct alignas(sizeof(T) * W) Pack {
@@ -162,41 +166,66 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
 // vector).
 template <class Var, class P, class S>
 ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
-  constexpr int W = kVecElems<P, S>;
+  if constexpr (std::is_same_v<S, Codes8>) {
+    return false;  // blocks of codes have their own body (code_lane_update)
+  } else {
+  using M = MomentStorage<S>;
+  constexpr int W = kVecElems<Var, P, S>;
   const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
   const TensorPointers& x = tab.tensors[tab.block_tensor[block]];
   bool ok = aligned<P, W>(x.param, start) && aligned<P, W>(x.grad, start) &&
-            aligned<S, W>(x.exp_avg, start) && aligned<S, W>(x.exp_avg_sq, start);
-  if (Var::amsgrad) ok = ok && aligned<S, W>(x.max_exp_avg_sq, start);
-  if (Var::master_weights) ok = ok && aligned<S, W>(x.master_param, start);
+            aligned<M, W>(x.exp_avg, start) && aligned<M, W>(x.exp_avg_sq, start);
+  if (Var::amsgrad) ok = ok && aligned<M, W>(x.max_exp_avg_sq, start);
+  if (Var::master_weights) ok = ok && aligned<float, W>(x.master_param, start);
   return ok;
+  }
+}
+
+// The new param of one element (`index` in its tensor), stored: rounded to nearest or
+// stochastically; with a master copy, the master and its rounding.
+template <class Var, class P, class C>
+ADAMX_HD void store_param(P& p, float* master, C pc, uint64_t key, int64_t index) {
+  if constexpr (Var::stochastic_rounding) p = round_bf16_stochastic(pc, rounding_bits(key, index));
+  else p = static_cast<P>(pc);
+  if (Var::master_weights) *master = static_cast<float>(pc);
 }
 
 // One element (`index` in its tensor): widen to the math type, update, store the new
-// param (rounded to nearest or stochastically; with a master copy, the master and its
-// rounding), round the state back to its storage type.
-template <class Var, class P, class S>
-ADAMX_HD void update_one(P& p, P& g, S& m, S& v, S* vmax, S* master,
-                         const StepScalars<ComputeType<P>>& s, uint64_t key, int64_t index) {
+// param, round the moments back to their storage (stochastically for bfloat16 moments).
+template <class Var, class P, class S, class M = MomentStorage<S>>
+ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
+                         const StepScalars<ComputeType<P>>& s, const RoundingKeys& keys,
+                         int64_t index) {
   using C = ComputeType<P>;
   C pc = Var::master_weights ? static_cast<C>(*master) : static_cast<C>(p);
   C gc = static_cast<C>(g), mc = static_cast<C>(m), vc = static_cast<C>(v);
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
   adam_update<Var>(pc, gc, mc, vc, xc, s);
-  if constexpr (Var::stochastic_rounding) p = round_bf16_stochastic(pc, rounding_bits(key, index));
-  else p = static_cast<P>(pc);
-  if (Var::master_weights) *master = static_cast<S>(pc);
+  store_param<Var>(p, master, pc, keys.param, index);
   if (Var::unscale_grad) g = static_cast<P>(gc);
-  m = static_cast<S>(mc);
-  v = static_cast<S>(vc);
-  if (Var::amsgrad) *vmax = static_cast<S>(xc);
+  if constexpr (kCompact<S>) {
+    m = round_bf16_stochastic(mc, rounding_bits(keys.exp_avg, index));
+    v = round_bf16_stochastic(vc, rounding_bits(keys.exp_avg_sq, index));
+  } else {
+    m = static_cast<M>(mc);
+    v = static_cast<M>(vc);
+    if (Var::amsgrad) *vmax = static_cast<M>(xc);
+  }
+}
+
+// The random streams of tensor `t` in this step (zero when nothing is rounded at random).
+template <class Var, class S>
+ADAMX_HD RoundingKeys tensor_keys(const LaunchTable& tab, int t) {
+  if (!Var::stochastic_rounding && !kCompact<S>) return RoundingKeys();
+  return RoundingKeys(rounding_key(tab.hyper.seed, tab.tensor_index[t], tensor_step(tab, t)));
 }
 
 // The kernel body: what thread `thread` of block `block` (of `block_dim` threads) does.
 template <class Var, class P, class S>
 ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const LaunchTable& tab) {
   using C = ComputeType<P>;
-  constexpr int W = kVecElems<P, S>;
+  using M = MomentStorage<S>;
+  constexpr int W = kVecElems<Var, P, S>;
   // GradScaler found an inf or NaN: the step writes nothing (read once per thread, at entry).
   if (tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0) return;
   const int t = tab.block_tensor[block];
@@ -206,31 +235,31 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
   const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
   // Round the scalars to the math type first, as torch (and the CPU kernel) do.
   const StepScalars<C> s = tensor_scalars<Var>(tab, t).template as<C>();
-  const uint64_t key = Var::stochastic_rounding
-                           ? rounding_key(tab.hyper.seed, tab.tensor_index[t], tensor_step(tab, t))
-                           : 0;
+  const RoundingKeys keys = tensor_keys<Var, S>(tab, t);
 
   P* p = static_cast<P*>(tensor.param) + start;
   P* g = static_cast<P*>(tensor.grad) + start;
-  S* m = static_cast<S*>(tensor.exp_avg) + start;
-  S* v = static_cast<S*>(tensor.exp_avg_sq) + start;
-  S* x = Var::amsgrad ? static_cast<S*>(tensor.max_exp_avg_sq) + start : nullptr;
-  S* w = Var::master_weights ? static_cast<S*>(tensor.master_param) + start : nullptr;
+  M* m = static_cast<M*>(tensor.exp_avg) + start;
+  M* v = static_cast<M*>(tensor.exp_avg_sq) + start;
+  M* x = Var::amsgrad ? static_cast<M*>(tensor.max_exp_avg_sq) + start : nullptr;
+  float* w = Var::master_weights ? static_cast<float*>(tensor.master_param) + start : nullptr;
 
   int64_t scalar_from = 0;  // elements before this went through the vector path
   if (block_is_vectorized<Var, P, S>(tab, block)) {
     using PP = Pack<P, W>;
-    using SP = Pack<S, W>;
+    using SP = Pack<M, W>;
+    using FP = Pack<float, W>;
     const int64_t vectors = len / W;
     for (int64_t j = thread; j < vectors; j += block_dim) {
       const int64_t i = j * W;
       PP pp = load_pack<PP>(p + i), gp = load_pack<PP>(g + i);
-      SP mp = load_pack<SP>(m + i), vp = load_pack<SP>(v + i), xp{}, wp{};
+      SP mp = load_pack<SP>(m + i), vp = load_pack<SP>(v + i), xp{};
+      FP wp{};
       if (Var::amsgrad) xp = load_pack<SP>(x + i);
-      if (Var::master_weights) wp = load_pack<SP>(w + i);
+      if (Var::master_weights) wp = load_pack<FP>(w + i);
       ADAMX_UNROLL
       for (int k = 0; k < W; ++k)
-        update_one<Var, P, S>(pp.v[k], gp.v[k], mp.v[k], vp.v[k], &xp.v[k], &wp.v[k], s, key,
+        update_one<Var, P, S>(pp.v[k], gp.v[k], mp.v[k], vp.v[k], &xp.v[k], &wp.v[k], s, keys,
                               start + i + k);
       store_pack(p + i, pp);
       if (Var::master_weights) store_pack(w + i, wp);
@@ -243,7 +272,167 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
   }
   for (int64_t i = scalar_from + thread; i < len; i += block_dim)
     update_one<Var, P, S>(p[i], g[i], m[i], v[i], x ? x + i : nullptr, w ? w + i : nullptr, s,
-                          key, start + i);
+                          keys, start + i);
+}
+
+// Blocks of 8-bit codes (Codes8; see "8-bit codes" in adam_math.h). A block's new scales
+// need the largest magnitude of its new moments, so a warp (kWarpSize lanes) updates one
+// block of codes at a time: lane `lane` updates its kLaneElems consecutive elements, keeping
+// their new moments in registers (`CodeLane`, code_lane_update), then the warp takes the
+// largest magnitude over its lanes (the one collective: shuffles in kernel.cu, a loop over
+// the lanes in the emulation), then each lane encodes and stores its codes
+// (code_lane_store). Each CUDA block owns one chunk of a tensor, as above; the chunk size
+// of these launches is a multiple of kCodeBlock, and the block's warps take the chunk's
+// blocks of codes in turn.
+constexpr int kWarpSize = 32;
+constexpr int kLaneElems = int(kCodeBlock) / kWarpSize;
+static_assert(kLaneElems * kWarpSize == kCodeBlock, "a warp covers a block of codes");
+
+struct CodeLane {
+  float m[kLaneElems], v[kLaneElems];
+  float m_max, v_max;  // largest magnitudes of the lane's new moments
+};
+
+// What every lane of a CUDA block needs: its tensor, its step scalars and random streams,
+// the blocks of codes in its chunk.
+template <class P>
+struct CodeChunk {
+  const TensorPointers* tensor;
+  StepScalars<ComputeType<P>> s;
+  RoundingKeys keys;
+  int64_t first, count;  // blocks of codes [first, first + count) of the tensor
+  bool skip;             // found_inf: the step writes nothing
+};
+
+template <class Var, class P>
+ADAMX_HD CodeChunk<P> code_chunk(const LaunchTable& tab, int block) {
+  CodeChunk<P> c{};
+  c.skip = tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0;
+  if (c.skip) return c;
+  const int t = tab.block_tensor[block];
+  c.tensor = &tab.tensors[t];
+  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
+  const int64_t rest = c.tensor->numel - start;
+  const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
+  c.first = start / kCodeBlock;
+  c.count = (len + kCodeBlock - 1) / kCodeBlock;
+  c.s = tensor_scalars<Var>(tab, t).template as<ComputeType<P>>();
+  c.keys = tensor_keys<Var, Codes8>(tab, t);
+  return c;
+}
+
+// Lane `lane`'s part of block of codes `q`: decode, update, store the param (and master
+// copy, unscaled grad), keep the new moments in `r`.
+template <class Var, class P>
+ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeLane& r) {
+  using C = ComputeType<P>;
+  const TensorPointers& x = *c.tensor;
+  const int64_t e0 = q * kCodeBlock + int64_t(lane) * kLaneElems;
+  const int64_t left = x.numel - e0;
+  const int n = left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
+  const float ms = x.code_scales[q], vs = x.code_scales[code_blocks(x.numel) + q];
+  P* p = static_cast<P*>(x.param) + e0;
+  P* g = static_cast<P*>(x.grad) + e0;
+  const uint8_t* mc = static_cast<const uint8_t*>(x.exp_avg) + e0;
+  const uint8_t* vc = static_cast<const uint8_t*>(x.exp_avg_sq) + e0;
+  float* w = Var::master_weights ? static_cast<float*>(x.master_param) + e0 : nullptr;
+  r.m_max = r.v_max = 0.0f;
+  // Whole lanes load and store vectors where the pointers allow, else element by element.
+  using PP = Pack<P, kLaneElems>;
+  using CP = Pack<uint8_t, kLaneElems>;
+  using FP = Pack<float, kLaneElems>;
+  const bool vec = n == kLaneElems && aligned<P, kLaneElems>(p, 0) &&
+                   aligned<P, kLaneElems>(g, 0) && aligned<uint8_t, kLaneElems>(mc, 0) &&
+                   aligned<uint8_t, kLaneElems>(vc, 0) &&
+                   (!Var::master_weights || aligned<float, 4>(w, 0));
+  PP pp{}, gp{};
+  CP mp{}, vp{};
+  FP wp{};
+  if (vec) {
+    pp = load_pack<PP>(p);
+    gp = load_pack<PP>(g);
+    mp = load_pack<CP>(mc);
+    vp = load_pack<CP>(vc);
+    if (Var::master_weights) {
+      for (int h = 0; h < kLaneElems; h += 4) {
+        const auto part = load_pack<Pack<float, 4>>(w + h);
+        for (int k = 0; k < 4; ++k) wp.v[h + k] = part.v[k];
+      }
+    }
+  } else {
+    for (int k = 0; k < n; ++k) {
+      pp.v[k] = p[k];
+      gp.v[k] = g[k];
+      mp.v[k] = mc[k];
+      vp.v[k] = vc[k];
+      if (Var::master_weights) wp.v[k] = w[k];
+    }
+  }
+  ADAMX_UNROLL
+  for (int k = 0; k < kLaneElems; ++k) {
+    r.m[k] = r.v[k] = 0.0f;
+    if (k >= n) continue;
+    C pc = Var::master_weights ? wp.v[k] : static_cast<C>(pp.v[k]);
+    C gc = static_cast<C>(gp.v[k]);
+    C m = decode_code<true>(mp.v[k], ms), v = decode_code<false>(vp.v[k], vs), unused = 0;
+    adam_update<Var>(pc, gc, m, v, unused, c.s);
+    store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys.param, e0 + k);
+    if (Var::unscale_grad) gp.v[k] = static_cast<P>(gc);
+    r.m[k] = m;
+    r.v[k] = v;
+    r.m_max = absmax_of(r.m_max, m);
+    r.v_max = absmax_of(r.v_max, v);
+  }
+  if (vec) {
+    store_pack(p, pp);
+    if (Var::unscale_grad) store_pack(g, gp);
+    if (Var::master_weights) {
+      for (int h = 0; h < kLaneElems; h += 4) {
+        Pack<float, 4> part;
+        for (int k = 0; k < 4; ++k) part.v[k] = wp.v[h + k];
+        store_pack(w + h, part);
+      }
+    }
+  } else {
+    for (int k = 0; k < n; ++k) {
+      p[k] = pp.v[k];
+      if (Var::unscale_grad) g[k] = gp.v[k];
+      if (Var::master_weights) w[k] = wp.v[k];
+    }
+  }
+}
+
+// Lane `lane`'s codes of block `q`, from the new moments in `r` and the warp's largest
+// magnitudes; lane 0 stores the block's scales.
+template <class P>
+ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const CodeLane& r,
+                              float m_max, float v_max) {
+  const TensorPointers& x = *c.tensor;
+  const int64_t e0 = q * kCodeBlock + int64_t(lane) * kLaneElems;
+  const int64_t left = x.numel - e0;
+  const int n = left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
+  const CodeScale ms = code_scale(m_max), vs = code_scale(v_max);
+  uint8_t* mc = static_cast<uint8_t*>(x.exp_avg) + e0;
+  uint8_t* vc = static_cast<uint8_t*>(x.exp_avg_sq) + e0;
+  Pack<uint8_t, kLaneElems> mp{}, vp{};
+  ADAMX_UNROLL
+  for (int k = 0; k < kLaneElems; ++k) {
+    mp.v[k] = encode_code<true>(r.m[k], ms.inv, rounding_bits(c.keys.exp_avg, e0 + k));
+    vp.v[k] = encode_code<false>(r.v[k], vs.inv, rounding_bits(c.keys.exp_avg_sq, e0 + k));
+  }
+  if (n == kLaneElems && aligned<uint8_t, kLaneElems>(mc, 0) && aligned<uint8_t, kLaneElems>(vc, 0)) {
+    store_pack(mc, mp);
+    store_pack(vc, vp);
+  } else {
+    for (int k = 0; k < n; ++k) {
+      mc[k] = mp.v[k];
+      vc[k] = vp.v[k];
+    }
+  }
+  if (lane == 0) {
+    x.code_scales[q] = ms.scale;
+    x.code_scales[code_blocks(x.numel) + q] = vs.scale;
+  }
 }
 
 }  // namespace adamx::cuda

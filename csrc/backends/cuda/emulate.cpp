@@ -22,6 +22,24 @@
 namespace adamx::cuda {
 namespace {
 
+// A CUDA block of a Codes8 launch: kernel.cu's code_kernel, with its warp collective (the
+// largest magnitude over the lanes) as a loop over the lanes between the two halves.
+template <class Var, class P>
+void run_code_block(const LaunchTable& tab, int block) {
+  const CodeChunk<P> c = code_chunk<Var, P>(tab, block);
+  if (c.skip) return;
+  CodeLane lanes[kWarpSize];
+  for (int64_t q = c.first; q < c.first + c.count; ++q) {
+    float m_max = 0.0f, v_max = 0.0f;
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      code_lane_update<Var, P>(c, q, lane, lanes[lane]);
+      m_max = absmax_of(m_max, lanes[lane].m_max);
+      v_max = absmax_of(v_max, lanes[lane].v_max);
+    }
+    for (int lane = 0; lane < kWarpSize; ++lane) code_lane_store(c, q, lane, lanes[lane], m_max, v_max);
+  }
+}
+
 template <class Var, class P, class S>
 void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge_blocks_only,
                 int64_t counts[3]) {
@@ -36,8 +54,12 @@ void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge
       }
       counts[1] += block_is_vectorized<Var, P, S>(tab, block);
       ++counts[2];
-      for (int thread = 0; thread < block_dim; ++thread)
-        adam_block_body<Var, P, S>(block, thread, block_dim, tab);
+      if constexpr (std::is_same_v<S, Codes8>) {
+        run_code_block<Var, P>(tab, block);
+      } else {
+        for (int thread = 0; thread < block_dim; ++thread)
+          adam_block_body<Var, P, S>(block, thread, block_dim, tab);
+      }
     }
   }
 }
@@ -65,7 +87,7 @@ void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   operands.increment_steps();
   int64_t counts[3] = {0, 0, 0};
   for (const LaunchGroup& group : groups)
-    dispatch_kernel(group.dtype, a.switches, [&]<class Var, class P, class S>() {
+    dispatch_kernel(group.dtype, group.kind, a.switches, [&]<class Var, class P, class S>() {
       run_tables<Var, P, S>(group.tables, int(block_dim), edge_blocks_only, counts);
     });
   operands.finish();

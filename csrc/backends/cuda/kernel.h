@@ -11,8 +11,8 @@
 namespace adamx::cuda {
 
 // Launches one kernel per table on `stream` (the current device must be the tensors'):
-// the kernel for params of `dtype` and these switches.
-void launch_adam_tables(Dtype dtype, const Switches& switches, const LaunchTable* tables,
-                        size_t n, cudaStream_t stream);
+// the kernel for params of `dtype`, moments stored as `kind`, and these switches.
+void launch_adam_tables(Dtype dtype, StateKind kind, const Switches& switches,
+                        const LaunchTable* tables, size_t n, cudaStream_t stream);
 
 }  // namespace adamx::cuda

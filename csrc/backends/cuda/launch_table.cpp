@@ -132,7 +132,7 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
   ls.found_inf = {operands.found_inf().memory, operands.found_inf().dtype};
   ls.switches = a.switches;
 
-  // Slots, grouped by dtype in order of first appearance.
+  // Slots, grouped by dtype and kind of moments in order of first appearance.
   std::vector<LaunchGroup> groups;
   std::vector<std::vector<TensorSlot>> slots;
   for (size_t i = 0; i < operands.size(); ++i) {
@@ -150,17 +150,22 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
       s.step.value = s.host_step = step.next;
     }
     s.index = static_cast<uint32_t>(i);
-    auto it = std::find_if(groups.begin(), groups.end(),
-                           [&](const LaunchGroup& g) { return g.dtype == operands.dtype(i); });
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const LaunchGroup& g) {
+      return g.dtype == operands.dtype(i) && g.kind == operands.kind(i);
+    });
     if (it == groups.end()) {
-      groups.push_back({operands.dtype(i), {}});
+      groups.push_back({operands.dtype(i), operands.kind(i), {}});
       slots.emplace_back();
       it = groups.end() - 1;
     }
     slots[it - groups.begin()].push_back(s);
   }
-  for (size_t d = 0; d < groups.size(); ++d)
-    groups[d].tables = build_tables(slots[d], ls, options);
+  for (size_t d = 0; d < groups.size(); ++d) {
+    PlanOptions o = options;
+    if (groups[d].kind == StateKind::Codes8)
+      o.chunk_size = (o.chunk_size + kCodeBlock - 1) / kCodeBlock * kCodeBlock;
+    groups[d].tables = build_tables(slots[d], ls, o);
+  }
   return groups;
 }
 

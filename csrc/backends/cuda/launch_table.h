@@ -45,10 +45,12 @@ std::vector<LaunchTable> build_tables(const std::vector<TensorSlot>& slots,
                                       const LaunchScalars& scalars, const PlanOptions& options,
                                       std::vector<std::vector<int64_t>>* tensor_ids = nullptr);
 
-// The launches of one step: per param dtype, in order of first appearance, its launch
-// tables.
+// The launches of one step: per param dtype and kind of moments, in order of first
+// appearance, its launch tables (for 8-bit moments, with chunks of whole blocks of codes:
+// the chunk size rounded up to a multiple of kCodeBlock).
 struct LaunchGroup {
   Dtype dtype;
+  StateKind kind;
   std::vector<LaunchTable> tables;
 };
 std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamArgs& a,

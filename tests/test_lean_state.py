@@ -1,0 +1,445 @@
+"""Compact (lean) optimizer state: bfloat16 moments and 8-bit codes (state_dtype).
+
+The kernels are checked bitwise against what they must compute: the plain float32 kernel
+run on the decoded moments (the param update uses the new moments before they are stored,
+so its result must be the plain kernel's exactly), and the new moments encoded by
+adamx._compact (a pure-torch mirror of the header's codes and random bits, tested on its
+own in test_compact_codes.py). Then the optimizer: memory, small params, refusals, the
+stall that stochastic rounding prevents, checkpoints, and training quality against
+float32 state.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import adamx
+from adamx import _compact
+
+pytestmark = pytest.mark.skipif(not adamx.is_compiled(), reason="needs the compiled kernels")
+
+HYPER = dict(lr=0.03, beta1=0.9, beta2=0.999, eps=1e-8)
+# Sizes in one op call: whole blocks of codes, partial last blocks, a tensor split between
+# two threads (over 32K elements), one element, none.
+SIZES = (4096, 5000, 257, 1, 0, 70001)
+# (state kind, param dtype, master weights, stochastic rounding of the param): every
+# combination that has a kernel.
+CONFIGS = [("bfloat16", torch.float32, False, False),
+           ("bfloat16", torch.bfloat16, True, False),
+           ("int8", torch.float32, False, False),
+           ("int8", torch.bfloat16, True, False),
+           ("int8", torch.bfloat16, False, False),
+           ("int8", torch.bfloat16, False, True)]
+CONFIG_IDS = ["-".join([k, str(d).split(".")[1]] + (["master"] if m else [])
+                       + (["sr"] if sr else [])) for k, d, m, sr in CONFIGS]
+SWITCH_GRID = [dict(maximize=a, decoupled_weight_decay=b, eps_inside_sqrt=c, weight_decay=wd)
+               for a, b, c, wd in itertools.product([False, True], [False, True],
+                                                    [False, True], [0.0, 0.1])]
+
+
+def _encode(kind, x, which, key):
+    """Moment ``x`` (float32) stored as ``kind`` with the random stream ``key``."""
+    if kind == "bfloat16":
+        return _compact.stochastic_bf16(x, _compact.moment_key(key, which)), None
+    return _compact.encode_codes(x, which == 0, _compact.moment_key(key, which))
+
+
+def _decode(kind, stored, scales, which):
+    if kind == "bfloat16":
+        return stored.float()
+    return _compact.decode_codes(stored, scales[which], signed=which == 0)
+
+
+class LeanCase:
+    """One op call's tensors with compact moments, made from a generator seed."""
+
+    def __init__(self, config, sizes=SIZES, seed=0, step=4.0):
+        self.kind, self.dtype, self.master, self.sr = config
+        gen = torch.Generator().manual_seed(seed)
+        self.params, self.grads, self.masters = [], [], []
+        self.exp_avgs, self.exp_avg_sqs, self.scales, self.steps = [], [], [], []
+        for i, n in enumerate(sizes):
+            p = torch.randn(n, generator=gen)
+            self.params.append(p.to(self.dtype))
+            self.grads.append(torch.randn(n, generator=gen).to(self.dtype))
+            if self.master:
+                self.masters.append(p)  # rounds to the param
+            # Moments with a wide dynamic range, as in training.
+            m = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 2)
+            v = torch.rand(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+            key = 1000 + i
+            m, ms = _encode(self.kind, m * 0.01, 0, key)
+            v, vs = _encode(self.kind, v * 1e-4, 1, key)
+            self.exp_avgs.append(m)
+            self.exp_avg_sqs.append(v)
+            self.scales.append(torch.stack([ms, vs]) if ms is not None else torch.empty(0))
+            self.steps.append(torch.tensor(step))
+
+    def clone(self):
+        c = LeanCase.__new__(LeanCase)
+        c.__dict__.update({k: [t.clone() for t in v] if isinstance(v, list) else v
+                           for k, v in self.__dict__.items()})
+        return c
+
+    def kwargs(self, seed, switches, grad_scale=None):
+        return dict(HYPER, **switches, seed=seed, stochastic_rounding=self.sr,
+                    master_params=self.masters if self.master else None,
+                    code_scales=self.scales if self.kind == "int8" else None,
+                    grad_scale=grad_scale)
+
+    def lists(self):
+        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps)
+
+    def expected(self, seed, switches, grad_scale=None):
+        """What the compact step must give: the plain float32 kernel on the decoded
+        moments, its new moments encoded."""
+        out = self.clone()
+        switches = dict(dict(weight_decay=0.0), **switches)
+        for i in range(len(self.params)):
+            m = _decode(self.kind, self.exp_avgs[i], self.scales[i], 0)
+            v = _decode(self.kind, self.exp_avg_sqs[i], self.scales[i], 1)
+            step = self.steps[i].clone()
+            grad = out.grads[i]
+            if self.dtype == torch.float32:
+                adamx.functional.adam([out.params[i]], [grad], [m], [v], [], [step], **HYPER,
+                                      **switches, grad_scale=grad_scale)
+            else:
+                master = out.masters[i] if self.master else self.params[i].float()
+                adamx.functional.adam([out.params[i]], [grad], [m], [v], [], [step], **HYPER,
+                                      **switches, master_params=[master],
+                                      grad_scale=grad_scale)
+                if self.sr:
+                    out.params[i] = _compact.stochastic_bf16(
+                        master, _compact.rounding_key(seed, i, float(step)))
+            key = _compact.rounding_key(seed, i, float(step))
+            out.exp_avgs[i], ms = _encode(self.kind, m, 0, key)
+            out.exp_avg_sqs[i], vs = _encode(self.kind, v, 1, key)
+            if ms is not None:
+                out.scales[i] = torch.stack([ms, vs])
+            out.steps[i] = step
+        return out
+
+
+def _assert_same(got, want):
+    for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales", "steps"):
+        for i, (a, b) in enumerate(zip(getattr(got, name), getattr(want, name))):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
+            same = (a.reshape(-1).view(torch.uint8) == b.reshape(-1).view(torch.uint8))
+            assert bool(same.all()), f"{name}[{i}] differs in {int((~same).sum())} bytes"
+
+
+def _run_cpu(case, seed, switches, grad_scale=None):
+    torch.ops.adamx.adam_(*case.lists(), **_op_kwargs(case, seed, switches, grad_scale))
+
+
+def _op_kwargs(case, seed, switches, grad_scale=None):
+    kwargs = case.kwargs(seed, switches, grad_scale)
+    wd = kwargs.pop("weight_decay", 0.0)
+    return dict(kwargs, lr=kwargs.pop("lr"), weight_decay=wd)
+
+
+def _run_emulated(chunk_size):
+    def run(case, seed, switches, grad_scale=None):
+        torch.ops.adamx._adam_emulated_cuda_(*case.lists(),
+                                             **_op_kwargs(case, seed, switches, grad_scale),
+                                             chunk_size=chunk_size)
+    return run
+
+
+RUNNERS = {"cpu": _run_cpu, "emulated": _run_emulated(65536),
+           "emulated-small-chunks": _run_emulated(700)}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("runner", list(RUNNERS))
+def test_step_is_the_plain_step_with_encoded_moments(config, runner):
+    for k, switches in enumerate(SWITCH_GRID):
+        case = LeanCase(config, seed=k)
+        want = case.expected(seed=7 + k, switches=switches)
+        RUNNERS[runner](case, 7 + k, switches)
+        _assert_same(case, want)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_every_isa_and_thread_count_agrees(config):
+    """One result whatever the SIMD width or the thread split (blocks of codes are never
+    cut between threads)."""
+    base = LeanCase(config, seed=3)
+    want = base.expected(seed=5, switches={})
+    before_isa, before_threads = adamx.cpu_capability(), torch.get_num_threads()
+    try:
+        for isa in adamx.supported_cpu_capabilities():
+            for threads in (1, 2, 3):
+                adamx.set_cpu_capability(isa)
+                torch.set_num_threads(threads)
+                case = base.clone()
+                _run_cpu(case, 5, {})
+                _assert_same(case, want)
+    finally:
+        adamx.set_cpu_capability(before_isa)
+        torch.set_num_threads(before_threads)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_grad_scaler_unscales_in_the_same_pass(config):
+    grad_scale = torch.tensor(1024.0)
+    case = LeanCase(config, seed=11)
+    for g in case.grads:
+        g.mul_(1024)
+    want = case.expected(seed=2, switches={}, grad_scale=grad_scale)
+    _run_cpu(case, 2, {}, grad_scale=grad_scale)
+    _assert_same(case, want)
+
+
+def test_nan_in_a_block_makes_its_moments_nan():
+    """A block of codes shares one scale: a NaN grad makes that block's moments NaN (its
+    params NaN after the next step), and no other block's (documented)."""
+    case = LeanCase(("int8", torch.float32, False, False), sizes=(1024,))
+    case.grads[0][300] = float("nan")
+    _run_cpu(case, 0, {})
+    m = _decode("int8", case.exp_avgs[0], case.scales[0], 0)
+    assert torch.isnan(m[256:512]).all()
+    assert not torch.isnan(m[:256]).any() and not torch.isnan(m[512:]).any()
+
+
+# ------------------------------------------------------------------ op-level refusals
+
+
+def _refusal(config=CONFIGS[2], **change):
+    case = LeanCase(config, sizes=(300,))
+    kwargs = _op_kwargs(case, 0, {})
+    lists = list(case.lists())
+    for k, v in change.items():
+        if k in ("exp_avgs", "exp_avg_sqs", "params", "grads"):
+            lists[("params", "grads", "exp_avgs", "exp_avg_sqs").index(k)] = v
+        else:
+            kwargs[k] = v
+    snapshot = [t.clone() for t in case.params + case.exp_avgs + case.exp_avg_sqs]
+    return case, lists, kwargs, snapshot
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(amsgrad=True), "amsgrad"),
+    (dict(code_scales=None), "code_scales"),
+    (dict(code_scales=[torch.zeros(2, 1)]), r"shape \[2, 2\]"),
+    (dict(code_scales=[torch.zeros(2, 2, dtype=torch.float64)]), "float32"),
+    (dict(exp_avg_sqs=[torch.zeros(300)]), "both moments are stored alike"),
+    (dict(params=[torch.zeros(300, dtype=torch.float16)],
+          grads=[torch.zeros(300, dtype=torch.float16)]), "float32 and bfloat16 params"),
+    (dict(params=[torch.zeros(600)[::2]], grads=[torch.zeros(300)]), "dense"),
+])
+def test_bad_compact_inputs_are_refused_before_any_write(change, message):
+    case, lists, kwargs, snapshot = _refusal(**change)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        torch.ops.adamx.adam_(*lists, **kwargs)
+    after = case.params + case.exp_avgs + case.exp_avg_sqs
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
+
+
+# ------------------------------------------------------------------ the optimizer
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(100, 64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10)).to(dtype)
+
+
+def _train(opt, model, steps=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32, 100, generator=gen).to(next(model.parameters()).dtype)
+        y = torch.randint(0, 10, (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("state_dtype, per_param", [("float32", 8.0), ("bfloat16", 4.0),
+                                                    ("int8", 2 + 8 / 256)])
+def test_state_bytes_and_small_params(state_dtype, per_param):
+    model = _model()
+    opt = adamx.AdamW(model.parameters(), state_dtype=state_dtype)
+    _train(opt, model, steps=1)
+    weight, bias = model[0].weight, model[0].bias  # 6400 elements: compact; 64: float32
+    assert opt.state[bias]["exp_avg"].dtype == torch.float32
+    big = [p for p in model.parameters() if p.numel() >= adamx.COMPACT_MIN_NUMEL]
+    assert big == [weight]
+    expected = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}
+    assert opt.state[weight]["exp_avg"].dtype == expected[state_dtype]
+    # A model of large params only: the per-param figure itself.
+    big_model = torch.nn.Linear(256, 256, bias=False)
+    opt = adamx.Adam(big_model.parameters(), state_dtype=state_dtype)
+    big_model(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    report = adamx.state_bytes(opt)
+    assert report["params"] == 65536
+    assert report["moment_bytes_per_param"] == pytest.approx(per_param)
+    assert report["bytes"] == report["moment_bytes"] + 4  # and the step count
+
+
+def test_refusals_at_construction():
+    model = _model()
+    with pytest.raises(ValueError, match="amsgrad"):
+        adamx.Adam(model.parameters(), amsgrad=True, state_dtype="int8")
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        adamx.Adam(model.parameters(), state_dtype="float16")
+    with pytest.raises(ValueError, match="master_weights=True"):
+        adamx.Adam(_model(torch.bfloat16).parameters(), state_dtype="bfloat16")
+    # torch dtypes name the same choices
+    opt = adamx.Adam(model.parameters(), state_dtype=torch.bfloat16)
+    assert opt.param_groups[0]["state_dtype"] == "bfloat16"
+
+
+def test_rounding_to_nearest_stalls_where_stochastic_rounding_tracks():
+    """beta2 = 0.999: v moves by 1e-3 of the way to g^2 per step. Stored in bfloat16 (8
+    bits) and rounded to nearest, as torch stores a bfloat16 param's state, it cannot
+    move at all from v = 1 towards g^2 in [1.3, 1.7] (each step's change, under 7e-4, is
+    less than half a bfloat16 gap, 3.9e-3); rounded stochastically (adamx's bfloat16 and
+    8-bit states) it tracks the float32 value on average."""
+    n, steps = 8192, 200
+    gen = torch.Generator().manual_seed(0)
+    g2 = 1.3 + 0.4 * torch.rand(n, generator=gen)
+    g = g2.sqrt()
+    target = 1 + (g2 - 1) * (1 - 0.999 ** steps)  # v after `steps` steps from v = 1
+
+    p = torch.zeros(n, dtype=torch.bfloat16, requires_grad=True)
+    torch_opt = torch.optim.Adam([p], fused=True)
+    torch_opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": torch.zeros_like(p),
+                          "exp_avg_sq": torch.ones_like(p)}
+    for _ in range(steps):
+        p.grad = g.to(torch.bfloat16)
+        torch_opt.step()
+    assert torch.equal(torch_opt.state[p]["exp_avg_sq"].float(), torch.ones(n))  # stalled
+
+    for state_dtype in ("bfloat16", "int8"):
+        q = torch.zeros(n, requires_grad=True)
+        opt = adamx.Adam([q], state_dtype=state_dtype)
+        state = {"step": torch.tensor(10.0), "exp_avg": torch.zeros(n),
+                 "exp_avg_sq": torch.ones(n)}
+        opt.load_state_dict({"state": {0: state},
+                             "param_groups": opt.state_dict()["param_groups"]})
+        assert opt.state[q]["exp_avg_sq"].dtype != torch.float32  # encoded on loading
+        for _ in range(steps):
+            q.grad = g.clone()
+            opt.step()
+        v = _moments(opt, q)[1]
+        moved = (v - 1).mean() / (target - 1).mean()
+        assert moved.item() == pytest.approx(1, abs=0.02), state_dtype
+        assert (v - target).std().item() > 0  # it is the average that tracks
+
+
+def _moments(opt, p):
+    """exp_avg and exp_avg_sq of param p, decoded to float32."""
+    state = opt.state[p]
+    from adamx.optimizer import _moment_float
+    return _moment_float(state, "exp_avg"), _moment_float(state, "exp_avg_sq")
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_training_follows_float32_state(state_dtype):
+    """A small MLP, 60 steps: compact states stay close to float32 states (the same
+    trajectory early on, then within quantization noise)."""
+    base = _model()
+    ref = adamx.AdamW(base.parameters(), lr=3e-3)
+    ref_losses = _train(ref, base, steps=60)
+    model = _model()
+    opt = adamx.AdamW(model.parameters(), lr=3e-3, state_dtype=state_dtype)
+    losses = _train(opt, model, steps=60)
+    assert abs(sum(losses[-10:]) - sum(ref_losses[-10:])) / sum(ref_losses[-10:]) < 0.05
+    for p, q in zip(base.parameters(), model.parameters()):
+        assert (p - q).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_checkpoint_resumes_bitwise(state_dtype):
+    """state_dict holds the compact tensors as they are: a resumed run is the same bits
+    as an uninterrupted one."""
+    model = _model()
+    opt = adamx.AdamW(model.parameters(), state_dtype=state_dtype)
+    _train(opt, model, steps=5)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = opt.state_dict()
+    weight_state = saved["state"][0]
+    assert weight_state["exp_avg"].dtype == {"bfloat16": torch.bfloat16,
+                                             "int8": torch.uint8}[state_dtype]
+    assert ("code_scales" in weight_state) == (state_dtype == "int8")
+    assert saved["param_groups"][0]["state_dtype"] == state_dtype
+    import copy
+    saved = copy.deepcopy(saved)
+    _train(opt, model, steps=5, seed=1)
+    after = [p.clone() for p in model.parameters()]
+
+    model2 = _model()
+    model2.load_state_dict(saved_model)
+    opt2 = adamx.AdamW(model2.parameters(), state_dtype=state_dtype)
+    opt2.load_state_dict(saved)
+    assert opt2.state[model2[0].weight]["exp_avg"].dtype == weight_state["exp_avg"].dtype
+    _train(opt2, model2, steps=5, seed=1)
+    for a, b in zip(after, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_torch_checkpoints_both_ways(state_dtype):
+    """A torch.optim.AdamW checkpoint loaded into a compact optimizer is encoded; a
+    compact checkpoint converted by to_torch_state_dict loads into torch.optim.AdamW; the
+    moments agree within the storage's precision."""
+    model = _model()
+    torch_opt = torch.optim.AdamW(model.parameters())
+    _train(torch_opt, model, steps=3)
+    opt = adamx.AdamW(model.parameters(), state_dtype=state_dtype)
+    opt.load_state_dict(torch_opt.state_dict())
+    weight = model[0].weight
+    assert opt.param_groups[0]["state_dtype"] == state_dtype  # kept: torch's lacks it
+    m, v = _moments(opt, weight)
+    tm, tv = torch_opt.state[weight]["exp_avg"], torch_opt.state[weight]["exp_avg_sq"]
+    rel = 2 ** -8 if state_dtype == "bfloat16" else 2 ** -3
+    for x, t in ((m, tm), (v, tv)):
+        scale = t.abs().max()
+        assert ((x - t).abs() <= rel * t.abs() + 1e-6 * scale).all()
+
+    back = adamx.to_torch_state_dict(opt.state_dict())
+    assert "state_dtype" not in back["param_groups"][0]
+    assert all("code_scales" not in s for s in back["state"].values())
+    torch_opt2 = torch.optim.AdamW(model.parameters())
+    torch_opt2.load_state_dict(back)
+    assert torch.equal(torch_opt2.state[weight]["exp_avg"], m)
+    assert torch.equal(torch_opt2.state[weight]["exp_avg_sq"], v)
+
+
+def test_checkpoint_that_does_not_fit_is_refused_and_changes_nothing():
+    model = _model()
+    opt = adamx.AdamW(model.parameters(), state_dtype="int8")
+    _train(opt, model, steps=2)
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    bad = dict(saved, state={**saved["state"], 0: dict(saved["state"][0],
+                                                       code_scales=torch.zeros(2, 3))})
+    with pytest.raises(ValueError, match="code_scales"):
+        opt.load_state_dict(bad)
+    bad = dict(saved, state={**saved["state"], 0: dict(saved["state"][0],
+                                                       exp_avg_sq=torch.zeros(64, 100))})
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.load_state_dict(bad)
+    after = opt.state[model[0].weight]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_changing_state_dtype_converts_the_state():
+    model = _model()
+    opt = adamx.AdamW(model.parameters(), state_dtype="int8")
+    _train(opt, model, steps=3)
+    m8, v8 = _moments(opt, model[0].weight)
+    opt.param_groups[0]["state_dtype"] = "float32"
+    _train(opt, model, steps=0)
+    opt.zero_grad()
+    model(torch.randn(2, 100)).sum().backward()
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert state["exp_avg"].dtype == torch.float32 and "code_scales" not in state
