@@ -23,7 +23,8 @@ import torch
 __all__ = [
     "KCODE_BLOCK", "CodeFormat", "code_format", "num_code_blocks",
     "mix64", "rounding_key", "moment_key",
-    "hash32", "rounding_bits", "round_bf16_stochastic", "stochastic_bf16",
+    "hash32", "rounding_bits", "moment_bits", "moment_random", "round_bf16_stochastic",
+    "stochastic_bf16",
     "code_value", "decode_code", "code_scale", "encode_code", "block_absmax",
     "encode_codes", "decode_codes", "memory_order_flat",
 ]
@@ -84,10 +85,9 @@ def rounding_key(seed: int, tensor: int, step) -> int:
     return mix64(mix64(s ^ (tensor & _M32)) ^ int(step))
 
 
-def moment_key(key: int, which: int) -> int:
-    """moment_key(key, which): the key of a compact moment's rounding (which: 0 exp_avg,
-    1 exp_avg_sq)."""
-    return mix64(key + 0x632BE59BD9B4E019 * (which + 1))
+def moment_key(key: int) -> int:
+    """moment_key(key): the key of the compact moments' rounding (both moments)."""
+    return mix64(key + 0x632BE59BD9B4E019)
 
 
 # --------------------------------------------------------------------------------------
@@ -173,13 +173,39 @@ def round_bf16_stochastic(x: torch.Tensor, random: torch.Tensor) -> torch.Tensor
     return (h - ((h >> 15) << 16)).to(torch.int16).view(torch.bfloat16)
 
 
-def stochastic_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
-    """float32 ``x`` rounded stochastically to bfloat16 as the kernels store it: each
-    element with rounding_bits(key, its memory index). Same shape and strides as ``x``."""
+def moment_bits(key: int, index: torch.Tensor) -> torch.Tensor:
+    """moment_bits(key, index), elementwise: one round of hash32 of the index's low half
+    xor the folded key (fold_key: the key's low half xor hash32(key's high half xor the
+    index's high half))."""
+    index = index.to(torch.int64)
+    key &= _M64
+    folded = (key & _M32) ^ hash32(((key >> 32) ^ ((index >> 32) & _M32)) & _M32)
+    return hash32((index & _M32) ^ folded)
+
+
+def moment_random(bits: torch.Tensor, which: int) -> torch.Tensor:
+    """moment_random(bits, which), elementwise: the low (which 0, exp_avg) or high (1,
+    exp_avg_sq) 16 bits of ``bits`` in both halves."""
+    half = (bits >> 16) if which else (bits & 0xFFFF)
+    return (half << 16) | half
+
+
+def _memory_index(flat: torch.Tensor) -> torch.Tensor:
+    return torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+
+
+def stochastic_bf16(x: torch.Tensor, key: int, which=None) -> torch.Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16 as the kernels store it, with the
+    random bits of each element's memory index: a param's (stochastic_rounding,
+    ``which`` None: rounding_bits(key, index)), or moment ``which`` (0 exp_avg,
+    1 exp_avg_sq: moment_random(moment_bits(key, index), which), with ``key`` the
+    moments' key). Same shape and strides as ``x``."""
     _check_float32(x, "stochastic_bf16")
     flat = memory_order_flat(x)
-    index = torch.arange(flat.numel(), dtype=torch.int64, device=x.device)
-    return _like(x, round_bf16_stochastic(flat, rounding_bits(key, index)))
+    index = _memory_index(flat)
+    random = rounding_bits(key, index) if which is None \
+        else moment_random(moment_bits(key, index), which)
+    return _like(x, round_bf16_stochastic(flat, random))
 
 
 # --------------------------------------------------------------------------------------
@@ -198,8 +224,10 @@ def code_value(c: torch.Tensor, signed: bool) -> torch.Tensor:
 def decode_code(code: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
     """decode_code<signed>(code, scale), elementwise (``scale`` broadcasts)."""
     code = code.to(torch.int64)
-    magnitude = code_value(code & 0x7F if signed else code, signed) * scale
-    return torch.where((code & 0x80) != 0, -magnitude, magnitude) if signed else magnitude
+    value = code_value(code & 0x7F if signed else code, signed)
+    if signed:  # the sign first, then the scale, as the C++
+        value = torch.where((code & 0x80) != 0, -value, value)
+    return value * scale
 
 
 def code_scale(absmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,14 +281,15 @@ def _blocks(flat: torch.Tensor) -> torch.Tensor:
 def encode_codes(x: torch.Tensor, signed: bool, key: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 ``x`` stored as 8-bit codes, as the kernels store a Codes8 moment: per block
     (KCODE_BLOCK elements in memory order, the last maybe shorter) the scale of its absmax
-    (code_scale), per element encode_code with rounding_bits(key, its memory index).
+    (code_scale), per element encode_code with moment_random(moment_bits(key, its memory
+    index), 0 for exp_avg (``signed``), 1 for exp_avg_sq), ``key`` the moments' key.
     Returns (codes: uint8 with ``x``'s shape and strides, scales: float32 1-D of
     num_code_blocks(x.numel()))."""
     _check_float32(x, "encode_codes")
     blocks = _blocks(memory_order_flat(x))
     scale, inv = code_scale(blocks.abs().amax(dim=1))
     index = torch.arange(blocks.numel(), dtype=torch.int64, device=x.device)
-    random = rounding_bits(key, index).view_as(blocks)
+    random = moment_random(moment_bits(key, index), 0 if signed else 1).view_as(blocks)
     codes = encode_code(blocks, inv[:, None], random, signed).view(-1)[:x.numel()]
     return _like(x, codes), scale
 

@@ -405,14 +405,14 @@ class Adam(Optimizer):
         moments = ("exp_avg", "exp_avg_sq")
         if kind == "int8":
             if recoded or not all(k in state for k in moments + ("code_scales",)):
-                key = _compact.rounding_key(_seed(group["seed"]), 0, float(state["step"]))
+                key = _compact.moment_key(_compact.rounding_key(
+                    _seed(group["seed"]), 0, float(state["step"])))
                 rows = []
                 for which, k in enumerate(moments):
                     x = _zeros_like(p, torch.float32)
                     if k in state:
                         x.copy_(_moment_float(state, k))
-                    state[k], row = _compact.encode_codes(x, which == 0,
-                                                          _compact.moment_key(key, which))
+                    state[k], row = _compact.encode_codes(x, which == 0, key)
                     rows.append(row)
                 state["code_scales"] = torch.stack(rows)
             return state

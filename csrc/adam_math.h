@@ -303,19 +303,39 @@ ADAMX_HD c10::BFloat16 round_bf16_stochastic(float x, uint32_t random) {
   return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
 }
 
-// The random bits of the compact moments' stochastic rounding: streams of their own, apart
-// from the param's (`which`: 0 for exp_avg, 1 for exp_avg_sq), keyed like it.
-ADAMX_HD uint64_t moment_key(uint64_t key, int which) {
-  return mix64(key + 0x632be59bd9b4e019ull * static_cast<uint64_t>(which + 1));
+// The random bits of the compact moments' stochastic rounding: a stream of their own,
+// apart from the param's, keyed like it (`moment_key`), and cheaper, since every element
+// of a compact state needs them: one round of hash32 per element (`moment_bits`; the key's
+// and the index's high halves are folded into the key once per 2^32 elements), whose low
+// 16 bits round exp_avg and high 16 bits exp_avg_sq (`moment_random` places a half where
+// both roundings read: the low 16 bits for bfloat16, the top 20 for codes; a rounding
+// decided on 16 bits is off by at most 2^-16 of a gap).
+ADAMX_HD uint64_t moment_key(uint64_t key) { return mix64(key + 0x632be59bd9b4e019ull); }
+
+ADAMX_HD uint32_t fold_key(uint64_t key, uint32_t index_hi) {
+  return static_cast<uint32_t>(key) ^ hash32(static_cast<uint32_t>(key >> 32) ^ index_hi);
+}
+
+ADAMX_HD uint32_t moment_bits32(uint32_t folded_key, uint32_t index_lo) {
+  return hash32(index_lo ^ folded_key);
+}
+
+ADAMX_HD uint32_t moment_bits(uint64_t key, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  return moment_bits32(fold_key(key, static_cast<uint32_t>(i >> 32)), static_cast<uint32_t>(i));
+}
+
+ADAMX_HD uint32_t moment_random(uint32_t bits, int which) {
+  const uint32_t half = which ? bits >> 16 : bits & 0xffffu;
+  return (half << 16) | half;
 }
 
 // The random streams of one tensor's step, from its rounding_key: the param's
 // (stochastic_rounding) and its compact moments'.
 struct RoundingKeys {
-  uint64_t param = 0, exp_avg = 0, exp_avg_sq = 0;
+  uint64_t param = 0, moments = 0;
   RoundingKeys() = default;
-  ADAMX_HD explicit RoundingKeys(uint64_t key)
-      : param(key), exp_avg(moment_key(key, 0)), exp_avg_sq(moment_key(key, 1)) {}
+  ADAMX_HD explicit RoundingKeys(uint64_t key) : param(key), moments(moment_key(key)) {}
 };
 
 // How compact moments of kind S are stored: bfloat16 for StochasticBf16, uint8 codes for
@@ -373,19 +393,23 @@ ADAMX_HD uint32_t bits_of(float f) {
   return u;
 }
 
-// The value of magnitude code c, in units of the block's scale (exact).
+// The value of magnitude code c, in units of the block's scale (exact). The selects here
+// and in encode_code are masks, not branches: both sides are computed, so that the CPU
+// kernel's lane loops vectorize (GCC does not speculate a float operation past a branch).
 template <bool kSigned>
 ADAMX_HD float code_value(uint32_t c) {
   using F = CodeFormat<kSigned>;
-  const float subnormal = static_cast<float>(c & 7u) * F::kSubnormalStep;
-  const float normal = float_from_bits((c << 20) + F::kOffset);
-  return c < 8 ? subnormal : normal;
+  const uint32_t subnormal = bits_of(static_cast<float>(int32_t(c & 7u)) * F::kSubnormalStep);
+  const uint32_t normal = (c << 20) + F::kOffset;
+  const uint32_t is_subnormal = 0u - uint32_t(c < 8u);
+  return float_from_bits((subnormal & is_subnormal) | (normal & ~is_subnormal));
 }
 
 template <bool kSigned>
 ADAMX_HD float decode_code(uint8_t code, float scale) {
-  const float magnitude = code_value<kSigned>(kSigned ? code & 0x7fu : code) * scale;
-  return kSigned && (code & 0x80u) ? -magnitude : magnitude;
+  const uint32_t magnitude = kSigned ? code & 0x7fu : code;
+  const uint32_t sign = kSigned ? (uint32_t(code) & 0x80u) << 24 : 0u;
+  return float_from_bits(bits_of(code_value<kSigned>(magnitude)) | sign) * scale;
 }
 
 // A block's scale (a power of two: the smallest 2^k with absmax <= 1.875 * 2^k, k in
@@ -412,9 +436,9 @@ ADAMX_HD uint8_t encode_code(float x, float inv, uint32_t random) {
   const float magnitude = (kSigned ? std::fabs(x) : x) * inv;  // exact but under/overflow
   // Subnormals: rounded as the normal numbers of the binade above kSmallestNormal, less
   // its 8 codes (adding kSmallestNormal rounds away only bits far below the code's).
-  const bool small = magnitude < F::kSmallestNormal;  // false for NaN
-  const float a = small ? magnitude + F::kSmallestNormal : magnitude;
-  const uint32_t u = ((bits_of(a) + (random >> 12)) >> 20) - (F::kOffset >> 20) - (small ? 8u : 0u);
+  const uint32_t small = 0u - uint32_t(magnitude < F::kSmallestNormal);  // none for NaN
+  const float a = magnitude + float_from_bits(bits_of(F::kSmallestNormal) & small);
+  const uint32_t u = ((bits_of(a) + (random >> 12)) >> 20) - (F::kOffset >> 20) - (small & 8u);
   const uint32_t c = u < F::kMaxCode ? u : F::kMaxCode;
   return static_cast<uint8_t>(kSigned ? c | ((bits_of(x) >> 24) & 0x80u) : c);
 }

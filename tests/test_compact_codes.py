@@ -54,8 +54,8 @@ def rounding_key_ref(seed, tensor, step):
     return mix64_ref(mix64_ref(s ^ tensor) ^ int(step))
 
 
-def moment_key_ref(key, which):
-    return mix64_ref((key + 0x632BE59BD9B4E019 * (which + 1)) % 2**64)
+def moment_key_ref(key):
+    return mix64_ref((key + 0x632BE59BD9B4E019) % 2**64)
 
 
 def hash32_ref(x):
@@ -69,6 +69,20 @@ def hash32_ref(x):
 def rounding_bits_ref(key, index):
     key_lo, key_hi = key % 2**32, key >> 32
     return hash32_ref(hash32_ref((index % 2**32) ^ key_lo) ^ (key_hi ^ (index >> 32)))
+
+
+def fold_key_ref(key, index_hi):
+    return (key % 2**32) ^ hash32_ref((key >> 32) ^ index_hi)
+
+
+def moment_bits_ref(key, index):
+    """One round of hash32 (rounding_bits has two), the high halves folded into the key."""
+    return hash32_ref((index % 2**32) ^ fold_key_ref(key, index >> 32))
+
+
+def moment_random_ref(bits, which):
+    half = bits >> 16 if which else bits & 0xFFFF
+    return half | (half << 16)
 
 
 def round_bf16_ref(x_bits, random):
@@ -193,9 +207,13 @@ def test_rounding_and_moment_keys(seed):
         assert key == rounding_key_ref(seed, tensor, step)
         assert C.rounding_key(seed, tensor, float(step)) == key  # a double step count
         assert 0 <= key < 2**64
-        for which in (0, 1):
-            assert C.moment_key(key, which) == moment_key_ref(key, which)
-    assert C.moment_key(5, 0) != C.moment_key(5, 1)
+        assert C.moment_key(key) == moment_key_ref(key)
+        assert 0 <= C.moment_key(key) < 2**64 and C.moment_key(key) != key
+    for key in [0, 1, 2**63, M64, M64 - 0x632BE59BD9B4E019 + 1]:  # the sum wraps
+        assert C.moment_key(key) == moment_key_ref(key)
+    assert C.moment_key(M64 - 0x632BE59BD9B4E019 + 1) == 0  # mix64(0)
+    with pytest.raises(TypeError):  # one key for both moments: no `which` any more
+        C.moment_key(5, 0)
     assert C.rounding_key(seed, 0, 1) != C.rounding_key(seed, 0, 2)
     assert C.rounding_key(seed, 0, 1) != C.rounding_key(seed, 1, 1)
 
@@ -217,6 +235,96 @@ def test_rounding_bits_matches_scalar():
     # spread: the bits of consecutive indices look uniform
     r = C.rounding_bits(7, torch.arange(1 << 14)).double() / 2**32
     assert abs(r.mean().item() - 0.5) < 0.01
+
+
+# Indices about the 2^32 boundaries (their high halves fold into the key), and keys with
+# high bits set (in the fold) or not.
+BIG_INDICES = [2**32 - 2, 2**32 - 1, 2**32, 2**32 + 1, 2**32 + 5, 3 * 2**32 + 7, 2**40 + 3,
+               2**63 - 1]
+MOMENT_KEYS = [0, 1, 2**32 - 1, 2**32, 0xFFFFFFFF00000000, M64, 0x0123456789ABCDEF,
+               C.moment_key(C.rounding_key(3, 4, 5))]
+
+
+def test_moment_bits_matches_scalar():
+    gen = torch.Generator().manual_seed(1)
+    index = torch.cat([torch.arange(300), torch.tensor(BIG_INDICES),
+                       torch.randint(0, 2**62, (100,), dtype=torch.int64, generator=gen)])
+    for key in MOMENT_KEYS:
+        got = C.moment_bits(key, index)
+        assert got.dtype == torch.int64
+        assert got.tolist() == [moment_bits_ref(key, i) for i in index.tolist()]
+        assert int(got.min()) >= 0 and int(got.max()) <= M32
+        # a stream of its own: not the param's bits of the same key and index
+        assert (got != C.rounding_bits(key, index)).float().mean() > 0.99
+    # one round of hash32: with key 0 and index < 2^32 (fold_key(0, 0) = hash32(0) = 0),
+    # the bits are hash32(index)
+    assert torch.equal(C.moment_bits(0, torch.arange(1000)), C.hash32(torch.arange(1000)))
+    # the key's high half and the index's high half are folded together: equal halves
+    # cancel (fold_key(key, hi) = lo32(key) ^ hash32(hi32(key) ^ hi))
+    lo, hi = 0x9ABCDEF0, 0x12345678
+    i = torch.arange(50)
+    assert torch.equal(C.moment_bits(hi << 32 | lo, i + (hi << 32)), C.moment_bits(lo, i))
+    assert not torch.equal(C.moment_bits(hi << 32 | lo, i), C.moment_bits(lo, i))
+    # an index's high half changes the bits of its low half
+    assert (C.moment_bits(7, i + 2**32) != C.moment_bits(7, i)).all()
+    # int32 indices work as the int64 ones
+    assert torch.equal(C.moment_bits(7, torch.arange(200, dtype=torch.int32)),
+                       C.moment_bits(7, torch.arange(200)))
+    # spread: the bits of consecutive indices look uniform, both halves
+    r = C.moment_bits(C.moment_key(7), torch.arange(1 << 14))
+    for half in [r & 0xFFFF, r >> 16]:
+        assert abs(half.double().mean().item() / 2**16 - 0.5) < 0.01
+
+
+def test_moment_random_matches_scalar():
+    gen = torch.Generator().manual_seed(2)
+    b = torch.cat([torch.tensor([0, 1, 0xFFFF, 0x10000, 0x12345678, 0x80000000, M32]),
+                   uint32s(500, gen)])
+    for which in (0, 1):
+        got = C.moment_random(b, which)
+        assert got.dtype == torch.int64
+        assert got.tolist() == [moment_random_ref(v, which) for v in b.tolist()]
+        assert int(got.min()) >= 0 and int(got.max()) <= M32
+        assert torch.equal(got >> 16, got & 0xFFFF)  # the half in both halves
+    # which 0 (exp_avg): the low half; 1 (exp_avg_sq): the high half
+    assert C.moment_random(torch.tensor(0x12345678), 0).item() == 0x56785678
+    assert C.moment_random(torch.tensor(0x12345678), 1).item() == 0x12341234
+    assert C.moment_random(torch.tensor(M32), 0).item() == M32
+    assert C.moment_random(torch.tensor(0xFFFF0000), 0).item() == 0
+    assert C.moment_random(torch.tensor(0xFFFF0000), 1).item() == M32
+    # the two roundings read it where they read: bfloat16 the low 16 bits, the codes the
+    # top 20 (random >> 12), whose top 16 are the half
+    assert torch.equal(C.moment_random(b, 0) & 0xFFFF, b & 0xFFFF)
+    assert torch.equal(C.moment_random(b, 1) & 0xFFFF, b >> 16)
+    assert torch.equal(C.moment_random(b, 0) >> 16, b & 0xFFFF)
+    assert torch.equal(C.moment_random(b, 1) >> 16, b >> 16)
+
+
+def test_moment_streams_of_one_hash_differ():
+    """exp_avg and exp_avg_sq read the two halves of one hash: their rounding decisions
+    differ, and look independent (x halfway between two bfloat16 values: each rounds up
+    half the time, and the two agree half the time)."""
+    n = 1 << 14
+    x = torch.full((n,), 1.0 + 2.0**-8)  # halfway between 1 and 1 + 2^-7
+    up = 1.0 + 2.0**-7
+    key = C.moment_key(C.rounding_key(1, 2, 3))
+    up0 = C.stochastic_bf16(x, key, which=0).float() == up
+    up1 = C.stochastic_bf16(x, key, which=1).float() == up
+    up_param = C.stochastic_bf16(x, key).float() == up
+    for u in [up0, up1, up_param]:
+        assert abs(u.double().mean().item() - 0.5) < 0.02
+    for a, b in [(up0, up1), (up0, up_param), (up1, up_param)]:
+        assert abs((a == b).double().mean().item() - 0.5) < 0.02
+    # the codes, likewise: one key for both, different roundings
+    y = torch.full((n,), 1.0 + 1.0 / 16)  # halfway between codes of 1 and 1.125
+    y[::256] = 1.875  # each block's absmax: scale 1
+    m_codes, _ = C.encode_codes(y, True, key)
+    v_codes, _ = C.encode_codes(y, False, key)
+    m_up = (m_codes.long() == 121)[y != 1.875]  # 120: 1.0, 121: 1.125 (signed)
+    v_up = (v_codes.long() == 249)[y != 1.875]  # 248: 1.0, 249: 1.125 (unsigned)
+    for u in [m_up, v_up]:
+        assert abs(u.double().mean().item() - 0.5) < 0.02
+    assert abs((m_up == v_up).double().mean().item() - 0.5) < 0.02
 
 
 # --------------------------------------------------------------------------------------
@@ -249,17 +357,55 @@ def test_stochastic_bf16_exact_values_and_nan():
     assert out[2].view(torch.int16) < 0 <= out[1].view(torch.int16)  # the sign is kept
 
 
-def test_stochastic_bf16_unbiased():
+def test_stochastic_bf16_random_bits():
+    """which None: the param's bits (rounding_bits); which 0 / 1: the moments'
+    (moment_random(moment_bits(key, index), which)), index the memory index."""
+    gen = torch.Generator().manual_seed(16)
+    x = wide_values(600, gen)
+    x_bits = float_bits(x)
+    index = torch.arange(600)
+    for key in [0, M64, 0x0123456789ABCDEF, C.moment_key(C.rounding_key(3, 4, 5))]:
+        streams = {
+            None: [rounding_bits_ref(key, i) for i in range(600)],
+            0: [moment_random_ref(moment_bits_ref(key, i), 0) for i in range(600)],
+            1: [moment_random_ref(moment_bits_ref(key, i), 1) for i in range(600)],
+        }
+        outs = {}
+        for which, random in streams.items():
+            out = C.stochastic_bf16(x, key, which) if which is not None \
+                else C.stochastic_bf16(x, key)
+            assert out.dtype == torch.bfloat16
+            got = (out.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+            assert got == [round_bf16_ref(u, r) for u, r in zip(x_bits, random)]
+            outs[which] = out.view(torch.int16)
+        assert torch.equal(outs[None], C.stochastic_bf16(x, key, which=None).view(torch.int16))
+        assert torch.equal(outs[0], C.round_bf16_stochastic(
+            x, C.moment_random(C.moment_bits(key, index), 0)).view(torch.int16))
+        assert torch.equal(outs[1], C.round_bf16_stochastic(
+            x, C.moment_random(C.moment_bits(key, index), 1)).view(torch.int16))
+        # three streams: each rounds some elements its own way
+        assert not torch.equal(outs[None], outs[0]) and not torch.equal(outs[None], outs[1])
+        assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("which", [None, 0, 1])
+def test_stochastic_bf16_unbiased(which):
     gen = torch.Generator().manual_seed(4)
     x = wide_values(256, gen)
     n = 2000
     total = torch.zeros_like(x, dtype=torch.float64)
-    for key in range(n):
-        total += C.stochastic_bf16(x, C.rounding_key(9, 0, key)).double()
+    for k in range(n):
+        key = C.rounding_key(9, 0, k)
+        if which is None:
+            total += C.stochastic_bf16(x, key).double()
+        else:
+            total += C.stochastic_bf16(x, C.moment_key(key), which).double()
     mean = total / n
     # one draw: within one bfloat16 gap of x, standard deviation <= gap / 2
     gap = x.abs().double() * 2.0**-7
     assert ((mean - x.double()).abs() <= 5 * gap / 2 / math.sqrt(n)).all()
+    # and it is no rounding to nearest (mean error ~ gap / 4 there)
+    assert ((mean - x.double()).abs() / gap).mean() < 0.05
 
 
 
@@ -579,7 +725,7 @@ def test_encode_codes_unbiased(signed):
     n = 1500
     total = torch.zeros(256, dtype=torch.float64)
     for k in range(n):
-        codes, scales = C.encode_codes(x, signed, C.moment_key(C.rounding_key(0, 0, k), 0))
+        codes, scales = C.encode_codes(x, signed, C.moment_key(C.rounding_key(0, 0, k)))
         assert scales.item() == 1.0
         total += C.decode_codes(codes, scales, signed).double()
     mean = total / n
@@ -588,6 +734,33 @@ def test_encode_codes_unbiased(signed):
     assert (err <= 5 * gap / 2 / math.sqrt(n) + gap * 2.0**-19).all()
     # and it is no rounding to nearest (mean error ~ gap / 4 there)
     assert (err / gap).mean() < 0.05
+
+
+@pytest.mark.parametrize("signed", SIGNED)
+def test_encode_codes_random_bits(signed):
+    """Each element encoded with moment_random(moment_bits(key, its memory index), which):
+    which 0 (the low half) for exp_avg (signed), 1 (the high half) for exp_avg_sq, keys
+    with high bits set included; the other half gives other codes."""
+    which = 0 if signed else 1
+    gen = torch.Generator().manual_seed(17 + signed)
+    x = wide_values(700, gen, -12, 4)
+    if not signed:
+        x = x.abs()
+    x_list, x_bits = x.tolist(), float_bits(x)
+    index = torch.arange(700)
+    for key in MOMENT_KEYS:
+        codes, scales = C.encode_codes(x, signed, key)
+        inv = C.code_scale(C.block_absmax(x))[1].repeat_interleave(256)[:700]
+        random = C.moment_random(C.moment_bits(key, index), which)
+        assert torch.equal(codes, C.encode_code(x, inv, random, signed))
+        # the scalar reference all the way
+        expected = [encode_ref(v, b, iv, moment_random_ref(moment_bits_ref(key, i), which),
+                               signed)
+                    for i, (v, b, iv) in enumerate(zip(x_list, x_bits, inv.tolist()))]
+        assert codes.tolist() == expected
+        other = C.moment_random(C.moment_bits(key, index), 1 - which)
+        assert not torch.equal(codes, C.encode_code(x, inv, other, signed))
+        assert not torch.equal(codes, C.encode_code(x, inv, C.rounding_bits(key, index), signed))
 
 
 @pytest.mark.parametrize("signed", SIGNED)
@@ -652,7 +825,7 @@ def test_partial_last_block(signed):
     assert ((y.double() - x.double()).abs() < gap_bound(x, scale, signed)).all()
     # the elements' random bits are those of their indices, wherever the block ends
     _, inv = C.code_scale(absmax)
-    random = C.rounding_bits(6, torch.arange(600))
+    random = C.moment_random(C.moment_bits(6, torch.arange(600)), 0 if signed else 1)
     assert torch.equal(codes, C.encode_code(x, inv.repeat_interleave(256)[:600], random, signed))
     empty_codes, empty_scales = C.encode_codes(torch.zeros(0), signed, key=6)
     assert empty_codes.shape == (0,) and empty_scales.shape == (0,)
@@ -694,9 +867,11 @@ def test_non_contiguous_uses_memory_order(signed):
     assert same_bits(decoded.t(), C.decode_codes(codes_x, scales_x, signed))
     # in logical order the blocks (and so the scales) would be others
     assert not torch.equal(C.encode_codes(t.contiguous(), signed, key=7)[1], scales)
-    bf = C.stochastic_bf16(t, 8)
-    assert bf.stride() == t.stride()
-    assert torch.equal(bf.t().view(torch.int16), C.stochastic_bf16(x, 8).view(torch.int16))
+    for which in [None, 0, 1]:
+        bf = C.stochastic_bf16(t, 8, which)
+        assert bf.stride() == t.stride()
+        bf_x = C.stochastic_bf16(x, 8, which)
+        assert torch.equal(bf.t().view(torch.int16), bf_x.view(torch.int16))
 
 
 def test_errors():

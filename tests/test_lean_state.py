@@ -40,9 +40,10 @@ SWITCH_GRID = [dict(maximize=a, decoupled_weight_decay=b, eps_inside_sqrt=c, wei
 
 def _encode(kind, x, which, key):
     """Moment ``x`` (float32) stored as ``kind`` with the random stream ``key``."""
+    key = _compact.moment_key(key)
     if kind == "bfloat16":
-        return _compact.stochastic_bf16(x, _compact.moment_key(key, which)), None
-    return _compact.encode_codes(x, which == 0, _compact.moment_key(key, which))
+        return _compact.stochastic_bf16(x, key, which), None
+    return _compact.encode_codes(x, which == 0, key)
 
 
 def _decode(kind, stored, scales, which):

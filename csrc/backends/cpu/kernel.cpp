@@ -130,10 +130,19 @@ struct LaneBits {
   uint32_t operator()(int j) const { return rounding_bits32(key_lo, high, base_lo + uint32_t(j)); }
 };
 
+// moment_bits(key, i + j) for j < kElems, likewise (the folded key hoisted).
+struct MomentBits {
+  uint32_t folded, base_lo;
+  MomentBits(uint64_t key, int64_t i)
+      : folded(fold_key(key, static_cast<uint32_t>(uint64_t(i) >> 32))),
+        base_lo(static_cast<uint32_t>(i)) {}
+  uint32_t operator()(int j) const { return moment_bits32(folded, base_lo + uint32_t(j)); }
+};
+
 // Float lanes rounded stochastically to bfloat16 (round_bf16_stochastic) lane by lane, with
 // the random bits of elements i .. i+count-1 under `key`; a loop the compiler vectorizes
 // (the hash's multiplications become vector ones), storing straight into `base` but at the
-// end of a range. For bfloat16 params (stochastic_rounding) and bfloat16 moments.
+// end of a range. For bfloat16 params (stochastic_rounding).
 template <bool kPartial, int kParts>
 inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t i,
                              int64_t count, uint64_t key) {
@@ -147,20 +156,54 @@ inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t 
   if (kPartial) std::memcpy(static_cast<c10::BFloat16*>(base) + i, part, sizeof(part[0]) * count);
 }
 
+// Both moments rounded stochastically to bfloat16, with one hash per element
+// (moment_bits: its low half for m, its high half for v).
+template <bool kPartial, int kParts>
+inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<float, kParts>& v,
+                                     void* m_base, void* v_base, int64_t i, int64_t count,
+                                     uint64_t key) {
+  constexpr int N = Vectorized<float>::size();
+  constexpr int kElems = kParts * N;
+  alignas(64) float m_in[kElems], v_in[kElems];
+  alignas(64) c10::BFloat16 m_part[kElems], v_part[kElems];
+  c10::BFloat16* m_out = kPartial ? m_part : static_cast<c10::BFloat16*>(m_base) + i;
+  c10::BFloat16* v_out = kPartial ? v_part : static_cast<c10::BFloat16*>(v_base) + i;
+  for (int k = 0; k < kParts; ++k) {
+    m.v[k].store(m_in + k * N);
+    v.v[k].store(v_in + k * N);
+  }
+  const MomentBits bits(key, i);
+  for (int j = 0; j < kElems; ++j) {
+    const uint32_t r = bits(j);
+    m_out[j] = round_bf16_stochastic(m_in[j], moment_random(r, 0));
+    v_out[j] = round_bf16_stochastic(v_in[j], moment_random(r, 1));
+  }
+  if (kPartial) {
+    std::memcpy(static_cast<c10::BFloat16*>(m_base) + i, m_part, sizeof(m_part[0]) * count);
+    std::memcpy(static_cast<c10::BFloat16*>(v_base) + i, v_part, sizeof(v_part[0]) * count);
+  }
+}
+
 using Keys = RoundingKeys;
 
-template <class P>
-constexpr int kPartsOf = Vectorized<P>::size() / Vectorized<ComputeType<P>>::size();
+// Vectors of the compute type per iteration: two beside float16/bfloat16 params (a vector
+// of them widens to two) and beside bfloat16 moments (a whole vector of them is loaded and
+// stored at once: with half vectors GCC left the bfloat16 rounding loop scalar on AVX2,
+// 4.9 ns per element instead of 1.0), else one.
+template <class P, class S>
+constexpr int kPartsOf = kReducedFloat<P> || std::is_same_v<S, StochasticBf16> ? 2 : 1;
 
 // Loads the param (or its master copy) and grad of one iteration's elements, updates them
 // with the moments m, v (and x, amsgrad's max) given in lanes, and stores the param
 // (rounded to nearest or stochastically), its master copy and the unscaled grad. The
 // caller loads and stores the moments in their own storage.
-template <class Var, class P, bool kPartial, class L>
+template <class Var, class P, bool kPartial, int kParts>
 inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
-                         const StepScalars<Vectorized<ComputeType<P>>>& s, L& m, L& v, L& x) {
+                         const StepScalars<Vectorized<ComputeType<P>>>& s,
+                         Lanes<ComputeType<P>, kParts>& m, Lanes<ComputeType<P>, kParts>& v,
+                         Lanes<ComputeType<P>, kParts>& x) {
   using C = ComputeType<P>;
-  constexpr int kParts = kPartsOf<P>;
+  using L = Lanes<C, kParts>;
   L p = Var::master_weights ? load_lanes<C, kParts, float, kPartial>(b.master_param, i, count)
                             : load_lanes<C, kParts, P, kPartial>(b.param, i, count);
   L g = load_lanes<C, kParts, P, kPartial>(b.grad, i, count);
@@ -174,14 +217,14 @@ inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint
   if constexpr (Var::unscale_grad) store_lanes<P, kPartial>(g, b.grad, i, count);
 }
 
-// One iteration's elements (`count` < kElems only at the end of a range, kPartial): as
-// many as a vector of the param type holds, with moments in S (plain: rounded to
+// One iteration's elements (`count` < kElems only at the end of a range, kPartial):
+// kPartsOf vectors of the compute type, with moments in S (plain: rounded to
 // nearest; StochasticBf16: bfloat16 rounded stochastically).
 template <class Var, class P, class S, bool kPartial>
 inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, const Keys& keys,
                           const StepScalars<Vectorized<ComputeType<P>>>& s) {
   using C = ComputeType<P>;
-  constexpr int kParts = kPartsOf<P>;
+  constexpr int kParts = kPartsOf<P, S>;
   constexpr bool kBf16 = std::is_same_v<S, StochasticBf16>;
   using Stored = MomentStorage<S>;
   using L = Lanes<C, kParts>;
@@ -191,8 +234,7 @@ inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, con
   if constexpr (Var::amsgrad) x = load_lanes<C, kParts, S, kPartial>(b.max_exp_avg_sq, i, count);
   update_lanes<Var, P, kPartial>(b, i, count, keys.param, s, m, v, x);
   if constexpr (kBf16) {
-    store_stochastic<kPartial>(m, b.exp_avg, i, count, keys.exp_avg);
-    store_stochastic<kPartial>(v, b.exp_avg_sq, i, count, keys.exp_avg_sq);
+    store_stochastic_moments<kPartial>(m, v, b.exp_avg, b.exp_avg_sq, i, count, keys.moments);
   } else {
     store_lanes<S, kPartial>(m, b.exp_avg, i, count);
     store_lanes<S, kPartial>(v, b.exp_avg_sq, i, count);
@@ -221,8 +263,8 @@ inline float horizontal_absmax(const Vectorized<float>& x) {
 template <class Var, class P>
 void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const Keys& keys,
                        const StepScalars<Vectorized<float>>& s) {
-  constexpr int kParts = kPartsOf<P>;
-  constexpr int64_t kStep = Vectorized<P>::size();
+  constexpr int kParts = kPartsOf<P, Codes8>;
+  constexpr int64_t kStep = kParts * Vectorized<float>::size();
   constexpr int64_t N = Vectorized<float>::size();
   using L = Lanes<float, kParts>;
   alignas(64) float mbuf[kCodeBlock], vbuf[kCodeBlock];
@@ -256,9 +298,12 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
 
   const CodeScale mc = code_scale(horizontal_absmax(m_max));
   const CodeScale vc = code_scale(horizontal_absmax(v_max));
-  const LaneBits m_bits(keys.exp_avg, start), v_bits(keys.exp_avg_sq, start);
-  for (int64_t k = 0; k < n; ++k) mcodes[k] = encode_code<true>(mbuf[k], mc.inv, m_bits(int(k)));
-  for (int64_t k = 0; k < n; ++k) vcodes[k] = encode_code<false>(vbuf[k], vc.inv, v_bits(int(k)));
+  const MomentBits bits(keys.moments, start);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t r = bits(int(k));
+    mcodes[k] = encode_code<true>(mbuf[k], mc.inv, moment_random(r, 0));
+    vcodes[k] = encode_code<false>(vbuf[k], vc.inv, moment_random(r, 1));
+  }
   *m_scale = mc.scale;
   *v_scale = vc.scale;
 }
@@ -269,7 +314,7 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   using C = ComputeType<P>;
   // Round the scalars to the compute type first, as torch does, then broadcast.
   const auto s = scalars.as<C>().template as<Vectorized<C>>();
-  constexpr int64_t kStep = Vectorized<P>::size();
+  constexpr int64_t kStep = kPartsOf<P, S> * Vectorized<C>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
   static_assert(kCutElems % kCodeBlock == 0, "ranges must hold whole blocks of codes");
   // A local copy of the pointers: the stores through them cannot alias it, so the loop

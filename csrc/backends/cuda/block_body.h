@@ -204,8 +204,9 @@ ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
   store_param<Var>(p, master, pc, keys.param, index);
   if (Var::unscale_grad) g = static_cast<P>(gc);
   if constexpr (kCompact<S>) {
-    m = round_bf16_stochastic(mc, rounding_bits(keys.exp_avg, index));
-    v = round_bf16_stochastic(vc, rounding_bits(keys.exp_avg_sq, index));
+    const uint32_t r = moment_bits(keys.moments, index);
+    m = round_bf16_stochastic(mc, moment_random(r, 0));
+    v = round_bf16_stochastic(vc, moment_random(r, 1));
   } else {
     m = static_cast<M>(mc);
     v = static_cast<M>(vc);
@@ -417,8 +418,9 @@ ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const 
   Pack<uint8_t, kLaneElems> mp{}, vp{};
   ADAMX_UNROLL
   for (int k = 0; k < kLaneElems; ++k) {
-    mp.v[k] = encode_code<true>(r.m[k], ms.inv, rounding_bits(c.keys.exp_avg, e0 + k));
-    vp.v[k] = encode_code<false>(r.v[k], vs.inv, rounding_bits(c.keys.exp_avg_sq, e0 + k));
+    const uint32_t bits = moment_bits(c.keys.moments, e0 + k);
+    mp.v[k] = encode_code<true>(r.m[k], ms.inv, moment_random(bits, 0));
+    vp.v[k] = encode_code<false>(r.v[k], vs.inv, moment_random(bits, 1));
   }
   if (n == kLaneElems && aligned<uint8_t, kLaneElems>(mc, 0) && aligned<uint8_t, kLaneElems>(vc, 0)) {
     store_pack(mc, mp);
