@@ -444,3 +444,18 @@ def test_changing_state_dtype_converts_the_state():
     opt.step()
     state = opt.state[model[0].weight]
     assert state["exp_avg"].dtype == torch.float32 and "code_scales" not in state
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=[CONFIG_IDS[0], CONFIG_IDS[2]])
+def test_compiled_step_is_the_eager_step(config):
+    """torch.compile traces the op with its fake kernel (code_scales a mutated list too)
+    and runs the same kernel: the same bits as eager."""
+    eager, compiled = LeanCase(config, sizes=(5000, 300)), LeanCase(config, sizes=(5000, 300))
+
+    def step(case):
+        torch.ops.adamx.adam_(*case.lists(), **_op_kwargs(case, 4, {}))
+
+    step(eager)
+    torch._dynamo.reset()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(compiled)
+    _assert_same(compiled, eager)
