@@ -111,9 +111,7 @@ def _moment_float(state, key):
 
 def _saved_compact(p, saved):
     """Whether a checkpoint's state of param ``p`` holds compact moments."""
-    m = saved.get("exp_avg")
-    return torch.is_tensor(m) and (m.dtype == torch.uint8 or (
-        m.dtype == torch.bfloat16 and (p.dtype == torch.float32 or "master_param" in saved)))
+    return torch.is_tensor(saved.get("exp_avg")) and _stored_kind(p, saved) != "float32"
 
 
 def _check_saved_moments(p, key, saved):
@@ -429,10 +427,10 @@ class Adam(Optimizer):
 
     def _gather(self, group, fresh):
         """The op calls for one group, as (tensor lists, master_params or None, code_scales
-        or None): one or two (params with master copies apart) per round. A param listed k times in the group
-        (torch warns) is stepped k times, in round 1, ..., k, as torch's loop steps it. New
-        or converted state goes into ``fresh``, which the step adds to ``self.state`` only
-        once every update has succeeded."""
+        or None): one or two (params with master copies apart) per round. A param listed
+        k times in the group (torch warns) is stepped k times, in round 1, ..., k, as
+        torch's loop steps it. New or converted state goes into ``fresh``, which the step
+        adds to ``self.state`` only once every update has succeeded."""
         rounds = []
         seen = {}
         amsgrad = group["amsgrad"]
@@ -586,13 +584,11 @@ def to_torch_state_dict(state_dict):
     for key, s in state_dict["state"].items():
         s = dict(s)
         m = s.get("exp_avg")
-        if torch.is_tensor(m) and m.dtype == torch.uint8:
-            scales = s.pop("code_scales")
-            for row, k in enumerate(("exp_avg", "exp_avg_sq")):
-                s[k] = _compact.decode_codes(s[k], scales[row], signed=row == 0)
-        elif torch.is_tensor(m) and m.dtype == torch.bfloat16:
-            # (torch casts float32 moments back to a bfloat16 param's dtype on loading.)
-            s["exp_avg"], s["exp_avg_sq"] = m.float(), s["exp_avg_sq"].float()
+        # bfloat16 moments too (torch casts float32 moments back to a bfloat16 param's dtype
+        # on loading).
+        if torch.is_tensor(m) and m.dtype in (torch.uint8, torch.bfloat16):
+            s["exp_avg"], s["exp_avg_sq"] = (_moment_float(s, k) for k in ("exp_avg", "exp_avg_sq"))
+            s.pop("code_scales", None)
         state[key] = s
     groups = [{k: v for k, v in g.items() if k != "state_dtype"}
               for g in state_dict["param_groups"]]

@@ -187,9 +187,9 @@ void dispatch_variant(Switches s, F& f) {
 
 template <class Var, class P>
 constexpr unsigned count_kernels() {
-  using S = std::conditional_t<kReducedFloat<P>, float, P>;
-  return unsigned(kSupported<Var, P, P>) + unsigned(!std::is_same_v<P, S> && kSupported<Var, P, S>) +
-         unsigned(kSupported<Var, P, StochasticBf16>) + unsigned(kSupported<Var, P, Codes8>);
+  using S = StateOf<P, StateKind::Plain>;
+  return unsigned(kSupported<Var, P, P>) +
+         unsigned(!std::is_same_v<P, S> && kSupported<Var, P, S>) + unsigned(kSupported<Var, P, StochasticBf16>) + unsigned(kSupported<Var, P, Codes8>);
 }
 template <class P, unsigned... kBits>
 constexpr unsigned count_kernels(std::integer_sequence<unsigned, kBits...>) {
@@ -443,12 +443,6 @@ ADAMX_HD uint8_t encode_code(float x, float inv, uint32_t random) {
   return static_cast<uint8_t>(kSigned ? c | ((bits_of(x) >> 24) & 0x80u) : c);
 }
 
-// The largest magnitude, NaN-propagating (a NaN wins over everything).
-ADAMX_HD float absmax_of(float current, float x) {
-  const float a = std::fabs(x);
-  return (a != a || a > current) ? a : current;
-}
-
 // Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD
 // vector of them). Built once per tensor per step by `step_scalars`.
 template <class T>
@@ -503,11 +497,20 @@ ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h
 template <class T>
 struct MathOps {
   static ADAMX_HD T sqrt(T x) { using std::sqrt; return sqrt(x); }
+  static ADAMX_HD T abs(T x) { using std::fabs; return fabs(x); }
   // NaN-propagating, like torch.maximum; a NaN result is `a` if `a` is NaN, else `b`
   // (the SIMD versions pick the same operand, so NaN payloads agree across kernels).
   static ADAMX_HD T max(T a, T b) { return (a != a || b < a) ? a : b; }
   static ADAMX_HD T fma(T a, T b, T c) { using std::fma; return fma(a, b, c); }
 };
+
+// The largest magnitude so far, NaN-propagating (a NaN wins over everything): MathOps'
+// max of the new magnitude and the current one, for scalars (the CUDA body) and SIMD
+// vectors (the CPU kernel) alike.
+template <class T>
+ADAMX_HD T absmax_of(const T& current, const T& x) {
+  return MathOps<T>::max(MathOps<T>::abs(x), current);
+}
 
 // One Adam update of one element (or one SIMD vector of elements), in place.
 // `vmax` is only read or written when Var::amsgrad; `grad` only written when

@@ -60,7 +60,8 @@ void check_compact(const AdamArgs& a, size_t i, StateKind kind) {
                        a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(),
                    "adamx: exp_avgs[", i, "] is ", a.exp_avgs[i].scalar_type(),
                    " but exp_avg_sqs[", i, "] is ",
-                   a.exp_avg_sqs[i].defined() ? toString(a.exp_avg_sqs[i].scalar_type()) : "undefined",
+                   a.exp_avg_sqs[i].defined() ? toString(a.exp_avg_sqs[i].scalar_type())
+                                              : "undefined",
                    "; both moments are stored alike");
   if (kind != StateKind::Codes8) return;
   // Blocks are runs of the param's memory order, so codes share the param's layout.
@@ -81,7 +82,8 @@ void check_compact(const AdamArgs& a, size_t i, StateKind kind) {
               blocks, "] (a scale per ", kCodeBlock, " elements of exp_avg, then of "
               "exp_avg_sq) on ", p.device(), "; got ",
               s.defined() ? toString(s.scalar_type()) : "undefined", " ",
-              s.defined() ? s.sizes() : at::IntArrayRef(), s.defined() && !s.is_contiguous() ? " (not contiguous)" : "");
+              s.defined() ? s.sizes() : at::IntArrayRef(),
+              s.defined() && !s.is_contiguous() ? " (not contiguous)" : "");
 }
 
 void check_hyper(double value, const char* name) {

@@ -93,8 +93,8 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// code_scales, seed (as the schema), and the AdamArgs of a call. The operand switches are set by the
-// operands given: unscale_grad by a grad_scale, master_weights by master_params.
+// code_scales, seed (as the schema), and the AdamArgs of a call. The operand switches are set
+// by the operands given: unscale_grad by a grad_scale, master_weights by master_params.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
 #define ADAMX_OP_PARAMS                                                                    \

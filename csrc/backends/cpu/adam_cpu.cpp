@@ -16,7 +16,8 @@ namespace {
 // Threads split the step's elements evenly, across tensor boundaries: each tensor takes
 // a span of the step's element space padded to whole vectors and blocks of codes, and
 // thread ranges are cut at multiples of kCutElems, so no vector or block of 8-bit codes
-// straddles two threads and the results are the same for any thread count. Below kGrainElems, one thread does all.
+// straddles two threads and the results are the same for any thread count. Below
+// kGrainElems, one thread does all.
 constexpr int64_t kGrainElems = 32 * 1024;
 
 RangeKernel range_kernel(Isa isa, Dtype dtype, StateKind kind, const Switches& switches) {

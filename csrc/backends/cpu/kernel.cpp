@@ -26,6 +26,7 @@ template <class T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V sqrt(const V& x) { return x.sqrt(); }
+  static V abs(const V& x) { return x.abs(); }
   // NaN-propagating, picking the operand the scalar MathOps::max picks (at::vec::maximum
   // would return an all-ones NaN instead), so NaN payloads agree across ISAs and the CUDA
   // kernel body.
@@ -75,18 +76,12 @@ template <class C, int kParts, class X, bool kPartial>
 inline Lanes<C, kParts> load_lanes(const void* base, int64_t i, int64_t count) {
   const X* ptr = static_cast<const X*>(base) + i;
   Lanes<C, kParts> out;
-  if constexpr (kReducedFloat<X> && kParts == 2) {
+  if constexpr (kReducedFloat<X>) {
+    static_assert(kParts == 2, "a vector of float16/bfloat16 widens to two");
     const auto x = kPartial ? Vectorized<X>::loadu(ptr, count) : Vectorized<X>::loadu(ptr);
     auto [lo, hi] = at::vec::convert_to_float<X>(x);
     out.v[0] = lo;
     out.v[1] = hi;
-  } else if constexpr (kReducedFloat<X>) {
-    // Half a vector of X (bfloat16 moments beside float32 params): widened lane by lane,
-    // a loop the compiler vectorizes.
-    constexpr int64_t N = Vectorized<C>::size();
-    alignas(64) C wide[N];
-    for (int64_t j = 0; j < N; ++j) wide[j] = !kPartial || j < count ? static_cast<C>(ptr[j]) : C(0);
-    out.v[0] = Vectorized<C>::loadu(wide);
   } else if constexpr (!kPartial) {
     constexpr int64_t N = Vectorized<C>::size();
     for (int k = 0; k < kParts; ++k) out.v[k] = Vectorized<C>::loadu(ptr + k * N);
@@ -184,8 +179,6 @@ inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<
   }
 }
 
-using Keys = RoundingKeys;
-
 // Vectors of the compute type per iteration: two beside float16/bfloat16 params (a vector
 // of them widens to two) and beside bfloat16 moments (a whole vector of them is loaded and
 // stored at once: with half vectors GCC left the bfloat16 rounding loop scalar on AVX2,
@@ -221,7 +214,8 @@ inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint
 // kPartsOf vectors of the compute type, with moments in S (plain: rounded to
 // nearest; StochasticBf16: bfloat16 rounded stochastically).
 template <class Var, class P, class S, bool kPartial>
-inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, const Keys& keys,
+inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
+                          const RoundingKeys& keys,
                           const StepScalars<Vectorized<ComputeType<P>>>& s) {
   using C = ComputeType<P>;
   constexpr int kParts = kPartsOf<P, S>;
@@ -242,12 +236,6 @@ inline void update_vector(const TensorPointers& b, int64_t i, int64_t count, con
   }
 }
 
-// The largest magnitude of the lanes so far (NaN-propagating, see absmax_of).
-inline Vectorized<float> lanes_absmax(const Vectorized<float>& current, const Vectorized<float>& x) {
-  const auto a = x.abs();
-  return Vectorized<float>::blendv(current, a, (a != a) | (a > current));
-}
-
 inline float horizontal_absmax(const Vectorized<float>& x) {
   alignas(64) float lanes[Vectorized<float>::size()];
   x.store(lanes);
@@ -261,7 +249,7 @@ inline float horizontal_absmax(const Vectorized<float>& x) {
 // run over them vector by vector (storing the param as it goes), the block's new scales
 // taken from the new moments' largest magnitudes, the codes encoded back lane by lane.
 template <class Var, class P>
-void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const Keys& keys,
+void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const RoundingKeys& keys,
                        const StepScalars<Vectorized<float>>& s) {
   constexpr int kParts = kPartsOf<P, Codes8>;
   constexpr int64_t kStep = kParts * Vectorized<float>::size();
@@ -288,8 +276,8 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
     for (int k = 0; k < kParts; ++k) {
       m.v[k].store(mbuf + j + k * N);
       v.v[k].store(vbuf + j + k * N);
-      m_max = lanes_absmax(m_max, m.v[k]);
-      v_max = lanes_absmax(v_max, v.v[k]);
+      m_max = absmax_of(m_max, m.v[k]);
+      v_max = absmax_of(v_max, v.v[k]);
     }
   };
   int64_t j = 0;
@@ -320,7 +308,7 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   // A local copy of the pointers: the stores through them cannot alias it, so the loop
   // keeps them in registers instead of reloading them from `b` after every store.
   const TensorPointers local = b;
-  const Keys keys(key);
+  const RoundingKeys keys(key);
   if constexpr (std::is_same_v<S, Codes8>) {
     for (int64_t i = begin; i < end; i += kCodeBlock)
       update_code_block<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);

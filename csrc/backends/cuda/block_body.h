@@ -322,15 +322,24 @@ ADAMX_HD CodeChunk<P> code_chunk(const LaunchTable& tab, int block) {
   return c;
 }
 
+// Where lane `lane`'s elements of block of codes `q` start, and how many of them the
+// tensor has (kLaneElems, fewer at its end, or none).
+ADAMX_HD int64_t lane_start(int64_t q, int lane) {
+  return q * kCodeBlock + int64_t(lane) * kLaneElems;
+}
+ADAMX_HD int lane_elems(const TensorPointers& x, int64_t e0) {
+  const int64_t left = x.numel - e0;
+  return left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
+}
+
 // Lane `lane`'s part of block of codes `q`: decode, update, store the param (and master
 // copy, unscaled grad), keep the new moments in `r`.
 template <class Var, class P>
 ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeLane& r) {
   using C = ComputeType<P>;
   const TensorPointers& x = *c.tensor;
-  const int64_t e0 = q * kCodeBlock + int64_t(lane) * kLaneElems;
-  const int64_t left = x.numel - e0;
-  const int n = left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
+  const int64_t e0 = lane_start(q, lane);
+  const int n = lane_elems(x, e0);
   const float ms = x.code_scales[q], vs = x.code_scales[code_blocks(x.numel) + q];
   P* p = static_cast<P*>(x.param) + e0;
   P* g = static_cast<P*>(x.grad) + e0;
@@ -409,9 +418,8 @@ template <class P>
 ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const CodeLane& r,
                               float m_max, float v_max) {
   const TensorPointers& x = *c.tensor;
-  const int64_t e0 = q * kCodeBlock + int64_t(lane) * kLaneElems;
-  const int64_t left = x.numel - e0;
-  const int n = left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
+  const int64_t e0 = lane_start(q, lane);
+  const int n = lane_elems(x, e0);
   const CodeScale ms = code_scale(m_max), vs = code_scale(v_max);
   uint8_t* mc = static_cast<uint8_t*>(x.exp_avg) + e0;
   uint8_t* vc = static_cast<uint8_t*>(x.exp_avg_sq) + e0;
@@ -422,7 +430,8 @@ ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const 
     mp.v[k] = encode_code<true>(r.m[k], ms.inv, moment_random(bits, 0));
     vp.v[k] = encode_code<false>(r.v[k], vs.inv, moment_random(bits, 1));
   }
-  if (n == kLaneElems && aligned<uint8_t, kLaneElems>(mc, 0) && aligned<uint8_t, kLaneElems>(vc, 0)) {
+  if (n == kLaneElems && aligned<uint8_t, kLaneElems>(mc, 0) &&
+      aligned<uint8_t, kLaneElems>(vc, 0)) {
     store_pack(mc, mp);
     store_pack(vc, vp);
   } else {

@@ -36,7 +36,8 @@ void run_code_block(const LaunchTable& tab, int block) {
       m_max = absmax_of(m_max, lanes[lane].m_max);
       v_max = absmax_of(v_max, lanes[lane].v_max);
     }
-    for (int lane = 0; lane < kWarpSize; ++lane) code_lane_store(c, q, lane, lanes[lane], m_max, v_max);
+    for (int lane = 0; lane < kWarpSize; ++lane)
+      code_lane_store(c, q, lane, lanes[lane], m_max, v_max);
   }
 }
 
