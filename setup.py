@@ -237,7 +237,8 @@ def main():
                     include_dirs=cpp_extension.include_paths(),
                     # GCC 12 warns about its own intrinsics headers there.
                     extra_postargs=cxx_flags + ["-fPIC", "-Wno-maybe-uninitialized"] + flags,
-                    depends=glob.glob("csrc/**/*.h", recursive=True),
+                    depends=glob.glob("csrc/**/*.h", recursive=True)
+                    + glob.glob("csrc/**/*.cuh", recursive=True),
                 )
             return objects
 

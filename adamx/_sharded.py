@@ -85,7 +85,7 @@ def local_lists(lists, master_params=None):
     if DTensor is None:
         return lists, master_params, []
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
-    amsgrad = bool(max_exp_avg_sqs)
+    amsgrad = len(max_exp_avg_sqs) > 0  # (not bool(list): torch 2.11's Dynamo cannot trace it)
     if not any(isinstance(t, DTensor) for t in params + steps):
         return lists, master_params, []
     local = ([], [], [], [], [], [])

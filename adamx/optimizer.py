@@ -467,7 +467,7 @@ class Adam(Optimizer):
         """The op's code_scales: None when no param has 8-bit moments, else one tensor per
         param (an empty one where a param has none)."""
         present = [s for s in scales if s is not None]
-        if not present:
+        if len(present) == 0:
             return None
         empty = present[0].new_empty(0)
         return [empty if s is None else s for s in scales]
@@ -540,7 +540,7 @@ class Adam(Optimizer):
         sharded = []  # DTensors whose local tensors the step writes (adamx/_sharded.py)
         for group in self.param_groups:
             group_calls = self._gather(group, fresh)
-            if group_calls:
+            if len(group_calls) > 0:  # (len: Dynamo of torch 2.11 cannot trace bool(list))
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
                 for lists, masters, scales in group_calls:
                     lists, masters, dtensors = _sharded.local_lists(lists, masters)
@@ -552,7 +552,7 @@ class Adam(Optimizer):
                 torch.ops.adamx.adam_check(*lists, **hyper)
         for lists, hyper in calls:
             torch.ops.adamx.adam_(*lists, **hyper)
-        if sharded:
+        if len(sharded) > 0:
             torch.autograd.graph.increment_version(sharded)
         self.state.update(fresh)
 

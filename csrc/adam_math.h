@@ -211,16 +211,19 @@ void dispatch_dtype(Dtype d, F&& f) {
 // Calls f.template operator()<Var, P, S>() with the kernel for params of dtype `param`,
 // moments stored as `kind`, and these switches: the single place where run-time dtypes and
 // switches become template parameters. (check_args has refused the combinations that are
-// no kernel.)
+// no kernel.) dispatch_kernel_of<P> is the same for params of C++ type P (one
+// translation unit per dtype: the CUDA kernels compile in parallel).
+template <class P, class F>
+void dispatch_kernel_of(StateKind kind, const Switches& s, F&& f) {
+  switch (kind) {
+    case StateKind::Bf16: return detail::dispatch_variant<P, StateKind::Bf16>(s, f);
+    case StateKind::Codes8: return detail::dispatch_variant<P, StateKind::Codes8>(s, f);
+    case StateKind::Plain: return detail::dispatch_variant<P, StateKind::Plain>(s, f);
+  }
+}
 template <class F>
 void dispatch_kernel(Dtype param, StateKind kind, const Switches& s, F&& f) {
-  dispatch_dtype(param, [&]<class P>() {
-    switch (kind) {
-      case StateKind::Bf16: return detail::dispatch_variant<P, StateKind::Bf16>(s, f);
-      case StateKind::Codes8: return detail::dispatch_variant<P, StateKind::Codes8>(s, f);
-      case StateKind::Plain: return detail::dispatch_variant<P, StateKind::Plain>(s, f);
-    }
-  });
+  dispatch_dtype(param, [&]<class P>() { dispatch_kernel_of<P>(kind, s, f); });
 }
 
 // How many kernels there are (per ISA on the CPU, per architecture in CUDA).

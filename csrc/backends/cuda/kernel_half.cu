@@ -1,0 +1,7 @@
+// The CUDA kernels of half params (see kernel_body.cuh).
+#include "kernel_body.cuh"
+
+namespace adamx::cuda {
+template void launch_tables_of<c10::Half>(StateKind, const Switches&, const LaunchTable*, size_t,
+                                    cudaStream_t);
+}  // namespace adamx::cuda
