@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
@@ -227,20 +228,22 @@ def main():
             return mapping
 
         def isa_objects(self, ext):
-            objects = []
-            for isa in isas:
+            # One compiler process per instruction set, side by side (each is one large
+            # translation unit, compiled before ninja starts on the rest).
+            def compile_isa(isa):
                 macros, flags = ISA_BUILDS[isa]
-                objects += self.compiler.compile(
+                return self.compiler.compile(
                     [ISA_KERNEL],
                     output_dir=os.path.join(self.build_temp, "isa", torch.__version__, isa),
                     macros=macros,
                     include_dirs=cpp_extension.include_paths(),
                     # GCC 12 warns about its own intrinsics headers there.
                     extra_postargs=cxx_flags + ["-fPIC", "-Wno-maybe-uninitialized"] + flags,
-                    depends=glob.glob("csrc/**/*.h", recursive=True)
-                    + glob.glob("csrc/**/*.cuh", recursive=True),
+                    depends=glob.glob("csrc/**/*.h", recursive=True),
                 )
-            return objects
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(isas)))) as pool:
+                return [obj for objs in pool.map(compile_isa, isas) for obj in objs]
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     sources.remove(ISA_KERNEL)
