@@ -61,6 +61,24 @@ def _adamx_cls(name):
     return getattr(adamx, name)
 
 
+# The peers that are for some param dtypes only (on others they raise PeerUnavailable):
+# master weights for float16/bfloat16 params, stochastic rounding for bfloat16 ones.
+PEER_DTYPES = {"adamx-master": (torch.float16, torch.bfloat16),
+               "adamx-stochastic": (torch.bfloat16,)}
+
+
+def peer_applies(name, dtype):
+    """Whether the peer ``name`` is for params of ``dtype`` (see PEER_DTYPES)."""
+    return dtype in PEER_DTYPES.get(name, (dtype,))
+
+
+def peer_dtypes_text(name):
+    """``name``'s param dtypes as text, e.g. "float16/bfloat16" (all: "any")."""
+    if name not in PEER_DTYPES:
+        return "any"
+    return "/".join(str(d).replace("torch.", "") for d in PEER_DTYPES[name])
+
+
 # name -> (description, factory(params, lr, capturable) -> optimizer)
 PEERS = {
     "python-loop": ("the tutorial's Python loop (adamx.reference.seed_adam, eps inside sqrt)",
@@ -83,12 +101,13 @@ PEERS = {
                                                                 eps_inside_sqrt=True)),
     "adamx-master": ("adamx.Adam(master_weights=True): fp32 master copies and state",
                      lambda ps, lr, cap: _adamx_cls("Adam")(
-                         _reduced(ps, "master weights"), lr=lr, capturable=cap,
+                         _reduced(ps, "master weights", "adamx-master"), lr=lr,
+                         capturable=cap,
                          master_weights=True)),
     "adamx-stochastic": ("adamx.Adam(stochastic_rounding=True)",
                          lambda ps, lr, cap: _adamx_cls("Adam")(
-                             _reduced(ps, "stochastic rounding", (torch.bfloat16,)), lr=lr,
-                             capturable=cap, stochastic_rounding=True)),
+                             _reduced(ps, "stochastic rounding", "adamx-stochastic"),
+                             lr=lr, capturable=cap, stochastic_rounding=True)),
     "adamx-bf16-state": ("adamx.Adam(state_dtype='bfloat16'): bfloat16 moments (bfloat16 "
                          "params: with master weights)",
                          lambda ps, lr, cap: _adamx_cls("Adam")(
@@ -100,11 +119,11 @@ PEERS = {
 }
 
 
-def _reduced(params, what, dtypes=(torch.float16, torch.bfloat16)):
-    """``params`` if they are all of ``dtypes`` (what ``what`` is for), else PeerUnavailable."""
-    if any(p.dtype not in dtypes for p in params):
-        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
-        raise PeerUnavailable(f"{what} is for {names} params")
+def _reduced(params, what, peer):
+    """``params`` if the peer ``peer`` applies to all of them (``what`` is what it is for),
+    else PeerUnavailable."""
+    if any(not peer_applies(peer, p.dtype) for p in params):
+        raise PeerUnavailable(f"{what} is for {peer_dtypes_text(peer)} params")
     return params
 
 

@@ -53,8 +53,17 @@ by the time it steps (see bench_common.prime_allocator: without it glibc mmaps a
 page-faults every temporary of the unfused peers, and the Python loop measures ~4x slower
 than in training).
 
-Prints a table per device and dtype, the CPU step targets (2 threads: see targets()) as
-PASS/FAIL lines when their peers were measured, and writes step_bench.json and a PNG per device/dtype into --out.
+Runs: the default (about a minute on a 2-core CPU) times mnist, 25m and a 1e3 ... 1e6
+sweep with at most 1 s of timed steps per peer; ``--full`` adds gpt2 and the sweep to 1e8
+with 3 s per peer (minutes on a CPU); ``--quick`` is a seconds-long run for tests. Any
+option given explicitly overrides the run's. Each dtype gets the peers that are for it
+(``adamx-master`` for float16/bfloat16 params, ``adamx-stochastic`` for bfloat16 ones).
+
+Prints a summary table per device and dtype (case, peer, median time, ratio to torch
+fused, % of the ceiling, bytes per element; ``--detail`` adds the full tables) and writes
+step_bench.json (every record, the ceiling streams, the step targets) and a PNG per
+device/dtype into --out. ``--targets`` also prints the CPU step targets the kernel is
+tuned against (2 threads: see targets()) as met / not met.
 """
 
 import argparse
@@ -73,7 +82,18 @@ ALL_PEERS = ["python-loop", "torch-forloop", "torch-foreach", "torch-fused", "ad
 GRAPH_PEERS = ["torch-foreach", "torch-fused", "adamx"]  # capturable, CUDA graph replay
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-DEFAULT_SWEEP = "1e3,1e4,1e5,1e6,1e7,1e8"
+FULL_SWEEP = "1e3,1e4,1e5,1e6,1e7,1e8"
+# What each run times unless an option says otherwise: cases, sweep sizes, repeats (max),
+# warm-up steps, min repeats, max seconds of timed steps per peer.
+RUNS = {
+    "default": dict(cases="mnist,25m,sweep", sweep_sizes="1e3,1e4,1e5,1e6", repeats=50,
+                    warmup=5, min_repeats=5, max_seconds=1.0),
+    "full": dict(cases=",".join(ALL_CASES), sweep_sizes=FULL_SWEEP, repeats=50, warmup=5,
+                 min_repeats=5, max_seconds=3.0),
+    "quick": dict(cases="mnist,sweep", sweep_sizes="1e3,1e5", repeats=5, warmup=1,
+                  min_repeats=3, max_seconds=3.0),
+}
+LEAN_PEERS = ("adamx-bf16-state", "adamx-int8-state")
 
 MNIST_SHAPES = [(200, 784), (200,), (10, 200), (10,)]
 
@@ -275,7 +295,7 @@ def run_ceiling(n_elements, itemsize, device, args):
 # The CPU step targets
 # --------------------------------------------------------------------------------------
 def targets(records, dtype_name, device):
-    """PASS/FAIL per CPU step target whose peers were measured. The targets are set for
+    """Met or not, per CPU step target whose peers were measured. The targets are set for
     the CPU kernel with 2 threads (ratios of median step times, and a share of the RMW
     ceiling); none are checked on CUDA."""
     by = {(r["case"], r["peer"]): r for r in records}
@@ -319,34 +339,50 @@ def targets(records, dtype_name, device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(ALL_CASES),
-                   help="comma-separated subset of: " + ", ".join(ALL_CASES))
-    p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help="comma-separated subset of: " + ", ".join(ALL_PEERS))
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--full", action="store_true",
+                     help="the long run: every case (gpt2 too), the sweep to 1e8, up to 3 s "
+                          "of timed steps per peer (minutes on a CPU)")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny run for tests: mnist and a 1e3/1e5 sweep, 5 repeats")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of: " + ", ".join(ALL_CASES)
+                        + f" (default {RUNS['default']['cases']}; --full: all)")
+    p.add_argument("--peers", default=None,
+                   help="comma-separated subset of: " + ", ".join(ALL_PEERS) + " (default: "
+                        "all that are for the dtype)")
     p.add_argument("--dtype", default="float32",
                    help="comma-separated: float32, bfloat16 (also float16, float64)")
     p.add_argument("--device", default="auto",
                    help="comma-separated: cpu, cuda; auto = cpu, and cuda when present")
-    p.add_argument("--sweep-sizes", default=DEFAULT_SWEEP,
-                   help=f"element counts for the sweep (default {DEFAULT_SWEEP})")
-    p.add_argument("--repeats", type=int, default=50, help="timed steps per peer (max)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
-    p.add_argument("--max-seconds", type=float, default=3.0,
-                   help="stop timing a peer after this long (default 3 s) ...")
-    p.add_argument("--min-repeats", type=int, default=5, help="... once it has this many")
+    p.add_argument("--sweep-sizes", default=None,
+                   help=f"element counts for the sweep (default {RUNS['default']['sweep_sizes']}"
+                        f"; --full: {FULL_SWEEP})")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per peer (max, 50)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps after the first (5)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop timing a peer after this long (1 s; --full: 3 s) ...")
+    p.add_argument("--min-repeats", type=int, default=None, help="... once it has this many (5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the bandwidth ceiling")
     p.add_argument("--no-graph", action="store_true", help="CUDA: skip the graph variants")
     p.add_argument("--grad-scaler", action="store_true",
                    help="time GradScaler'd steps (scaler.step + update), no graph variants")
+    p.add_argument("--detail", action="store_true",
+                   help="also print the full tables (elements, tensors, n, GB/s, ceiling streams)")
+    p.add_argument("--targets", action="store_true",
+                   help="also print the CPU step targets (set for 2 threads) as met / not met")
     p.add_argument("--out", default="out/step", help="output directory (default out/step)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: mnist and a 1e3/1e5 sweep, 5 repeats")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.cases, args.sweep_sizes = "mnist,sweep", "1e3,1e5"
-        args.repeats, args.warmup, args.min_repeats = 5, 1, 3
+    args.run = "full" if args.full else "quick" if args.quick else "default"
+    args.peers_given = args.peers is not None
+    for key, value in RUNS[args.run].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.peers is None:
+        args.peers = ",".join(ALL_PEERS)
     args.case_list = bc.parse_list(args.cases, ALL_CASES, "case")
     args.peer_list = bc.parse_list(args.peers, ALL_PEERS, "peer")
     args.dtype_list = bc.parse_list(args.dtype, list(DTYPES), "dtype")
@@ -365,16 +401,144 @@ def parse_args(argv=None):
     return args
 
 
+def peers_for(args, dtype):
+    """The peers of --peers that apply to params of ``dtype`` (and, with --grad-scaler, to a
+    GradScaler'd step), and {peer: why not} for the others."""
+    chosen, skipped = [], {}
+    for peer in args.peer_list:
+        if not bc.peer_applies(peer, dtype):
+            skipped[peer] = f"for {bc.peer_dtypes_text(peer)} params only"
+        elif args.grad_scaler and peer == "python-loop":
+            skipped[peer] = "GradScaler drives torch.optim.Optimizers only"
+        else:
+            chosen.append(peer)
+    return chosen, skipped
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+def table_heading(dev_name, dtype_name, args, facts):
+    where = (f"{torch.get_num_threads()} threads" if dev_name == "cpu" else
+             facts.get("cuda_device", "cuda"))
+    what = "GradScaler'd step" if args.grad_scaler else "optimizer.step()"
+    return f"## {dev_name}, {dtype_name}, {where}: {what} median"
+
+
+def print_summary(dev_name, dtype_name, records, args, facts):
+    """The short table: per case and peer the median time, the ratio to torch fused, the
+    share of the ceiling and the bytes per element counted."""
+    print(table_heading(dev_name, dtype_name, args, facts))
+    rows = []
+    for r in records:
+        if r.get("is_ceiling"):
+            continue
+        rows.append([r["case"], r["peer"], bc.fmt_time(r["median_s"]),
+                     "-" if r.get("ratio_to_torch_fused") is None
+                     else f"{r['ratio_to_torch_fused']:.2f}",
+                     "-" if r.get("ceiling_share") is None
+                     else f"{100 * r['ceiling_share']:.0f}%",
+                     f"{r['bytes_moved'] / r['elements']:.4g}"])
+    print(bc.format_table(["case", "peer", "time", "x torch fused", "% ceiling", "B/elem"],
+                          rows, align=["<", "<", ">", ">", ">", ">"]))
+    print()
+
+
+def summary_notes(records, args):
+    """One line each on what the summary's columns and cases mean, and on the rows that
+    need a word of why."""
+    peers = {r["peer"] for r in records if not r.get("is_ceiling")}
+    cases = {}
+    for r in records:
+        cases.setdefault(r["case"], r)
+    notes = []
+    if records:
+        notes.append("time: median step; x torch fused: time over torch fused's (below 1 is "
+                     "faster); % ceiling: B/elem x elements / time, over the fastest in-place "
+                     "torch stream over the same bytes" + (" (--no-ceiling: not measured)"
+                                                           if args.no_ceiling else ""))
+        named = [f"{c} = {r['description']}" + (f", {r['elements']:,} elements in "
+                                                f"{r['tensors']} tensors" if r["tensors"] > 1
+                                                else "")
+                 for c, r in cases.items() if not c.startswith("sweep")]
+        if any(c.startswith("sweep") for c in cases):
+            named.append("sweep-N = one tensor of N elements")
+        notes.append("cases: " + "; ".join(named))
+    if any(p.startswith("adamx-master") for p in peers):
+        notes.append("adamx-master: float32 master copy and moments beside the param; "
+                     "adamx-stochastic: bfloat16 params rounded stochastically")
+    if peers & set(LEAN_PEERS):
+        notes.append("adamx-bf16-state / adamx-int8-state (lean moments) take a Python step "
+                     "path for now (~2 us per tensor) plus per-block work, so they are "
+                     "several times slower than float32 state on tensors under ~1e5 elements")
+    if any(p.endswith("+graph") for p in peers):
+        notes.append("+graph rows: capturable=True, one captured CUDA graph replayed per "
+                     "step; their ratio is to torch-fused+graph")
+    return notes
+
+
+def print_detail(tables, args, facts):
+    """The full tables (--detail): element and tensor counts, timed steps, GB/s, and the
+    ceiling's streams."""
+    for dev_name, dtype_name, records, _ in tables:
+        itemsize = DTYPES[dtype_name].itemsize
+        per_element = bytes_per_element(args, "adamx", itemsize)
+        master = bytes_per_element(args, "adamx-master", itemsize)
+        print(f"{table_heading(dev_name, dtype_name, args, facts)}, in detail; GB/s = "
+              f"{per_element} B/element ({master} for adamx-master) / median (ceiling rows: "
+              f"bytes the stream really moves)")
+        rows = []
+        for r in records:
+            peer = r["peer"] + (f" ({r['stream']})" if r.get("is_ceiling") else "")
+            rows.append([r["case"], f"{r['elements']:,}", r["tensors"], peer, r["n"],
+                         bc.fmt_time(r["median_s"]), f"{r['gb_s']:.2f}",
+                         "-" if r.get("ratio_to_torch_fused") is None
+                         else f"{r['ratio_to_torch_fused']:.3f}",
+                         "-" if r.get("ceiling_share") is None
+                         else f"{100 * r['ceiling_share']:.1f}%"])
+        print(bc.format_table(["case", "elements", "tensors", "peer", "n", "median",
+                               "GB/s", "x torch-fused", "% ceiling"], rows,
+                              align=["<", ">", ">", "<", ">", ">", ">", ">", ">"]))
+        for r in records:
+            if r.get("is_ceiling"):
+                print(f"ceiling streams, {r['case']}: " + ", ".join(
+                    f"{k} {v['gb_s']:.1f} GB/s" for k, v in r["ceiling_streams"].items()))
+        slow = sorted({r["peer"] for r in records
+                       if not r.get("is_ceiling") and r["n"] < args.repeats})
+        if slow:
+            print(f"note: fewer than {args.repeats} timed steps (bounded by --max-seconds "
+                  f"{args.max_seconds:g}) for some cases of: {', '.join(slow)}; see column n")
+        print()
+
+
+def print_targets(tables):
+    """The CPU step targets (--targets): goals the kernel is tuned against, set for 2
+    threads, as met / not met."""
+    threads = torch.get_num_threads()
+    for dev_name, dtype_name, _, tgt in tables:
+        for t in tgt:
+            v = t["value"]
+            shown = f"{100 * v:.1f}%" if "share" in t["target"] else f"{v:.3f}x"
+            lim = f"{100 * t['limit']:.0f}%" if "share" in t["target"] else f"{t['limit']:.3g}x"
+            print(f"target [{dev_name}, {dtype_name}, {threads} threads] {t['target']} = "
+                  f"{shown} (goal {t['sense']} {lim}): {'met' if t['pass'] else 'not met'}")
+    if any(tgt for *_, tgt in tables):
+        print("(the targets are set for 2 threads" + (")" if threads == 2 else
+                                                       f"; this run has {threads})"))
+        print()
+
+
 def main(argv=None):
     args = parse_args(argv)
     bc.prime_allocator()  # before anything is timed; see bench_common.prime_allocator
     out, t_script, facts = bc.start_run(args, "adamx optimizer.step() benchmark")
-    print(f"# repeats {args.repeats} (min {args.min_repeats}, at most {args.max_seconds} s of "
-          f"timed steps per peer), warm-up {args.warmup} after the state-creating step; "
-          f"median reported")
-    print()
+    print(f"# {args.run} run: repeats {args.repeats} (min {args.min_repeats}, at most "
+          f"{args.max_seconds:g} s of timed steps per peer), warm-up {args.warmup} after the "
+          f"state-creating step; median reported"
+          + ("" if args.run == "full" else "; --full for gpt2 and the sweep to 1e8"))
+    print(flush=True)
     cases = build_cases(args.case_list, args.sweep)
-    all_records, all_targets, unavailable, tables = [], [], {}, []
+    all_records, all_targets, unavailable, not_applicable, tables = [], [], {}, {}, []
     n_jobs = len(args.device_list) * len(args.dtype_list) * len(cases)
     progress = bc.Progress(n_jobs, "step_bench", enabled=not args.no_progress)
     for dev_name in args.device_list:
@@ -382,15 +546,18 @@ def main(argv=None):
         for dtype_name in args.dtype_list:
             dtype = DTYPES[dtype_name]
             itemsize = torch.empty((), dtype=dtype).element_size()
+            peer_list, skipped = peers_for(args, dtype)
+            for peer, why in skipped.items():
+                not_applicable[f"{dev_name}/{dtype_name}/{peer}"] = why
             records = []
             for case, desc, shapes in cases:
                 progress.update(0, suffix=f"{dev_name} {dtype_name} {case}")
                 n = sum(numel(s) for s in shapes)
                 params = make_params(shapes, dtype, device)
                 ceiling = None if args.no_ceiling else run_ceiling(n, itemsize, device, args)
-                peers = [(p, False) for p in args.peer_list]
+                peers = [(p, False) for p in peer_list]
                 if device.type == "cuda" and not (args.no_graph or args.grad_scaler):
-                    peers += [(p, True) for p in GRAPH_PEERS if p in args.peer_list]
+                    peers += [(p, True) for p in GRAPH_PEERS if p in peer_list]
                 for peer, graph in peers:
                     label = peer + ("+graph" if graph else "")
                     progress.update(0, suffix=f"{dev_name} {dtype_name} {case} {label}")
@@ -439,52 +606,24 @@ def main(argv=None):
             tables.append((dev_name, dtype_name, records, tgt))
     progress.close()
 
-    for dev_name, dtype_name, records, tgt in tables:
-        threads = (f", {torch.get_num_threads()} threads" if dev_name == "cpu" else
-                   f", {facts.get('cuda_device', 'cuda')}")
-        what = "GradScaler'd step" if args.grad_scaler else "optimizer.step()"
-        itemsize = DTYPES[dtype_name].itemsize
-        per_element = bytes_per_element(args, "adamx", itemsize)
-        master = bytes_per_element(args, "adamx-master", itemsize)
-        print(f"## {dev_name}, {dtype_name}{threads}: {what} median; GB/s = "
-              f"{per_element} B/element ({master} for adamx-master) / median (ceiling rows: "
-              f"bytes the stream really moves)")
-        rows = []
-        for r in records:
-            peer = r["peer"] + (f" ({r['stream']})" if r.get("is_ceiling") else "")
-            rows.append([r["case"], f"{r['elements']:,}", r["tensors"], peer, r["n"],
-                         bc.fmt_time(r["median_s"]), f"{r['gb_s']:.2f}",
-                         "-" if r.get("ratio_to_torch_fused") is None
-                         else f"{r['ratio_to_torch_fused']:.3f}",
-                         "-" if r.get("ceiling_share") is None
-                         else f"{100 * r['ceiling_share']:.1f}%"])
-        print(bc.format_table(["case", "elements", "tensors", "peer", "n", "median",
-                               "GB/s", "x torch-fused", "% ceiling"], rows,
-                              align=["<", ">", ">", "<", ">", ">", ">", ">", ">"]))
-        for r in records:
-            if r.get("is_ceiling"):
-                print(f"ceiling streams, {r['case']}: " + ", ".join(
-                    f"{k} {v['gb_s']:.1f} GB/s" for k, v in r["ceiling_streams"].items()))
-        if any(r["peer"].endswith("+graph") for r in records):
-            print("(+graph rows: capturable=True, one captured CUDA graph replayed per step; "
-                  "their ratio is to torch-fused+graph)")
-        slow = sorted({r["peer"] for r in records
-                       if not r.get("is_ceiling") and r["n"] < args.repeats})
-        if slow:
-            print(f"note: fewer than {args.repeats} timed steps (bounded by --max-seconds "
-                  f"{args.max_seconds}) for some cases of: {', '.join(slow)}; see column n")
-        for t in tgt:
-            v = t["value"]
-            shown = f"{100 * v:.1f}%" if "share" in t["target"] else f"{v:.3f}x"
-            lim = f"{100 * t['limit']:.0f}%" if "share" in t["target"] else f"{t['limit']:.3g}x"
-            print(f"{'PASS' if t['pass'] else 'FAIL'}: target [{dev_name}, "
-                  f"{dtype_name}, {torch.get_num_threads()} threads] {t['target']} = {shown} "
-                  f"(target {t['sense']} {lim})")
-        if tgt and torch.get_num_threads() != 2:
-            print("note: the CPU step targets are set for 2 threads (--threads 2)")
+    for dev_name, dtype_name, records, _ in tables:
+        print_summary(dev_name, dtype_name, records, args, facts)
+    notes = summary_notes(all_records, args)
+    if args.peers_given:  # asked for by name, so say why they did not run
+        for what, why in not_applicable.items():
+            notes.append(f"{what} not run: {why}")
+    for note in notes:
+        print(f"note: {note}")
+    if notes:
         print()
     for what, why in unavailable.items():
         print(f"UNAVAILABLE: {what}: {why.splitlines()[0]}")
+    if unavailable:
+        print()
+    if args.detail:
+        print_detail(tables, args, facts)
+    if args.targets:
+        print_targets(tables)
 
     elapsed = time.perf_counter() - t_script
     result = {"benchmark": "step_bench", "machine": facts,
@@ -493,6 +632,7 @@ def main(argv=None):
                   "8 * itemsize (4 reads + 3 writes + the unscaled grad written back)"
                   if args.grad_scaler else "7 * itemsize (plain Adam: 4 reads + 3 writes)"),
               "records": all_records, "targets": all_targets, "unavailable": unavailable,
+              "not_applicable": not_applicable,
               "script_seconds": elapsed, "command": " ".join(sys.argv)}
     path = bc.write_json(out / "step_bench.json", result)
     pngs = plot(tables, out, facts)
@@ -545,7 +685,8 @@ def plot(tables, out, facts):
         ax_b.set_title("bandwidth (sweep)", fontsize=9)
         for ax in (ax_t, ax_b):
             ax.grid(alpha=0.3, which="both")
-        ax_b.legend(fontsize=8)
+        if ax_b.lines:  # (named cases alone draw no lines)
+            ax_b.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"step_bench_{dev_name}_{dtype_name}.png"
         fig.savefig(path, dpi=110)

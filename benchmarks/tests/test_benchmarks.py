@@ -178,7 +178,7 @@ def test_mnist_mlp_cuda(tmp_path):
 
 def test_step_bench_quick(tmp_path):
     proc = run_script("step_bench.py", "--quick", "--dtype", "float32,bfloat16",
-                      "--device", "cpu", "--out", str(tmp_path))
+                      "--device", "cpu", "--targets", "--detail", "--out", str(tmp_path))
     res = json.loads((tmp_path / "step_bench.json").read_text())
     recs = res["records"]
     peers = {"python-loop", "torch-forloop", "torch-foreach", "torch-fused"}
@@ -205,15 +205,79 @@ def test_step_bench_quick(tmp_path):
                 assert "adamx-master" not in got and "adamx-stochastic" not in got
     assert recs[0]["tensors"] == 4  # the MNIST MLP's 4 tensors
     if adamx.is_compiled():
-        # The CPU step targets that --quick covers (MNIST: float32 twice, bfloat16 once).
+        # The CPU step targets that --quick covers (MNIST: float32 twice, bfloat16 once),
+        # printed with --targets as met / not met.
         assert len(res["targets"]) == 3
-        assert sum(line.startswith(("PASS: target [cpu, ", "FAIL: target [cpu, "))
-                   for line in proc.stdout.splitlines()) == 3
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("target [cpu, ")]
+        assert len(lines) == 3 and all(line.endswith((": met", ": not met")) for line in lines)
+    # --detail: the full tables after the summaries.
+    assert "## cpu, float32, " in proc.stdout and ", in detail; GB/s = " in proc.stdout
     assert "issue" not in proc.stdout.lower()
     if HAVE_MPL:
         for dtype in ("float32", "bfloat16"):
             assert (tmp_path / f"step_bench_cpu_{dtype}.png").stat().st_size > 0
     assert "\r" not in proc.stderr
+
+
+def test_step_bench_default_output_is_clean(tmp_path):
+    """The default run's output, on a small configuration: summary tables first, only the
+    peers that apply to each dtype (no UNAVAILABLE lines), no targets (no PASS/FAIL)."""
+    proc = run_script("step_bench.py", "--dtype", "float32,bfloat16", "--device", "cpu",
+                      "--cases", "sweep", "--sweep-sizes", "1e3", "--repeats", "3",
+                      "--warmup", "1", "--min-repeats", "1", "--out", str(tmp_path))
+    out = proc.stdout
+    lines = out.splitlines()
+    assert not [line for line in lines if "UNAVAILABLE" in line], out
+    assert not [line for line in lines if "PASS" in line or "FAIL" in line], out
+    assert not [line for line in lines if line.startswith("target [")], out
+    # After the header (#-lines and a blank), the first thing is the float32 summary.
+    body = [line for line in lines if line and not line.startswith("# ")]
+    assert body[0].startswith("## cpu, float32, ") and "optimizer.step() median" in body[0]
+    assert [c.strip() for c in body[1].split("|")[1:-1]] == [
+        "case", "peer", "time", "x torch fused", "% ceiling", "B/elem"]
+    assert sum(line.startswith("## cpu, ") for line in lines) == 2
+    res = json.loads((tmp_path / "step_bench.json").read_text())
+    assert res["unavailable"] == {}
+    ran = {(r["dtype"], r["peer"]) for r in res["records"]}
+    if adamx.is_compiled():
+        assert ("bfloat16", "adamx-master") in ran and ("bfloat16", "adamx-stochastic") in ran
+        assert "lean moments" in out  # the word on why lean states are slow on small tensors
+    assert not {("float32", "adamx-master"), ("float32", "adamx-stochastic")} & ran
+    assert set(res["not_applicable"]) == {"cpu/float32/adamx-master",
+                                          "cpu/float32/adamx-stochastic"}
+    assert "not run" not in out  # skipped quietly: the default run did not name them
+
+
+def test_step_bench_runs_and_peers():
+    """The runs' plans, explicit options over them, and the peers each dtype gets."""
+    step_bench = import_bench("step_bench")
+    default = step_bench.parse_args([])
+    assert default.case_list == ["mnist", "25m", "sweep"] and max(default.sweep) == 10**6
+    assert default.max_seconds == 1.0 and not default.targets
+    full = step_bench.parse_args(["--full"])
+    assert full.case_list == step_bench.ALL_CASES and max(full.sweep) == 10**8
+    assert full.max_seconds == 3.0
+    quick = step_bench.parse_args(["--quick", "--cases", "mnist"])
+    assert quick.case_list == ["mnist"] and quick.repeats == 5
+    # The options scripts/gpu-check.sh gives (on the CPU here).
+    gpu = step_bench.parse_args(["--device", "cpu", "--cases", "sweep,gpt2",
+                                 "--sweep-sizes", "1e8", "--dtype", "float32,bfloat16",
+                                 "--peers", "torch-fused,adamx,adamx-master", "--no-progress",
+                                 "--no-graph", "--grad-scaler", "--out", "x"])
+    assert gpu.case_list == ["sweep", "gpt2"] and gpu.sweep == [10**8]
+    assert gpu.peer_list == ["torch-fused", "adamx", "adamx-master"] and gpu.peers_given
+    with pytest.raises(SystemExit):
+        step_bench.parse_args(["--full", "--quick"])
+
+    def peers(dtype, *argv):
+        return step_bench.peers_for(step_bench.parse_args(list(argv)), dtype)[0]
+    lean = ["adamx-bf16-state", "adamx-int8-state"]
+    assert peers(torch.float32) == ["python-loop", "torch-forloop", "torch-foreach",
+                                    "torch-fused", "adamx"] + lean
+    assert peers(torch.bfloat16) == step_bench.ALL_PEERS
+    assert "adamx-master" in peers(torch.float16)
+    assert "adamx-stochastic" not in peers(torch.float16)
+    assert "python-loop" not in peers(torch.float32, "--grad-scaler")
 
 
 def test_step_bench_gpt2_shapes():
