@@ -94,7 +94,7 @@ def adam(
     ``exp_avg_sqs[i]`` in bfloat16 beside a float32 param or a master copy, or uint8 8-bit
     codes beside a float32 or bfloat16 param, with ``code_scales[i]`` its block scales
     (float32, shape ``[2, ceil(numel / 256)]``; any tensor for params without codes; see
-    ``adamx.compact``). Both are rounded stochastically with random bits keyed by ``seed``.
+    ``adamx._compact``, which mirrors the format in torch). Both are rounded stochastically with random bits keyed by ``seed``.
     """
     kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                        **switches)
