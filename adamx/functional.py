@@ -93,8 +93,9 @@ def adam(
     Compact moments (see ``adamx.Adam``'s ``state_dtype``): ``exp_avgs[i]`` and
     ``exp_avg_sqs[i]`` in bfloat16 beside a float32 param or a master copy, or uint8 8-bit
     codes beside a float32 or bfloat16 param, with ``code_scales[i]`` its block scales
-    (float32, shape ``[2, ceil(numel / 256)]``; any tensor for params without codes; see
-    ``adamx._compact``, which mirrors the format in torch). Both are rounded stochastically with random bits keyed by ``seed``.
+    (float32, shape ``[2, ceil(numel / 256)]``; any tensor for params without codes; the
+    format is mirrored in torch by ``adamx._compact``). Both are rounded stochastically
+    with random bits keyed by ``seed``.
     """
     kwargs = op_kwargs(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                        **switches)

@@ -368,14 +368,14 @@ def training_line(c):
             f"{100 * ab:.2f}%")
 
 
-def report_agreement(by, modes, arrays, init_state, args):
+def report_agreement(by, modes, arrays, init_state, args, tag=""):
     """Measures and prints how closely each pair of PAIRS agrees (one step, and over the
     run on each data path), and whether both data paths gave every optimizer the same
     losses. Returns the records for the JSON."""
     ran = {name for name, _ in by}
     pairs = [(o, r, ctl) for o, r, ctl in PAIRS if o in ran and r in ran]
     print(f"## Agreement: one step from the same state, and whole runs over the same batches "
-          f"(runs part where their batch losses differ by more than {PART_TOL:g})")
+          f"(runs part where their batch losses differ by more than {PART_TOL:g}){tag}")
     one_step, training, data_paths = [], [], []
     for ours, ref, control in pairs:
         r = one_step_agreement(ours, ref, arrays, init_state, args)
@@ -450,11 +450,14 @@ def check_device(args, prog="mnist_mlp.py"):
 
 
 def load_data(args):
+    # The synthetic stand-in's first N images do not depend on its size: make only those used.
+    sizes = (min(args.limit_train or 60000, 60000), min(args.limit_test or 10000, 10000))
     if args.synthetic:
-        data = mnist_data.synthetic_mnist()
+        data = mnist_data.synthetic_mnist(*sizes)
         data.notes = ["--synthetic was given"]
     else:
-        data = mnist_data.get_mnist(args.data_dir, allow_download=not args.no_download)
+        data = mnist_data.get_mnist(args.data_dir, allow_download=not args.no_download,
+                                    synthetic_sizes=sizes)
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
     if args.limit_train:
@@ -559,7 +562,7 @@ def main(argv=None):
                                       for c, v in cols] for e in range(n_pub)]))
     print()
 
-    agreement = report_agreement(by, modes, arrays, init_state, args)
+    agreement = report_agreement(by, modes, arrays, init_state, args, tag)
 
     # Headline: adamx vs the Python loop and torch fused, per data path.
     for mode in modes:

@@ -481,12 +481,8 @@ def print_detail(tables, args, facts):
     """The full tables (--detail): element and tensor counts, timed steps, GB/s, and the
     ceiling's streams."""
     for dev_name, dtype_name, records, _ in tables:
-        itemsize = DTYPES[dtype_name].itemsize
-        per_element = bytes_per_element(args, "adamx", itemsize)
-        master = bytes_per_element(args, "adamx-master", itemsize)
         print(f"{table_heading(dev_name, dtype_name, args, facts)}, in detail; GB/s = "
-              f"{per_element} B/element ({master} for adamx-master) / median (ceiling rows: "
-              f"bytes the stream really moves)")
+              f"B/elem x elements / median (ceiling rows: bytes the stream really moves)")
         rows = []
         for r in records:
             peer = r["peer"] + (f" ({r['stream']})" if r.get("is_ceiling") else "")

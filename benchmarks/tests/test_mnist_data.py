@@ -207,6 +207,14 @@ def test_synthetic_is_deterministic_and_learnable_shape():
     b = mnist_data.synthetic_mnist(n_train=500, n_test=100, seed=3)
     assert torch.equal(a.train_images, b.train_images)
     assert torch.equal(a.train_labels, b.train_labels)
+    # The first N images do not depend on the split's size (a limited run makes only those);
+    # another seed gives another set.
+    c = mnist_data.synthetic_mnist(n_train=5000, n_test=100, seed=3)
+    assert torch.equal(c.train_images[:500], a.train_images)
+    assert torch.equal(c.train_labels[:500], a.train_labels)
+    assert torch.equal(c.test_images, a.test_images)
+    assert not torch.equal(mnist_data.synthetic_mnist(500, 100, seed=4).train_images,
+                           a.train_images)
     assert a.train_images.dtype == torch.uint8 and a.train_images.shape == (500, 28, 28)
     assert a.train_labels.dtype == torch.int64 and set(a.train_labels.tolist()) == set(range(10))
     # Class means differ: there is something to learn.
