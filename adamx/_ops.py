@@ -13,14 +13,14 @@ import torch
 BUILD_HINT = (
     "adamx's compiled kernels are not available{why}. Build them against the torch you "
     "have: `pip install .` in the adamx source tree (or `python setup.py build_ext "
-    "--inplace` for a development checkout). See README.md, Install."
+    "--inplace` for a development checkout). See docs/building.md."
 )
 MISMATCH_HINT = (
     "adamx was built for torch {built}, but torch {installed} is installed here, so its "
     "compiled kernels were not loaded (torch promises no C++ ABI across versions: a module "
     "built for another torch fails with undefined symbols, or worse). Rebuild adamx against "
     "this torch: `pip install .` in the adamx source tree (or `python setup.py build_ext "
-    "--inplace` for a development checkout). See README.md, Install."
+    "--inplace` for a development checkout). See docs/building.md."
 )
 # Written beside _C by the build (setup.py, BUILD_RECORD): the torch it was compiled for.
 BUILD_RECORD = "_C_build.json"

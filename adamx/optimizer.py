@@ -188,9 +188,9 @@ class Adam(Optimizer):
 
     With ``torch.amp.GradScaler`` the step unscales the grads itself, in the same pass, as
     torch's fused Adam does (``GradScaler.step`` hands it ``grad_scale`` and ``found_inf``;
-    see README.md, Mixed precision).
+    see docs/mixed-precision.md).
 
-    For float16/bfloat16 params (see README.md, Mixed precision):
+    For float16/bfloat16 params (see docs/mixed-precision.md):
 
     - ``master_weights=True`` keeps an fp32 copy of each such param in its state
       (``state[p]["master_param"]``, saved by ``state_dict``) with fp32 moments; the step
@@ -206,7 +206,7 @@ class Adam(Optimizer):
 
     ``state_dtype`` (per group) stores the moments of float32 and bfloat16 params with at
     least COMPACT_MIN_NUMEL (4096) elements in fewer bytes, updated in the same one pass
-    (see README.md, Lean optimizer state): ``"float32"`` (default; torch's layout),
+    (see docs/lean-state.md): ``"float32"`` (default; torch's layout),
     ``"bfloat16"`` (4 bytes per param instead of 8; bfloat16 params need
     ``master_weights=True``) or ``"int8"`` (8-bit codes with a float32 scale per 256
     elements: 2.03 bytes per param). Both round stochastically (keyed by ``seed``), so the
