@@ -294,7 +294,7 @@ def _chunk_generator(seed, split, index):
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
-def _synthetic_images(n, protos, seed, split, chunk=4096):
+def _synthetic_images(n, protos, seed, split, chunk=2048):
     """``n`` labelled images drawn from ``protos``: each a random prototype of its class,
     some with another's strokes laid faintly over it, warped by a random affine map (scale,
     rotation, shear, shift) plus a smooth elastic field, dimmed or brightened, with noise."""
@@ -302,11 +302,11 @@ def _synthetic_images(n, protos, seed, split, chunk=4096):
     images = torch.empty(n, 28, 28, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     for index, start in enumerate(range(0, n, chunk)):
-        m = min(n, start + chunk) - start
+        m = chunk  # always a whole chunk (the last one cut), so that prefixes agree
         g = _chunk_generator(seed, split, index)
-        labels[start:start + m] = torch.randint(0, 10, (m,), generator=g)
-        img = protos[labels[start:start + m] * SYNTHETIC_STYLES
-                     + torch.randint(0, SYNTHETIC_STYLES, (m,), generator=g)]
+        label = torch.randint(0, 10, (m,), generator=g)
+        img = protos[label * SYNTHETIC_STYLES + torch.randint(0, SYNTHETIC_STYLES, (m,),
+                                                               generator=g)]
         over = (torch.rand(m, generator=g) < SYNTHETIC_OVERLAY).nonzero()[:, 0]
         other = torch.randint(0, len(protos), (len(over),), generator=g)
         faint = 0.3 + 0.4 * torch.rand(len(over), 1, 1, generator=g)
@@ -326,7 +326,9 @@ def _synthetic_images(n, protos, seed, split, chunk=4096):
                                               padding_mode="zeros", align_corners=False)[:, 0]
         img = img * (0.75 + 0.5 * torch.rand(m, 1, 1, generator=g))
         img = img + SYNTHETIC_NOISE * torch.randn(m, 28, 28, generator=g)
-        images[start:start + m] = (img.clamp_(0, 1) * 255).round_().to(torch.uint8)
+        keep = min(n - start, chunk)
+        images[start:start + keep] = (img[:keep].clamp_(0, 1) * 255).round_().to(torch.uint8)
+        labels[start:start + keep] = label[:keep]
     return images, labels
 
 
