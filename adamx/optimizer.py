@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _compact, _ops, _sharded
+from . import _clip, _compact, _ops, _sharded
 from .functional import _seed, op_kwargs
 
 __all__ = ["Adam", "AdamW", "state_bytes", "to_torch_state_dict", "COMPACT_MIN_NUMEL"]
@@ -509,6 +509,9 @@ class Adam(Optimizer):
         self._check_capturable()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clip = self.__dict__.get("_clip_divisor")  # a pending clip_grad_norm_
+        if clip is not None:
+            grad_scale = clip if grad_scale is None else grad_scale * clip
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -516,7 +519,27 @@ class Adam(Optimizer):
                 self._step_lists(grad_scale, found_inf)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
+        self.__dict__.pop("_clip_divisor", None)
         return loss
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                        foreach=None, *, grad_scaler=None):
+        """Clips the grads of this optimizer's params by their global norm, as
+        ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite,
+        foreach)`` does, and returns the same total norm (a tensor), but without a pass
+        over the grads to scale them: the next ``step()`` applies the clip factor
+        ``min(max_norm / (norm + 1e-6), 1)`` in its own pass. Call it between
+        ``backward()`` and ``step()``; until the step, ``.grad`` holds the unclipped grads,
+        and after it the clipped ones (the step writes them back, as torch's clip leaves
+        them).
+
+        With ``torch.amp.GradScaler``, pass it as ``grad_scaler`` instead of calling
+        ``scaler.unscale_(opt)`` first: the norm returned is the unscaled grads' (as
+        torch's loop gives), and ``scaler.step(opt)`` then unscales and clips in the one
+        pass, skipping the step if a grad is inf or NaN. DTensor (FSDP2) or multi-device
+        grads take torch's own clip (see adamx/_clip.py)."""
+        return _clip.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach,
+                                     grad_scaler)
 
     def _step_fast(self, grad_scale, found_inf):
         """The step through adamx._C.step_group, which reads each group's params, grads

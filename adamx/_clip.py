@@ -1,0 +1,96 @@
+"""Gradient clipping by the global norm, folded into the next step.
+
+``torch.nn.utils.clip_grad_norm_`` reads every grad for the norm, then reads and writes
+every grad again to scale it; with GradScaler, ``scaler.unscale_`` adds a read and a write
+of its own before that. adamx's step already divides each grad by a scale in its one pass
+(GradScaler's unscale, ``grad_scale``), so ``Adam.clip_grad_norm_`` only reads the grads
+once, for the norm, and hands the step a scale that includes the clip: the grads are
+scaled where the step reads them anyway.
+
+The norm is torch's own (``torch.nn.utils.get_total_norm``: per tensor, then over the
+tensors; multi-tensor on a GPU), so the returned norm is the one torch's loop returns, and
+the clip factor is torch's ``min(max_norm / (norm + 1e-6), 1)``, kept on the device: no
+host sync, unless ``error_if_nonfinite`` asks for one (as in torch).
+
+With a GradScaler passed as ``grad_scaler``, the grads are still scaled: the norm of the
+scaled grads times GradScaler's inverse scale is the unscaled norm (exactly, for its
+power-of-two scales), a non-finite norm is GradScaler's found-inf flag, and the
+scaler's record of this optimizer is marked unscaled with that flag, so ``scaler.step``
+neither unscales nor checks the grads again: it hands the step the scale divided by the
+clip factor, and ``scaler.update`` backs off on the flag as usual.
+"""
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from . import _sharded
+
+__all__ = ["clip_grad_norm_"]
+
+
+def _params_with_grads(optimizer):
+    seen, out = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _nonfinite_error(norm_type):
+    # torch.nn.utils.clip_grad_norm_'s message
+    return RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is "
+        "non-finite, so it cannot be clipped. To disable this error and scale the "
+        "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                    foreach=None, grad_scaler=None):
+    """See ``adamx.Adam.clip_grad_norm_``."""
+    params = _params_with_grads(optimizer)
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+    if not params:
+        return torch.tensor(0.0)
+    grads = [p.grad for p in params]
+    devices = {g.device for g in grads}
+    if len(devices) > 1 or any(_sharded.is_dtensor(g) for g in grads):
+        # Sharded or multi-device grads: torch's own clip (a global norm over the mesh),
+        # at the cost of its passes; the step then takes the grads as they are.
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    with torch.no_grad():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        if scaler is not None:
+            record = scaler._per_optimizer_states[id(optimizer)]
+            if record["stage"] is OptState.UNSCALED:
+                raise RuntimeError(
+                    "adamx: clip_grad_norm_(grad_scaler=...) after scaler.unscale_(opt): the "
+                    "grads are already unscaled; leave out grad_scaler (or the unscale_ "
+                    "call, which costs a pass over the grads)")
+            if record["stage"] is OptState.STEPPED:
+                raise RuntimeError("adamx: clip_grad_norm_(grad_scaler=...) after "
+                                   "scaler.step(opt) and before scaler.update()")
+            scale = scaler._scale  # GradScaler's scale tensor (made by scaler.scale())
+            if scale is None:
+                raise RuntimeError("adamx: clip_grad_norm_(grad_scaler=...) before the "
+                                   "scaler has scaled anything (scaler.scale(loss))")
+            found_inf = (~torch.isfinite(norm)).to(torch.float32).to(scale.device)
+            inv_scale = scale.double().reciprocal().float()
+            norm = norm * inv_scale.to(norm.device, norm.dtype)
+        if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+            raise _nonfinite_error(norm_type)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        divisor = coef.to(torch.float32).reciprocal().to(grads[0].device)
+        if scaler is not None:
+            record["found_inf_per_device"] = {scale.device: found_inf}
+            record["stage"] = OptState.UNSCALED
+            # scaler.step hands an unscaled optimizer's own grad_scale to its step
+            optimizer.grad_scale = scale.to(divisor.device) * divisor
+        else:
+            optimizer._clip_divisor = divisor
+    return norm
