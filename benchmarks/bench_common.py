@@ -102,8 +102,7 @@ PEERS = {
     "adamx-master": ("adamx.Adam(master_weights=True): fp32 master copies and state",
                      lambda ps, lr, cap: _adamx_cls("Adam")(
                          _reduced(ps, "master weights", "adamx-master"), lr=lr,
-                         capturable=cap,
-                         master_weights=True)),
+                         capturable=cap, master_weights=True)),
     "adamx-stochastic": ("adamx.Adam(stochastic_rounding=True)",
                          lambda ps, lr, cap: _adamx_cls("Adam")(
                              _reduced(ps, "stochastic rounding", "adamx-stochastic"),
