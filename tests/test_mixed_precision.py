@@ -410,6 +410,55 @@ def fp32_optimizer_twin(model, opt, masters):
     return twin, twin_opt
 
 
+def load_model_then_optimizer(model, opt, ckpt):
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+
+
+def load_optimizer_then_model(model, opt, ckpt):
+    opt.load_state_dict(ckpt["opt"])
+    model.load_state_dict(ckpt["model"])
+
+
+def load_with_torch_set_state_dict(model, opt, ckpt):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["dcp_opt"])
+
+
+LOAD_ORDERS = {"model_then_optimizer": load_model_then_optimizer,
+               "optimizer_then_model": load_optimizer_then_model,
+               "torch_set_state_dict": load_with_torch_set_state_dict}
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("order", list(LOAD_ORDERS))
+def test_resuming_in_either_load_order_is_the_uninterrupted_run(order, dtype):
+    """A checkpoint loaded into a freshly initialised model and optimizer, the model first
+    or the optimizer first (as torch's set_state_dict does): the following steps are the
+    uninterrupted run's, bit for bit (params, master copies, moments)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    kw = dict(lr=LR, weight_decay=0.1, master_weights=True)
+    model = bf16_model().to(dtype)
+    opt = adamx.AdamW(model.parameters(), **kw)
+    for k in range(3):
+        set_grads(model, k)
+        opt.step()
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "dcp_opt": get_state_dict(model, opt)[1]})
+    resumed = bf16_model(seed=1).to(dtype)  # another initialisation
+    resumed_opt = adamx.AdamW(resumed.parameters(), **kw)
+    LOAD_ORDERS[order](resumed, resumed_opt, ckpt)
+    for k in range(3, 5):
+        set_grads(model, k)
+        set_grads(resumed, k)
+        opt.step()
+        resumed_opt.step()
+        for p, q in zip(model.parameters(), resumed.parameters()):
+            assert_same(q.data, p.data, f"param after step {k}")
+            for key, value in opt.state[p].items():
+                assert_same(resumed_opt.state[q][key], value, f"{key} after step {k}")
+
+
 def test_a_param_cast_to_float32_and_back_steps_from_its_own_value():
     """A bfloat16 model stepped with master copies, then cast to float32 and stepped there
     (no master copies: the float32 params are their own), then cast back: the next step
