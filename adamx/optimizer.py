@@ -194,9 +194,11 @@ class Adam(Optimizer):
 
     - ``master_weights=True`` keeps an fp32 copy of each such param in its state
       (``state[p]["master_param"]``, saved by ``state_dict``) with fp32 moments; the step
-      updates the copy and sets the param to its rounding, in the same pass. Loading a
-      checkpoint without master copies (e.g. torch.optim.Adam's) starts them from the
-      params. Other params step as usual.
+      updates the copy and sets the param to its rounding, in the same pass. The param is
+      the truth: where it is not its copy's rounding at a step (written since: edited in
+      place, loaded, cast to float32 and back), the copy restarts from it in that pass.
+      Loading a checkpoint without master copies (e.g. torch.optim.Adam's) starts them
+      from the params. Other params step as usual.
     - ``stochastic_rounding=True`` (bfloat16 params without master copies) rounds each new
       param to one of its two bfloat16 neighbours at random, in proportion to their
       nearness, so small updates are not lost on average. The random bits are a hash of
@@ -323,9 +325,10 @@ class Adam(Optimizer):
         lacks (adamx's own, e.g. ``master_weights``, in a torch.optim.Adam checkpoint) keeps
         this optimizer's value; master copies, fp32 moments of float16/bfloat16 params and
         compact moments keep their dtypes (torch casts every state tensor to its param's
-        dtype); master copies missing from the checkpoint, or that no longer round to their
-        param, start from the params; moments stored otherwise than the group's
-        state_dtype asks are converted (a torch.optim.Adam checkpoint loaded with
+        dtype); master copies missing from the checkpoint (or not fp32 copies of their
+        param's shape) start from the params, and the others are kept even where they do
+        not round to the param as it is now (the step decides: see the class docstring);
+        moments stored otherwise than the group's state_dtype asks are converted (a torch.optim.Adam checkpoint loaded with
         state_dtype="int8" is encoded). A checkpoint whose compact moments do not fit their
         params is refused before anything changes."""
         saved_groups = state_dict["param_groups"]
@@ -356,13 +359,15 @@ class Adam(Optimizer):
                     if torch.is_tensor(original.get(k)):
                         state[k] = original[k].to(device=p.device, dtype=dtype, copy=True)
                 if _has_master(p, group):
-                    # A master copy is kept only if it is still the param's: fp32 in the
-                    # checkpoint and rounding to the param (one that torch.optim.Adam
-                    # carried along, cast and no longer updated, is not).
+                    # A saved fp32 copy of the param's shape is kept whatever the param
+                    # holds now: the model may be loaded next (torch's set_state_dict loads
+                    # it after the optimizer), and the step restarts the copy from the
+                    # param wherever the param is not its rounding then (master_to_update
+                    # in csrc/adam_math.h). Any other (one that torch.optim.Adam carried
+                    # along and cast) starts from the param.
                     master = original.get("master_param")
                     if not (torch.is_tensor(master) and master.dtype == torch.float32
-                            and torch.equal(_local(state["master_param"]).to(p.dtype),
-                                            _local(p.detach()))):
+                            and master.shape == p.shape):
                         state.pop("master_param", None)
                 self.state[p] = self._conform(p, group, state)
 

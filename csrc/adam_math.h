@@ -17,7 +17,8 @@
 // stochastically (bfloat16 params, `stochastic_rounding`: the random bits come from
 // `rounding_bits`, a hash of (seed, tensor, step, element), so results do not depend on
 // threads, ISA or device), or, with an fp32 master copy (`master_weights`), the update runs
-// on the master copy, which is stored, and the param gets its rounding to nearest.
+// on the master copy, which is stored, and the param gets its rounding to nearest (a param
+// written since, which is not that rounding any more, restarts its copy: master_to_update).
 //
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
@@ -505,6 +506,12 @@ struct MathOps {
   // (the SIMD versions pick the same operand, so NaN payloads agree across kernels).
   static ADAMX_HD T max(T a, T b) { return (a != a || b < a) ? a : b; }
   static ADAMX_HD T fma(T a, T b, T c) { using std::fma; return fma(a, b, c); }
+  // Whether a and b hold the same value: the same bits, or both NaN (any payloads).
+  static ADAMX_HD bool same_value(T a, T b) {
+    static_assert(sizeof(T) == sizeof(float), "float lanes (master copies) only");
+    return bits_of(a) == bits_of(b) || (a != a && b != b);
+  }
+  static ADAMX_HD T select(bool c, T a, T b) { return c ? a : b; }
 };
 
 // The largest magnitude so far, NaN-propagating (a NaN wins over everything): MathOps'
@@ -513,6 +520,31 @@ struct MathOps {
 template <class T>
 ADAMX_HD T absmax_of(const T& current, const T& x) {
   return MathOps<T>::max(MathOps<T>::abs(x), current);
+}
+
+// The value a master copy's update starts from (master_weights), given its param widened
+// and `rounded`, the copy's rounding to nearest in the param's type (widened back; each
+// kernel rounds as it stores params). The param is the truth: users, checkpoint loaders and
+// EMA code write params, never master copies, and a param that is not its copy's rounding
+// any more was written since the copy's last step. The copy then restarts from the param
+// (exact); where the param still is the rounding, the copy is kept, bits below the param's
+// included, so an untouched param steps as before, bit for bit. The comparison is bitwise,
+// so that a zero's sign written into the param counts, but for NaNs: a NaN param beside a
+// NaN copy counts as unchanged and the copy is kept (NaN payloads do not survive every
+// rounding alike, and a NaN restarted from a NaN would be no better). A compare and a
+// select in the pass the update makes anyway; the param's load is the cost (2 bytes per
+// element where the update read only the copy).
+template <class T>
+ADAMX_HD T master_to_update(const T& master, const T& param, const T& rounded) {
+  using M = MathOps<T>;
+  return M::select(M::same_value(param, rounded), master, param);
+}
+
+// The same for one element: a float master copy and its param of type P.
+template <class P>
+ADAMX_HD float master_to_update(float master, P param) {
+  return master_to_update(master, static_cast<float>(param),
+                          static_cast<float>(static_cast<P>(master)));
 }
 
 // One Adam update of one element (or one SIMD vector of elements), in place.

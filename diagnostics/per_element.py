@@ -5,9 +5,10 @@
 For each size and dtype: one param with its grad and state, stepped alternately by
 torch.ops.adamx.adam_ and torch._fused_adam_ (the same lists), in rounds of calls; prints
 the median time per element of each and their ratio. For bfloat16 also adamx's
-stochastic rounding (the same lists), and for float16/bfloat16 its master weights (fp32
-master copy and state: 28 bytes per element moved for bfloat16, twice the plain step's),
-in the same rounds. Sizes in cache show the arithmetic, large ones the memory. A one-off
+stochastic rounding (the same lists), and for float16/bfloat16 its master weights (a
+param of their own beside the fp32 master copy and state, so that the param stays its
+copy's rounding: 30 bytes per element moved for bfloat16, 14 for the plain step), in the
+same rounds. Sizes in cache show the arithmetic, large ones the memory. A one-off
 diagnostic, used for the per-ISA notes in benchmarks/RESULTS.md; needs adamx built.
 """
 
@@ -40,7 +41,7 @@ def main():
             v_.abs_()
             lists = ([p_], [g_], [m_], [v_], [], [torch.tensor(1.0)])
             f32 = [t.float() for t in (p_, m_, v_)]
-            master_lists = ([p_], [g_], [f32[1]], [f32[2]], [], [torch.tensor(1.0)])
+            master_lists = ([p_.clone()], [g_], [f32[1]], [f32[2]], [], [torch.tensor(1.0)])
 
             def ours():
                 torch.ops.adamx.adam_(*lists, **ours_kw)

@@ -293,6 +293,204 @@ def test_master_weights_switched_on_later_start_from_the_params():
         assert "master_param" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == p.dtype
 
 
+# --------------------------------------------------------------------------------------
+# The param is the truth: where a param is not its master's rounding to nearest any more
+# (written since the last step: edited in place, loaded, cast to float32 and back), the
+# step restarts the master copy from the param; elsewhere nothing changes.
+# --------------------------------------------------------------------------------------
+def restarted_masters(params, masters):
+    """The master copies a step must start from: the param, widened, wherever the param is
+    not its master's rounding to nearest (bitwise; both NaN counts as the same), else the
+    master copy itself."""
+    out = []
+    for p, m in zip(params, masters):
+        rounded = m.to(p.dtype)
+        same = same_bits_each(p, rounded) | (p.isnan() & rounded.isnan())
+        out.append(torch.where(same, m, p.float()))
+    return out
+
+
+def fp32_twin(state, masters):
+    """The fp32 run that the state with master copies `masters` must follow: its params
+    are the master copies, its moments and step counts the state's."""
+    twin = OpState([m.clone() for m in masters], amsgrad=bool(state.max_exp_avg_sqs))
+    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+        setattr(twin, name, [t.clone() for t in getattr(state, name)])
+    return twin
+
+
+# In-place edits of the params between steps, as users and EMA code make them: new values
+# (the bits of another random tensor) and a clamp.
+PARAM_EDITS = {
+    "copy_": lambda p, k: p.copy_(make_tensors([tuple(p.shape)], p.dtype, seed=40 + k)[0]),
+    "clamp_": lambda p, k: p.clamp_(-0.5, 0.5),
+}
+
+
+@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("edit", list(PARAM_EDITS))
+def test_master_copy_restarts_where_its_param_was_edited(edit, dtype, backend):
+    """After an in-place edit of the params, the next steps follow the fp32 run that starts
+    from the edited params where the edit changed them (and from the master copies
+    elsewhere), bit for bit, as the trajectory test above does."""
+    step = STEPPERS[backend]
+    params = make_tensors(SHAPES, dtype, seed=30)
+    ours = MasterState([p.clone() for p in params], amsgrad=True)
+    hyper = op_hyper(weight_decay=0.1, amsgrad=True)
+    grad_seq = make_grad_seq(SHAPES, dtype, 4, seed=31)
+    for grads in grad_seq[:2]:
+        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
+    before = [p.clone() for p in ours.params]
+    for k, p in enumerate(ours.params):
+        PARAM_EDITS[edit](p, k)
+    changed = sum(int((~same_bits_each(p, b)).sum()) for p, b in zip(ours.params, before))
+    assert changed > 100  # the edit changed many elements (and left others alone)
+    fp32 = fp32_twin(ours, restarted_masters(ours.params, ours.master_params))
+    for grads in grad_seq[2:]:
+        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
+        step(fp32, [g.float() for g in grads], **hyper)
+        for i in range(len(SHAPES)):
+            assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
+            assert_same(ours.params[i], fp32.params[i].to(dtype), f"param {i}")
+            assert_same(ours.exp_avg_sqs[i], fp32.exp_avg_sqs[i], f"exp_avg_sq {i}")
+
+
+def special_masters(dtype):
+    """(param, master copy) pairs of special values, the first in each pair as the step
+    finds it and the second as the master copy holds it, and what a step with lr = 0 (which
+    leaves the value it starts from unchanged) must leave in the master copy."""
+    nan, inf = float("nan"), float("inf")
+    huge = 70000.0 if dtype == torch.float16 else 3.4e38      # rounds to inf
+    tiny = 1e-10 if dtype == torch.float16 else 2.0 ** -140   # rounds to +0
+    rows = [  # (param, master, master after the step)
+        (nan, nan, nan),        # both NaN: the copy is kept (no restart from NaN to NaN)
+        (nan, 1.0, nan),        # a NaN written into the param: the copy becomes NaN
+        (2.0, nan, 2.0),        # a number written over a NaN: the copy restarts from it
+        (inf, huge, huge),      # the rounding of a finite copy overflows: the copy is kept
+        (-0.0, tiny, -0.0),     # the sign of a zero written into the param counts
+        (0.0, tiny, tiny),      # the rounding of a tiny copy: kept
+        (-inf, -1.0, -inf),     # an infinity written into the param
+    ]
+    param, master, after = (torch.tensor([r[j] for r in rows]) for j in range(3))
+    return param.to(dtype).repeat(40), master.repeat(40), after.repeat(40)
+
+
+@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_master_copy_restart_of_special_values(dtype, backend, restore_cpu_capability):
+    """NaNs, infinities and signed zeros on either side: what the step starts from (seen
+    with lr = 0 and no weight decay, which leave it unchanged), on two steps in a row, on
+    every ISA of the CPU kernel and the emulated CUDA body."""
+    param, master, after = special_masters(dtype)
+    number = ~after.isnan()
+    for isa in adamx.supported_cpu_capabilities() if backend == "cpu" else [None]:
+        if isa is not None:
+            adamx.set_cpu_capability(isa)
+        st = MasterState([param.clone()], amsgrad=False)
+        st.master_params = [master.clone()]
+        for _ in range(2):
+            STEPPERS[backend](st, [torch.ones_like(param)], master_params=st.master_params,
+                              **op_hyper(lr=0.0))
+            got = st.master_params[0]
+            assert torch.equal(got.isnan(), after.isnan()), isa
+            assert same_bits(got[number], after[number]), isa
+            assert torch.equal(st.params[0].isnan(), after.isnan()), isa
+            assert same_bits(st.params[0][number], after[number].to(dtype)), isa
+
+
+def fp32_optimizer_twin(model, opt, masters):
+    """A float32 copy of `model` whose params are `masters`, with an adamx optimizer (no
+    master copies) holding `opt`'s moments and step counts: the run `opt` must follow."""
+    twin = copy.deepcopy(model).float()
+    for q, m in zip(twin.parameters(), masters):
+        q.data.copy_(m)
+    twin_opt = type(opt)(twin.parameters())  # the checkpoint sets the groups' settings
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return twin, twin_opt
+
+
+def load_model_then_optimizer(model, opt, ckpt):
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+
+
+def load_optimizer_then_model(model, opt, ckpt):
+    opt.load_state_dict(ckpt["opt"])
+    model.load_state_dict(ckpt["model"])
+
+
+def load_with_torch_set_state_dict(model, opt, ckpt):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["dcp_opt"])
+
+
+LOAD_ORDERS = {"model_then_optimizer": load_model_then_optimizer,
+               "optimizer_then_model": load_optimizer_then_model,
+               "torch_set_state_dict": load_with_torch_set_state_dict}
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("order", list(LOAD_ORDERS))
+def test_resuming_in_either_load_order_is_the_uninterrupted_run(order, dtype):
+    """A checkpoint loaded into a freshly initialised model and optimizer, the model first
+    or the optimizer first (as torch's set_state_dict does): the following steps are the
+    uninterrupted run's, bit for bit (params, master copies, moments)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    kw = dict(lr=LR, weight_decay=0.1, master_weights=True)
+    model = bf16_model().to(dtype)
+    opt = adamx.AdamW(model.parameters(), **kw)
+    for k in range(3):
+        set_grads(model, k)
+        opt.step()
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "dcp_opt": get_state_dict(model, opt)[1]})
+    resumed = bf16_model(seed=1).to(dtype)  # another initialisation
+    resumed_opt = adamx.AdamW(resumed.parameters(), **kw)
+    LOAD_ORDERS[order](resumed, resumed_opt, ckpt)
+    for k in range(3, 5):
+        set_grads(model, k)
+        set_grads(resumed, k)
+        opt.step()
+        resumed_opt.step()
+        for p, q in zip(model.parameters(), resumed.parameters()):
+            assert_same(q.data, p.data, f"param after step {k}")
+            for key, value in opt.state[p].items():
+                assert_same(resumed_opt.state[q][key], value, f"{key} after step {k}")
+
+
+def test_a_param_cast_to_float32_and_back_steps_from_its_own_value():
+    """A bfloat16 model stepped with master copies, then cast to float32 and stepped there
+    (no master copies: the float32 params are their own), then cast back: the next step
+    starts from the params where they moved, not from the master copies left from before
+    the cast."""
+    model = bf16_model().to(torch.bfloat16)
+    opt = adamx.AdamW(model.parameters(), lr=LR, master_weights=True)
+    for k in range(2):
+        set_grads(model, k)
+        opt.step()
+    model.float()
+    opt.param_groups[0]["lr"] = 0.05  # steps that move every param past its bfloat16 gap
+    for k in range(2, 4):
+        set_grads(model, k)
+        opt.step()
+    opt.param_groups[0]["lr"] = LR
+    model.to(torch.bfloat16)
+    params = [p.data for p in model.parameters()]
+    stale = [opt.state[p]["master_param"] for p in model.parameters()]
+    assert all(not same_bits(p, m.bfloat16()) for p, m in zip(params, stale))
+    twin, twin_opt = fp32_optimizer_twin(model, opt, restarted_masters(params, stale))
+    for k in range(4, 6):
+        set_grads(model, k)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.float()
+        opt.step()
+        twin_opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert_same(opt.state[p]["master_param"], q.data, f"master after step {k}")
+            assert_same(p.data, q.data.bfloat16(), f"param after step {k}")
+
+
 def test_master_weights_and_stochastic_rounding_exclude_each_other():
     with pytest.raises(ValueError, match="exclude each other"):
         adamx.Adam([torch.zeros(2, requires_grad=True)], master_weights=True,

@@ -31,6 +31,13 @@ struct MathOps<at::vec::Vectorized<T>> {
   // would return an all-ones NaN instead), so NaN payloads agree across ISAs and the CUDA
   // kernel body.
   static V max(const V& a, const V& b) { return V::blendv(b, a, (a != a) | (b < a)); }
+  // The scalar same_value as a mask: equal as floats and of one sign (the sign of a ^ b,
+  // set on 1: equal values differ in the sign bit alone, and only as zeros), or both NaN.
+  static V same_value(const V& a, const V& b) {
+    const V one(T(1));
+    return ((a == b) & (((a ^ b) | one) == one)) | ((a != a) & (b != b));
+  }
+  static V select(const V& c, const V& a, const V& b) { return V::blendv(b, a, c); }
   static V fma(const V& a, const V& b, const V& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     return at::vec::fmadd(a, b, c);
@@ -186,7 +193,7 @@ inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<
 template <class P, class S>
 constexpr int kPartsOf = kReducedFloat<P> || std::is_same_v<S, StochasticBf16> ? 2 : 1;
 
-// Loads the param (or its master copy) and grad of one iteration's elements, updates them
+// Loads the param (and its master copy) and grad of one iteration's elements, updates them
 // with the moments m, v (and x, amsgrad's max) given in lanes, and stores the param
 // (rounded to nearest or stochastically), its master copy and the unscaled grad. The
 // caller loads and stores the moments in their own storage.
@@ -197,8 +204,17 @@ inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint
                          Lanes<ComputeType<P>, kParts>& x) {
   using C = ComputeType<P>;
   using L = Lanes<C, kParts>;
-  L p = Var::master_weights ? load_lanes<C, kParts, float, kPartial>(b.master_param, i, count)
-                            : load_lanes<C, kParts, P, kPartial>(b.param, i, count);
+  L p = load_lanes<C, kParts, P, kPartial>(b.param, i, count);
+  if constexpr (Var::master_weights) {
+    // The copy, unless the param was written since its last step (master_to_update): its
+    // rounding is the store's, round-tripped.
+    static_assert(kParts == 2, "master copies are of float16/bfloat16 params");
+    const L master = load_lanes<C, kParts, float, kPartial>(b.master_param, i, count);
+    const auto [lo, hi] =
+        at::vec::convert_to_float<P>(at::vec::convert_from_float<P>(master.v[0], master.v[1]));
+    p.v[0] = master_to_update(master.v[0], p.v[0], lo);
+    p.v[1] = master_to_update(master.v[1], p.v[1], hi);
+  }
   L g = load_lanes<C, kParts, P, kPartial>(b.grad, i, count);
   for (int k = 0; k < kParts; ++k) adam_update<Var>(p.v[k], g.v[k], m.v[k], v.v[k], x.v[k], s);
   if constexpr (Var::stochastic_rounding) {

@@ -190,14 +190,17 @@ ADAMX_HD void store_param(P& p, float* master, C pc, uint64_t key, int64_t index
   if (Var::master_weights) *master = static_cast<float>(pc);
 }
 
-// One element (`index` in its tensor): widen to the math type, update, store the new
-// param, round the moments back to their storage (stochastically for bfloat16 moments).
+// One element (`index` in its tensor): widen to the math type (with a master copy, the copy
+// unless the param was written since: master_to_update), update, store the new param,
+// round the moments back to their storage (stochastically for bfloat16 moments).
 template <class Var, class P, class S, class M = MomentStorage<S>>
 ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
                          const StepScalars<ComputeType<P>>& s, const RoundingKeys& keys,
                          int64_t index) {
   using C = ComputeType<P>;
-  C pc = Var::master_weights ? static_cast<C>(*master) : static_cast<C>(p);
+  C pc;
+  if constexpr (Var::master_weights) pc = master_to_update(*master, p);
+  else pc = static_cast<C>(p);
   C gc = static_cast<C>(g), mc = static_cast<C>(m), vc = static_cast<C>(v);
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
   adam_update<Var>(pc, gc, mc, vc, xc, s);
@@ -382,7 +385,9 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
   for (int k = 0; k < kLaneElems; ++k) {
     r.m[k] = r.v[k] = 0.0f;
     if (k >= n) continue;
-    C pc = Var::master_weights ? wp.v[k] : static_cast<C>(pp.v[k]);
+    C pc;
+    if constexpr (Var::master_weights) pc = master_to_update(wp.v[k], pp.v[k]);
+    else pc = static_cast<C>(pp.v[k]);
     C gc = static_cast<C>(gp.v[k]);
     C m = decode_code<true>(mp.v[k], ms), v = decode_code<false>(vp.v[k], vs), unused = 0;
     adam_update<Var>(pc, gc, m, v, unused, c.s);
