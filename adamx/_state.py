@@ -89,21 +89,21 @@ class Spec(NamedTuple):
     """The state one param must have. ``moments``: "float32" (torch's layout: the param's
     dtype, or float32 beside a master copy), "bfloat16" or "int8" (codes and scales);
     ``master``: a float32 master copy; ``amsgrad``: a running maximum (float moments
-    only)."""
+    only); ``dtype``: the moments' (uint8 for codes); ``keys``: the moments' keys, then the
+    maximum's."""
     moments: str
     master: bool
     amsgrad: bool
+    dtype: torch.dtype
+    keys: tuple
 
     @property
     def moment_keys(self):
-        return CODES if self.moments == "int8" else MOMENTS
+        return self.keys[:2]
 
-    def moment_dtype(self, p):
-        if self.moments == "int8":
-            return torch.uint8
-        if self.moments == "bfloat16":
-            return torch.bfloat16
-        return torch.float32 if self.master else p.dtype
+
+_KEYS = {(False, False): MOMENTS, (False, True): MOMENTS + ("max_exp_avg_sq",),
+         (True, False): CODES}
 
 
 def spec(p, group, state_dtype=None):
@@ -128,7 +128,14 @@ def spec(p, group, state_dtype=None):
             "state_dtype='int8'")
     elif want == "int8" and not _dense(p):
         moments = "float32"
-    return Spec(moments, master, bool(group["amsgrad"]))
+    amsgrad = bool(group["amsgrad"])
+    if moments == "int8":
+        dtype = torch.uint8
+    elif moments == "bfloat16":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32 if master else p.dtype
+    return Spec(moments, master, amsgrad, dtype, _KEYS[moments == "int8", amsgrad])
 
 
 def with_key_names(state):
@@ -247,6 +254,35 @@ def _laid_out_like(t, p):
                                           memory_format=torch.preserve_format).stride()
 
 
+def _fits(p, state, want):
+    """Whether ``state`` visibly fits ``want`` as it is (every key, the dtype, shape and
+    strides of each tensor, no moments stored another way): the step's check of a state
+    it made or checked before, as cheap as the C++ fast path's (a false answer sends the
+    state through check_state and the conversions)."""
+    if "step" not in state or want.master != ("master_param" in state):
+        return False
+    other = MOMENTS[0] if want.moments == "int8" else CODES[0]
+    if other in state:
+        return False
+    dtype, shape, stride = want.dtype, p.shape, p.stride()
+    for key in want.keys:
+        t = state.get(key)
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape
+                and t.stride() == stride):
+            return False
+    if want.master:
+        t = state["master_param"]
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                and t.shape == shape and t.stride() == stride):
+            return False
+    if want.moments == "int8":
+        scales = state.get(SCALES)
+        if not (isinstance(scales, torch.Tensor) and scales.dtype == torch.float32
+                and tuple(scales.shape) == (2, _compact.num_code_blocks(p.numel()))):
+            return False
+    return True
+
+
 def conform(p, group, state, where, want=None):
     """The state param ``p`` of ``group`` steps with: ``state`` itself when it fits the
     contract (spec); a new dict when it can be made to (state made here lands in the
@@ -258,6 +294,8 @@ def conform(p, group, state, where, want=None):
     decoded and encoded again (so are 8-bit codes laid out unlike the param). Raises
     ValueError (check_state), having changed nothing, for a state that cannot fit."""
     want = want or spec(p, group)
+    if state and _fits(p, state, want):
+        return state
     if not state:
         state = {"step": new_step(p, group)}
         have, fresh = None, True
@@ -301,7 +339,7 @@ def conform(p, group, state, where, want=None):
                 state.pop(name, None)
             state[SCALES] = torch.stack(rows)
         return state
-    dtype = want.moment_dtype(p)
+    dtype = want.dtype
     for which, name in enumerate(MOMENTS):
         if fresh:
             state[name] = _zeros_like(p, dtype)

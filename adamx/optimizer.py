@@ -357,24 +357,27 @@ class Adam(Optimizer):
                 fresh[p] = fitted
             state = fitted
             master = "master_param" in state
-            moment_keys = _state.CODES if _state.CODES[0] in state else _state.MOMENTS
-            moments = [state[moment_keys[0]], state[moment_keys[1]]] + (
-                [state["max_exp_avg_sq"]] if amsgrad else [])
+            scale = state.get(_state.SCALES)
+            moments = _state.CODES if scale is not None else _state.MOMENTS
+            exp_avg, exp_avg_sq = state[moments[0]], state[moments[1]]
+            max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
             if p.is_complex():
-                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
-                moments = [torch.view_as_real(m) for m in moments]
+                p, grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in
+                                                (p, grad, exp_avg, exp_avg_sq))
+                if amsgrad:
+                    max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
             lists = rounds[k].setdefault(master, ([], [], [], [], [], [], [], []))
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, scales = lists
             params.append(p)
             grads.append(grad)
-            exp_avgs.append(moments[0])
-            exp_avg_sqs.append(moments[1])
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
             if amsgrad:
-                max_exp_avg_sqs.append(moments[2])
+                max_exp_avg_sqs.append(max_exp_avg_sq)
             steps.append(state["step"])
             if master:
                 masters.append(state["master_param"])
-            scales.append(state.get(_state.SCALES))
+            scales.append(scale)
         return [(calls[master][:6], calls[master][6] if master else None,
                  self._code_scales(calls[master][7]))
                 for calls in rounds for master in (False, True) if master in calls]
