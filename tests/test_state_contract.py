@@ -399,3 +399,105 @@ def test_complex_params_step_as_torch():
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         assert opt.state[ours][key].dtype == torch.complex64
         torch.testing.assert_close(opt.state[ours][key], ref.state[theirs][key])
+
+
+# --------------------------------------------------------------------------------------
+# Random sequences of events (hypothesis' stateful testing): step, save and load, change
+# options, move a param to another layout, offer a checkpoint or a group that must be
+# refused. After every step each state fits the contract as it is; a step count is the
+# number of steps its param took; whatever is refused leaves the optimizer as it was.
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+from adamx import _state  # noqa: E402
+
+
+class OptimizerEvents(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.big = _param((64, 80), seed=11)  # compact moments
+        self.small = _param((7,), seed=12)  # float32 moments in any group
+        self.opt = adamx.Adam([{"params": [self.big]}, {"params": [self.small]}],
+                              state_dtype="int8")
+        self.steps = 0
+        self.stepped = False  # no option changed since the last step
+
+    @rule(seed=st.integers(0, 1000))
+    def step(self, seed):
+        _steps(self.opt, [self.big, self.small], count=1, seed=seed)
+        self.steps += 1
+        self.stepped = True
+
+    @rule(value=st.sampled_from(["float32", "bfloat16", "int8", torch.int8, torch.bfloat16,
+                                 torch.float32]))
+    def set_state_dtype(self, value):
+        self.opt.param_groups[0]["state_dtype"] = value
+        self.stepped = False
+
+    @rule(value=st.sampled_from(["int4", "float16", torch.float16, None]))
+    def refused_state_dtype(self, value):
+        group = self.opt.param_groups[0]
+        previous = group["state_dtype"]
+        group["state_dtype"] = value
+        before = _snapshot(self.opt)
+        self.big.grad, self.small.grad = _grad(self.big), _grad(self.small)
+        with pytest.raises(ValueError, match="state_dtype must be one of"):
+            self.opt.step()
+        _assert_unchanged(self.opt, before)
+        group["state_dtype"] = previous
+
+    @rule()
+    def transpose_layout(self):
+        self.big.data = self.big.data.t().contiguous().t()
+        self.stepped = False
+
+    @rule()
+    def save_and_load(self):
+        saved = copy.deepcopy(self.opt.state_dict())
+        self.opt.load_state_dict(saved)
+
+    @precondition(lambda self: self.steps > 0)
+    @rule(how=st.sampled_from(["drop moment", "shape", "scales", "state_dtype"]))
+    def refused_checkpoint(self, how):
+        saved = copy.deepcopy(self.opt.state_dict())
+        state = saved["state"][0]
+        keys = [k for k in ("exp_avg", "exp_avg_codes") if k in state]
+        if how == "drop moment":
+            del state[keys[0]]
+        elif how == "shape":
+            state[keys[0]] = state[keys[0]][:1]
+        elif how == "scales":
+            if "code_scales" not in state:
+                return
+            state["code_scales"] = state["code_scales"][:, :1]
+        else:
+            saved["param_groups"][1]["state_dtype"] = "int4"
+        before = _snapshot(self.opt)
+        with pytest.raises(ValueError):
+            self.opt.load_state_dict(saved)
+        _assert_unchanged(self.opt, before)
+
+    @rule(group=st.sampled_from([dict(state_dtype="int4"),
+                                 dict(state_dtype="int8", amsgrad=True)]))
+    def refused_group(self, group):
+        before = _snapshot(self.opt)
+        with pytest.raises(ValueError):
+            self.opt.add_param_group(dict(group, params=[_param((3,), seed=13)]))
+        _assert_unchanged(self.opt, before)
+
+    @invariant()
+    def state_fits_after_a_step(self):
+        if not self.stepped or self.steps == 0:
+            return
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                state = self.opt.state[p]
+                assert _state._fits(p, state, _state.spec(p, group))
+                assert float(state["step"]) == self.steps
+
+
+TestOptimizerEvents = OptimizerEvents.TestCase
+TestOptimizerEvents.settings = settings(max_examples=50, stateful_step_count=15,
+                                        deadline=None)
