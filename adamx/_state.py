@@ -312,7 +312,19 @@ def conform(p, group, state, where, want=None):
         k in state and not _laid_out_like(state[k], p)
         for k in tensor_keys + ((MOMENTS if have != "int8" else CODES) if have else ()))
     missing = any(k not in state for k in tensor_keys)
-    if not (switched or recoded or relaid or missing):
+    retyped = False
+    if not (switched or recoded) and want.moments == "float32":
+        # Float moments in another dtype than the param's state (only a state edited by
+        # hand has them: loading casts them): widened exactly, never narrowed silently.
+        for key in want.keys:
+            t = state.get(key)
+            if t is not None and t.dtype != want.dtype:
+                if torch.promote_types(t.dtype, want.dtype) != want.dtype:
+                    raise ValueError(f"adamx: the state of {where} has {key} in {t.dtype}, "
+                                     f"but this param's state is {want.dtype}; adamx widens "
+                                     "moments, it does not narrow them")
+                retyped = True
+    if not (switched or recoded or relaid or missing or retyped):
         return state
     state = dict(state)
     if want.master and "master_param" not in state:

@@ -501,3 +501,21 @@ class OptimizerEvents(RuleBasedStateMachine):
 TestOptimizerEvents = OptimizerEvents.TestCase
 TestOptimizerEvents.settings = settings(max_examples=50, stateful_step_count=15,
                                         deadline=None)
+
+
+def test_moments_in_another_float_dtype_are_widened_not_narrowed():
+    p = _param((5, 7))
+    opt = adamx.Adam([p])
+    _steps(opt, [p])
+    state = opt.state[p]
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = state[key].half()  # widened exactly
+    _steps(opt, [p])
+    assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[p][key] = opt.state[p][key].double()
+    before = _snapshot(opt)
+    p.grad = _grad(p)
+    with pytest.raises(ValueError, match="exp_avg in torch.float64"):
+        opt.step()
+    _assert_unchanged(opt, before)
