@@ -9,7 +9,8 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _clip, _compact, _ops, _sharded
+from . import _clip, _ops, _sharded, _state
+from ._state import COMPACT_MIN_NUMEL, STATE_DTYPES
 from .functional import _seed, op_kwargs
 
 __all__ = ["Adam", "AdamW", "state_bytes", "to_torch_state_dict", "COMPACT_MIN_NUMEL"]
@@ -19,129 +20,19 @@ __all__ = ["Adam", "AdamW", "state_bytes", "to_torch_state_dict", "COMPACT_MIN_N
 # group's "seed" defaults to its index).
 _GROUP_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
                        master_weights=False, state_dtype="float32")
-_REDUCED = (torch.float16, torch.bfloat16)
+# The group key that records a seed nobody gave (the group's index when it was added):
+# state_dict leaves such a seed out, and itself, so that its groups have torch's keys.
+_SEED_DEFAULT = "_default_seed"
 # adamx's switches that torch.optim.Adam lacks, and its other group keys: state_dict leaves
 # them out where they hold their defaults (see Adam.state_dict).
 _ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
                                 - set(inspect.signature(torch.optim.Adam).parameters)))
 
 
-# How moments may be stored (a group's "state_dtype"), and the smallest param that gets
-# compact moments: smaller ones keep float32 state (as bitsandbytes' 8-bit optimizers keep
-# params under 4096 elements), where the savings are small and the precision is worth more.
-STATE_DTYPES = ("float32", "bfloat16", "int8")
-COMPACT_MIN_NUMEL = 4096
-_STATE_DTYPE_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
-                        torch.int8: "int8", torch.uint8: "int8"}
-
-
-def _state_dtype(value):
-    """A group's state_dtype as one of STATE_DTYPES (a string, or a torch dtype)."""
-    name = _STATE_DTYPE_ALIASES.get(value, value)
-    if name not in STATE_DTYPES:
-        raise ValueError(f"adamx: state_dtype must be one of {list(STATE_DTYPES)}, got "
-                         f"{value!r}")
-    return name
-
-
-def _check_state_dtype(group):
-    """The settings compact moments do not combine with, refused when a group is added."""
-    name = group["state_dtype"] = _state_dtype(group.get("state_dtype", "float32"))
-    if name == "float32":
-        return
-    if group.get("amsgrad"):
-        raise ValueError(f"adamx: state_dtype={name!r} does not combine with amsgrad=True "
-                         "(its running maximum needs float32 state)")
-    for p in group["params"]:
-        _moments_kind(p, group)
-
-
-def _dense(t):
-    """Whether ``t`` covers its memory without gaps or overlaps (any order of dims)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _moments_kind(p, group):
-    """How param ``p`` of ``group`` stores its moments: "float32" (torch's layout: the
-    param's dtype, or float32 beside a master copy), "bfloat16" or "int8". Params with
-    fewer than COMPACT_MIN_NUMEL elements, float64/float16 params and DTensors keep
-    torch's layout."""
-    want = group["state_dtype"]
-    if (want == "float32" or p.numel() < COMPACT_MIN_NUMEL
-            or p.dtype not in (torch.float32, torch.bfloat16)):
-        return "float32"
-    if _sharded.is_dtensor(p):
-        raise NotImplementedError(
-            f"adamx: state_dtype={want!r} is not implemented for DTensor (FSDP2, tensor "
-            "parallel) params yet; use state_dtype='float32' for them")
-    if want == "bfloat16" and p.dtype == torch.bfloat16 and not _has_master(p, group):
-        raise ValueError(
-            "adamx: state_dtype='bfloat16' for bfloat16 params needs master_weights=True "
-            "(bfloat16 moments beside fp32 master copies): without master copies, bfloat16 "
-            "params keep torch's bfloat16 moments rounded to nearest. Or use "
-            "state_dtype='int8'")
-    if want == "int8" and not _dense(p):
-        return "float32"  # 8-bit blocks are runs of memory: a strided view keeps float32
-    return want
-
-
-def _stored_kind(p, state):
-    """How ``state`` holds its moments now (as _moments_kind names it)."""
-    dtype = state["exp_avg"].dtype
-    if dtype == torch.uint8:
-        return "int8"
-    if dtype == torch.bfloat16 and (p.dtype == torch.float32 or "master_param" in state):
-        return "bfloat16"
-    return "float32"
-
-
 def _moment_float(state, key):
-    """Moment ``key`` of ``state`` decoded to float32 (from any storage)."""
-    value = _local(state[key])
-    if value.dtype == torch.uint8:
-        row = 0 if key == "exp_avg" else 1
-        return _compact.decode_codes(value, state["code_scales"][row], signed=row == 0)
-    return value.float()
-
-
-def _saved_compact(p, saved):
-    """Whether a checkpoint's state of param ``p`` holds compact moments."""
-    return torch.is_tensor(saved.get("exp_avg")) and _stored_kind(p, saved) != "float32"
-
-
-def _check_saved_moments(p, key, saved):
-    """Refuses a checkpoint's compact moments that do not fit param ``p`` (before
-    load_state_dict changes anything)."""
-    if not _saved_compact(p, saved):
-        return
-    m, v = saved.get("exp_avg"), saved.get("exp_avg_sq")
-    where = f"adamx: the checkpoint's state of param {key}"
-    if not torch.is_tensor(v) or v.dtype != m.dtype:
-        raise ValueError(f"{where} has exp_avg in {m.dtype} but exp_avg_sq in "
-                         f"{getattr(v, 'dtype', type(v).__name__)}")
-    for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
-        if t.shape != p.shape:
-            raise ValueError(f"{where} has {name} of shape {tuple(t.shape)} but the param "
-                             f"has shape {tuple(p.shape)}")
-    if m.dtype == torch.uint8:
-        scales = saved.get("code_scales")
-        blocks = _compact.num_code_blocks(p.numel())
-        if not (torch.is_tensor(scales) and scales.dtype == torch.float32
-                and tuple(scales.shape) == (2, blocks)):
-            raise ValueError(
-                f"{where} holds 8-bit moments, whose code_scales must be a float32 tensor of "
-                f"shape (2, {blocks}); got "
-                f"{tuple(scales.shape) if torch.is_tensor(scales) else scales!r}")
-
-
-def _has_master(p, group):
-    """Whether param ``p`` of ``group`` steps with an fp32 master copy (and fp32 state)."""
-    return group["master_weights"] and p.dtype in _REDUCED
+    """Moment ``key`` ("exp_avg" or "exp_avg_sq") of ``state`` as float32, from any
+    storage."""
+    return _state.moment_float(state, _state.MOMENTS.index(key))
 
 
 def _local(t):
@@ -149,8 +40,18 @@ def _local(t):
     return getattr(t, "_local_tensor", t)
 
 
-def _zeros_like(p, dtype=None):
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+def _group_tensors(params):
+    """The tensors among a group's ``params`` (a list; (name, tensor) pairs for named
+    params); torch's add_param_group refuses anything else."""
+    if not isinstance(params, list):
+        return []
+    items = (x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in params)
+    return [t for t in items if isinstance(t, Tensor)]
+
+
+def _index(group, p):
+    """The position of ``p`` among ``group``'s params (for messages)."""
+    return next(i for i, t in enumerate(_group_tensors(group["params"])) if t is p)
 
 
 def _fast_hooks(step):
@@ -204,7 +105,8 @@ class Adam(Optimizer):
       nearness, so small updates are not lost on average. The random bits are a hash of
       (the group's ``seed``, the param's position among the group's params with grads,
       its step count, the element), so steps are reproducible on any thread count, CPU or
-      GPU. ``seed`` defaults to the group's index.
+      GPU. ``seed`` defaults to the group's index when it is added (left out of
+      ``state_dict``, as torch has no such key).
 
     ``state_dtype`` (per group) stores the moments of float32 and bfloat16 params with at
     least COMPACT_MIN_NUMEL (4096) elements in fewer bytes, updated in the same one pass
@@ -212,10 +114,15 @@ class Adam(Optimizer):
     ``"bfloat16"`` (4 bytes per param instead of 8; bfloat16 params need
     ``master_weights=True``) or ``"int8"`` (8-bit codes with a float32 scale per 256
     elements: 2.03 bytes per param). Both round stochastically (keyed by ``seed``), so the
-    moments do not stall. Not with amsgrad. ``state_dict`` holds the compact tensors (and
-    ``code_scales`` for int8); ``adamx.to_torch_state_dict`` converts one to torch's
-    layout, and loading a torch checkpoint encodes it. ``adamx.state_bytes`` reports the
-    memory.
+    moments do not stall. Not with amsgrad. ``state_dict`` holds the compact tensors
+    (int8: ``exp_avg_codes``, ``exp_avg_sq_codes`` and ``code_scales``, keys that
+    torch.optim.Adam cannot mistake for moments); ``adamx.to_torch_state_dict`` converts
+    one to torch's layout, and loading a torch checkpoint encodes it.
+    ``adamx.state_bytes`` reports the memory.
+
+    Every param's state is checked against one contract (adamx/_state.py) by the step,
+    ``load_state_dict`` and ``add_param_group``: converted where that is exact or a
+    documented re-encoding, else refused before anything changes.
     """
 
     # GradScaler.step sets self.grad_scale and self.found_inf for the step and deletes them
@@ -264,26 +171,56 @@ class Adam(Optimizer):
             raise ValueError(
                 "adamx: master_weights=True and stochastic_rounding=True exclude each other: "
                 "with a master copy each param is its master's rounding to nearest")
-        betas = tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            # As torch.optim.Adam; numbers of any type (ints, numpy scalars) stay numbers.
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        # Tensor betas stay Tensors in the group, as torch keeps them (0-d, as its
+        # _to_scalar makes them); the step reads them as numbers.
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b
+                      for b in betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            seed=seed, state_dtype=_state_dtype(state_dtype),
+            seed=seed, state_dtype=_state.state_dtype_name(state_dtype),
         )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
-        # Each group's own stream of stochastic-rounding bits: its seed (given, or the
-        # optimizer's, else 0) plus its index.
-        if param_group.get("seed") is None:
-            base = self.defaults.get("seed") or 0
-            param_group = dict(param_group, seed=base + len(self.param_groups))
-        _seed(param_group["seed"])  # an int
+        """As torch.optim.Optimizer.add_param_group; the group's options and its params'
+        state are checked against the state contract (adamx/_state.py) before the group is
+        added: a group that raises leaves the optimizer as it was."""
+        if isinstance(param_group, dict):
+            param_group = dict(param_group)
+            params = param_group.get("params")
+            if isinstance(params, Tensor):
+                param_group["params"] = [params]
+            elif params is not None and not isinstance(params, set):
+                param_group["params"] = list(params)  # (an iterator is read once, here)
+            # Each group's own stream of stochastic-rounding bits: its seed (given, or the
+            # optimizer's, else 0) plus its index. A seed nobody gave is recorded as the
+            # default, which state_dict leaves out (torch's layout exactly).
+            if param_group.get("seed") is None:
+                base = self.defaults.get("seed")
+                param_group["seed"] = (base or 0) + len(self.param_groups)
+                if base is None:
+                    param_group[_SEED_DEFAULT] = param_group["seed"]
+            _seed(param_group["seed"])  # an int
+            options = {**self.defaults, **param_group}
+            name = _state.check_group(options)
+            for p in _group_tensors(param_group.get("params")):
+                _state.spec(p, options, name)
+                if self.state.get(p):
+                    where = f"param {len(self.param_groups)}.{_index(param_group, p)}"
+                    _state.conform(p, options, self.state[p], where)
         super().add_param_group(param_group)
-        _check_state_dtype(self.param_groups[-1])
+        group = self.param_groups[-1]
+        group["state_dtype"] = _state.state_dtype_name(group["state_dtype"])
 
     def __setstate__(self, state):
         # Also what load_state_dict ends with: groups from a torch.optim.Adam checkpoint
@@ -295,28 +232,30 @@ class Adam(Optimizer):
             for key, value in defaults.items():
                 group.setdefault(key, value)
             if group.get("seed") is None:
-                group["seed"] = index
+                group["seed"] = group[_SEED_DEFAULT] = index
             for p in group["params"]:
                 p_state = self.state.get(p)
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = self._new_step(p, group, float(p_state["step"]))
+                if p_state and not torch.is_tensor(p_state.get("step", 0.0)):
+                    p_state["step"] = _state.new_step(p, group, float(p_state["step"]))
 
     def state_dict(self):
         """torch's ``state_dict``, less adamx's own group keys where they hold their
         defaults (``eps_inside_sqrt``, ``stochastic_rounding``, ``master_weights``: False;
-        ``seed``: the group's index): torch.optim.Adam's layout exactly, which
-        torch.distributed.checkpoint needs to load a torch checkpoint into adamx (its load
-        plan asks the checkpoint for every key the destination's state_dict has). Loading
-        keeps the optimizer's own value of a key the checkpoint lacks (``load_state_dict``).
+        ``state_dtype``: "float32"; ``seed``: when none was given): torch.optim.Adam's
+        layout exactly, which torch.distributed.checkpoint needs to load a torch
+        checkpoint into adamx (its load plan asks the checkpoint for every key the
+        destination's state_dict has). Loading keeps the optimizer's own value of a key
+        the checkpoint lacks (``load_state_dict``).
         """
         state_dict = super().state_dict()
-        for index, group in enumerate(state_dict["param_groups"]):
+        for group in state_dict["param_groups"]:
             for key in _ADAMX_ONLY_KEYS + ("master_weights",):
                 if group.get(key, True) is False:
                     del group[key]
             if group.get("state_dtype") == "float32":
                 del group["state_dtype"]
-            if group.get("seed") == index:
+            default_seed = group.pop(_SEED_DEFAULT, None)
+            if default_seed is not None and group.get("seed") == default_seed:
                 del group["seed"]
         return state_dict
 
@@ -328,21 +267,43 @@ class Adam(Optimizer):
         dtype); master copies missing from the checkpoint (or not fp32 copies of their
         param's shape) start from the params, and the others are kept even where they do
         not round to the param as it is now (the step decides: see the class docstring);
-        moments stored otherwise than the group's state_dtype asks are converted (a torch.optim.Adam checkpoint loaded with
-        state_dtype="int8" is encoded). A checkpoint whose compact moments do not fit their
-        params is refused before anything changes."""
+        every param's state is then made to fit the state contract (adamx/_state.py): laid
+        out as its param, moments stored otherwise than the group's state_dtype asks
+        converted (a torch.optim.Adam checkpoint loaded with state_dtype="int8" is
+        encoded). Everything is checked before anything changes: a checkpoint that does not
+        fit (a missing moment, a shape that is not the param's, 8-bit codes without their
+        scales, an unknown state_dtype) raises a ValueError and leaves the optimizer as it
+        was."""
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) == len(self.param_groups):
-            state_dict = dict(state_dict, param_groups=[
+        saved_state = {key: _state.with_key_names(s) for key, s in state_dict["state"].items()}
+        state_dict = dict(state_dict, state=saved_state)
+        fits = len(saved_groups) == len(self.param_groups) and all(
+            len(g["params"]) == len(s["params"]) for g, s in zip(self.param_groups, saved_groups))
+        if fits:  # (else torch's load_state_dict raises, having changed nothing)
+            state_dict["param_groups"] = [
                 {**{k: v for k, v in group.items() if k != "params"}, **saved}
-                for group, saved in zip(self.param_groups, saved_groups)])
+                for group, saved in zip(self.param_groups, saved_groups)]
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+                name = _state.check_group(saved)
                 for p, key in zip(group["params"], saved["params"]):
-                    _check_saved_moments(p, key, state_dict["state"].get(key, {}))
-        super().load_state_dict(state_dict)
-        saved_state = state_dict["state"]
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group["state_dtype"] = _state_dtype(group.get("state_dtype", "float32"))
+                    _state.spec(p, saved, name)
+                    _state.check_state(p, saved_state.get(key, {}), f"param {key}")
+        before = self.__dict__.copy()
+        try:
+            super().load_state_dict(state_dict)
+            self._conform_loaded(saved_state, state_dict["param_groups"])
+        except BaseException:
+            # (only what the checks above cannot foresee, e.g. a load hook raising)
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _conform_loaded(self, saved_state, saved_groups):
+        """After torch's load_state_dict: each loaded state in adamx's dtypes and made to
+        fit the contract."""
+        loaded = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            group["state_dtype"] = _state.state_dtype_name(group.get("state_dtype", "float32"))
             for p, key in zip(group["params"], saved["params"]):
                 state = self.state.get(p)
                 if not state:
@@ -350,15 +311,19 @@ class Adam(Optimizer):
                 original = saved_state.get(key, {})
                 # Tensors to take from the checkpoint as they are (compact moments), or
                 # as float32 (beside a master copy), rather than cast to the param's dtype.
-                keep = dict.fromkeys(("exp_avg", "exp_avg_sq", "code_scales")) \
-                    if _saved_compact(p, original) else {}
-                if _has_master(p, group):
+                keep = {}
+                if _state.CODES[0] in original:
+                    keep = dict.fromkeys(_state.CODES + (_state.SCALES,))
+                elif torch.is_tensor(original.get("exp_avg")) and \
+                        _state.stored_moments(p, original) == "bfloat16":
+                    keep = dict.fromkeys(_state.MOMENTS)
+                if _state.has_master(p, group):
                     for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
                         keep.setdefault(k, torch.float32)
                 for k, dtype in keep.items():
                     if torch.is_tensor(original.get(k)):
                         state[k] = original[k].to(device=p.device, dtype=dtype, copy=True)
-                if _has_master(p, group):
+                if _state.has_master(p, group):
                     # A saved fp32 copy of the param's shape is kept whatever the param
                     # holds now: the model may be loaded next (torch's set_state_dict loads
                     # it after the optimizer), and the step restarts the copy from the
@@ -369,77 +334,22 @@ class Adam(Optimizer):
                     if not (torch.is_tensor(master) and master.dtype == torch.float32
                             and master.shape == p.shape):
                         state.pop("master_param", None)
-                self.state[p] = self._conform(p, group, state)
+                loaded[p] = _state.conform(p, group, state, f"param {key}")
+        self.state.update(loaded)
 
-    @staticmethod
-    def _new_step(p, group, value=0.0):
-        # As torch.optim.Adam: on the param's device when capturable (or fused), else CPU.
-        if group["capturable"] or group["fused"]:
-            return torch.tensor(value, dtype=torch.float32, device=p.device)
-        return torch.tensor(value, dtype=_get_scalar_dtype())
-
-    def _new_state(self, p, group):
-        state = {"step": self._new_step(p, group)}
-        return self._conform(p, group, state)
-
-    @staticmethod
-    def _conform(p, group, state):
-        """``state`` itself when it fits the group's settings, else a new dict that does
-        (state the step makes or converts lands in the optimizer only once the step has
-        succeeded): the moments it lacks (all, or max_exp_avg_sq when amsgrad is switched
-        on) as zeros; with master weights switched on, the moments widened to fp32 and a
-        master copy that starts as the param; switched off, the moments in the param's
-        dtype and no master copy; moments stored as the group's state_dtype asks (decoded
-        and encoded again when it changed, e.g. after loading a torch.optim.Adam
-        checkpoint into a compact optimizer)."""
-        master = _has_master(p, group)
-        kind = _moments_kind(p, group)
-        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        switched = master != ("master_param" in state)
-        recoded = "exp_avg" in state and _stored_kind(p, state) != kind
-        if not switched and not recoded and all(k in state for k in keys):
-            return state
-        state = dict(state)
-        if master and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True,
-                                                  memory_format=torch.preserve_format)
-        elif not master:
-            state.pop("master_param", None)
-        moments = ("exp_avg", "exp_avg_sq")
-        if kind == "int8":
-            if recoded or not all(k in state for k in moments + ("code_scales",)):
-                key = _compact.moment_key(_compact.rounding_key(
-                    _seed(group["seed"]), 0, float(state["step"])))
-                rows = []
-                for which, k in enumerate(moments):
-                    x = _zeros_like(p, torch.float32)
-                    if k in state:
-                        x.copy_(_moment_float(state, k))
-                    state[k], row = _compact.encode_codes(x, which == 0, key)
-                    rows.append(row)
-                state["code_scales"] = torch.stack(rows)
-            return state
-        dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32 if master else p.dtype
-        for k in keys:
-            if k not in state:
-                state[k] = _zeros_like(p, dtype)
-            elif recoded and k in moments:
-                state[k] = _zeros_like(p, dtype).copy_(_moment_float(state, k))
-            elif switched or recoded:
-                state[k] = state[k].to(dtype)
-        state.pop("code_scales", None)
-        return state
-
-    def _gather(self, group, fresh):
+    def _gather(self, group, fresh, group_index=0):
         """The op calls for one group, as (tensor lists, master_params or None, code_scales
         or None): one or two (params with master copies apart) per round. A param listed
         k times in the group (torch warns) is stepped k times, in round 1, ..., k, as
-        torch's loop steps it. New or converted state goes into ``fresh``, which the step
-        adds to ``self.state`` only once every update has succeeded."""
+        torch's loop steps it. Each param's state is checked against the state contract
+        (adamx/_state.py); new or converted state goes into ``fresh``, which the step adds
+        to ``self.state`` only once every update has succeeded. Complex params step as
+        torch steps them: as real views of param, grad and state."""
         rounds = []
         seen = {}
         amsgrad = group["amsgrad"]
-        for p in group["params"]:
+        state_dtype = _state.check_group(group)
+        for index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
                 continue
@@ -447,22 +357,33 @@ class Adam(Optimizer):
             if k == len(rounds):
                 rounds.append({})
             state = fresh.get(p) or self.state.get(p)
-            state = self._conform(p, group, state) if state else self._new_state(p, group)
-            if state is not self.state.get(p):
-                fresh[p] = state
+            fitted = _state.conform(p, group, state, f"param {group_index}.{index}",
+                                    _state.spec(p, group, state_dtype))
+            if fitted is not self.state.get(p):
+                fresh[p] = fitted
+            state = fitted
             master = "master_param" in state
+            scale = state.get(_state.SCALES)
+            moments = _state.CODES if scale is not None else _state.MOMENTS
+            exp_avg, exp_avg_sq = state[moments[0]], state[moments[1]]
+            max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
+            if p.is_complex():
+                p, grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in
+                                                (p, grad, exp_avg, exp_avg_sq))
+                if amsgrad:
+                    max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
             lists = rounds[k].setdefault(master, ([], [], [], [], [], [], [], []))
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, scales = lists
             params.append(p)
             grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
             if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                max_exp_avg_sqs.append(max_exp_avg_sq)
             steps.append(state["step"])
             if master:
                 masters.append(state["master_param"])
-            scales.append(state.get("code_scales"))
+            scales.append(scale)
         return [(calls[master][:6], calls[master][6] if master else None,
                  self._code_scales(calls[master][7]))
                 for calls in rounds for master in (False, True) if master in calls]
@@ -514,6 +435,13 @@ class Adam(Optimizer):
         self._check_capturable()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not torch.is_tensor(found_inf):
+            # GradScaler hands over the sum of its per-device found_inf tensors, which is
+            # the number 0 when no param has a grad (there is nothing to step then). A
+            # number is a host value: non-zero skips the step, as a tensor's would.
+            if found_inf:
+                return loss
+            found_inf = None
         clip = self.__dict__.get("_clip_divisor")  # a pending clip_grad_norm_
         if clip is not None:
             grad_scale = clip if grad_scale is None else grad_scale * clip
@@ -566,8 +494,8 @@ class Adam(Optimizer):
         fresh = {}
         calls = []
         sharded = []  # DTensors whose local tensors the step writes (adamx/_sharded.py)
-        for group in self.param_groups:
-            group_calls = self._gather(group, fresh)
+        for group_index, group in enumerate(self.param_groups):
+            group_calls = self._gather(group, fresh, group_index)
             if len(group_calls) > 0:  # (len: Dynamo of torch 2.11 cannot trace bool(list))
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf)
                 for lists, masters, scales in group_calls:
@@ -580,6 +508,12 @@ class Adam(Optimizer):
                 torch.ops.adamx.adam_check(*lists, **hyper)
         for lists, hyper in calls:
             torch.ops.adamx.adam_(*lists, **hyper)
+            if lists[0][0].is_meta and hyper["found_inf"] is None:
+                # On the meta device the op computes nothing, but step counts held on the
+                # CPU are real: they advance, as torch.optim.Adam's do there.
+                for step in lists[5]:
+                    if not step.is_meta:
+                        step.add_(1)
         if len(sharded) > 0:
             torch.autograd.graph.increment_version(sharded)
         self.state.update(fresh)
@@ -598,7 +532,7 @@ def state_bytes(optimizer):
             if torch.is_tensor(t):
                 size = t.numel() * t.element_size()
                 total += size
-                if k in ("exp_avg", "exp_avg_sq", "code_scales"):
+                if k in _state.MOMENTS + _state.CODES + (_state.SCALES,):
                     moments += size
     return dict(bytes=total, moment_bytes=moments, params=params,
                 moment_bytes_per_param=moments / params if params else 0.0)
@@ -606,18 +540,21 @@ def state_bytes(optimizer):
 
 def to_torch_state_dict(state_dict):
     """An adamx ``state_dict`` in torch.optim.Adam's layout: compact moments decoded to
-    float32 (``code_scales`` dropped), ``state_dtype`` dropped from the groups; other
-    entries as they are (a new dict; the tensors of float32 state are shared)."""
+    float32 ``exp_avg``/``exp_avg_sq`` (8-bit codes and their ``code_scales`` dropped; an
+    older adamx checkpoint's codes, kept under the moments' names, too), ``state_dtype``
+    dropped from the groups; other entries as they are (a new dict; the tensors of
+    float32 state are shared)."""
     state = {}
     for key, s in state_dict["state"].items():
-        s = dict(s)
+        s = _state.with_key_names(s)
         m = s.get("exp_avg")
         # bfloat16 moments too (torch casts float32 moments back to a bfloat16 param's dtype
         # on loading).
-        if torch.is_tensor(m) and m.dtype in (torch.uint8, torch.bfloat16):
-            s["exp_avg"], s["exp_avg_sq"] = (_moment_float(s, k) for k in ("exp_avg", "exp_avg_sq"))
-            s.pop("code_scales", None)
-        state[key] = s
+        if _state.CODES[0] in s or (torch.is_tensor(m) and m.dtype == torch.bfloat16):
+            moments = [_state.moment_float(s, which) for which in (0, 1)]
+            s = {k: v for k, v in s.items() if k not in _state.CODES + (_state.SCALES,)}
+            s["exp_avg"], s["exp_avg_sq"] = moments
+        state[key] = dict(s)
     groups = [{k: v for k, v in g.items() if k != "state_dtype"}
               for g in state_dict["param_groups"]]
     return dict(state_dict, state=state, param_groups=groups)

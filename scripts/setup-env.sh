@@ -13,7 +13,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 # torch first, so the build compiles against it; ninja parallelizes the compile.
-"$py" -m pip install -q --disable-pip-version-check "$torch_req" numpy pytest hypothesis ninja setuptools wheel matplotlib
+"$py" -m pip install -q --disable-pip-version-check "$torch_req" numpy pytest hypothesis ninja setuptools wheel matplotlib \
+  expecttest  # torch.testing._internal (tests/test_torch_optim_db.py) imports it
 # Plain `pip install .`, as README's Install says: adamx's build backend compiles against
 # the torch installed here even though pip builds in an isolated environment (no second
 # torch is downloaded). .ci/cuda-check builds with --no-build-isolation, so CI runs both.

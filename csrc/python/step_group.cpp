@@ -2,8 +2,11 @@
 // group's hyper-parameters, params, grads and state straight from the Python objects
 // and calls adamx::adam_ through the dispatcher. It saves building six Python lists and
 // parsing them against the op's schema at every step, which for a small model costs
-// more than the kernel itself. The op does all the checking. Tensor subclasses (DTensor)
-// are left to the Python step.
+// more than the kernel itself. The op does all the checking of its arguments. The state
+// contract (adamx/_state.py) is the Python step's: this path takes only groups of torch's
+// layout (state_dtype "float32") whose state visibly fits it (every key present, the
+// param's dtype, shape and strides) and declines everything else (NOT_HANDLED, having
+// written nothing), as it does tensor subclasses (DTensor), complex and meta params.
 #include "step_group.h"
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -149,6 +152,9 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     // A tensor subclass (a DTensor of FSDP2 or tensor parallel) takes the Python step,
     // which steps its local shard (adamx/_sharded.py); a bit test, free for plain tensors.
     if (p.key_set().has(c10::DispatchKey::Python)) return kNotHandled;
+    // Complex params step as real views of param, grad and state, made by the Python step;
+    // meta params step their (CPU) step counts there, as torch's loop does.
+    if (p.is_complex() || p.is_meta()) return kNotHandled;
     PyObject* p_state = PyDict_GetItem(state, obj);  // no __missing__: nothing is created
     if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNotHandled;
     auto exp_avg = state_tensor(p_state, key.exp_avg);
@@ -165,6 +171,14 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     // Moments stored otherwise than float32 groups keep them (compact ones, after the
     // group's state_dtype changed): the Python step converts them.
     if (exp_avg->scalar_type() != (master ? at::kFloat : p.scalar_type())) return kNotHandled;
+    // State that is not shaped and laid out as its param (a checkpoint's, a param moved
+    // to another memory format): the Python step checks it against the state contract,
+    // refusing or re-laying it (adamx/_state.py). A param that is not dense has dense
+    // state, whose strides cannot be its own.
+    for (const at::Tensor* t : {&*exp_avg, &*exp_avg_sq}) {
+      if (t->sizes() != p.sizes()) return kNotHandled;
+      if (t->strides() != p.strides() && p.is_non_overlapping_and_dense()) return kNotHandled;
+    }
     CallLists& call = calls[master];
     if (master) call.master_params.push_back(*master_param);
     if (switches.amsgrad) {
