@@ -245,15 +245,16 @@ def run_peer(name, params, device, args, graph=False):
 def bytes_per_element(args, peer, itemsize):
     """Bytes a step must move per element: 4 reads and 3 writes of the param's dtype, and
     the grad written back when scaled. With master weights the state and the master copy
-    are fp32: the grad read, the param written (and the grad written back when scaled) in
-    the param's dtype, master copy and moments read and written in fp32."""
+    are fp32: the grad and the param read (the param to see whether it was written since
+    the last step), the param written (and the grad written back when scaled) in the
+    param's dtype, master copy and moments read and written in fp32."""
     if peer.startswith("adamx-master"):
-        return (3 if args.grad_scaler else 2) * itemsize + 6 * 4
+        return (4 if args.grad_scaler else 3) * itemsize + 6 * 4
     if peer in ("adamx-bf16-state", "adamx-int8-state"):
-        # param read and written, grad read (with master weights: the master copy instead
-        # of the param read, fp32), moments read and written in 2 or 1 bytes (8-bit codes'
+        # param read and written, grad read (with master weights: the master copy read and
+        # written in fp32 besides), moments read and written in 2 or 1 bytes (8-bit codes'
         # scales: 2 x 2 x 4 B per 256 elements)
-        params = 2 * itemsize + 8 if itemsize == 2 else 3 * itemsize
+        params = 3 * itemsize + 8 if itemsize == 2 else 3 * itemsize
         grads = itemsize if args.grad_scaler else 0
         moments = 8 if peer == "adamx-bf16-state" else 4 + 16 / 256
         return params + grads + moments
