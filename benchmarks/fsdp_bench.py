@@ -110,6 +110,10 @@ def rank_main(args):
                 times[name]["train"].append(t2 - t0)
     local = sum(p.to_local().numel() for p in runs[args.peers[0]][0].parameters())
     total = sum(p.numel() for p in runs[args.peers[0]][0].parameters())
+    # Both ranks done before either tears gloo down: a rank destroying the group while its
+    # peer still waits on the last collective aborted that peer once in CI
+    # ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     return dict(times=times, local_params=local, params=total,
                 tensors=len(list(runs[args.peers[0]][0].parameters())))
