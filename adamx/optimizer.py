@@ -442,7 +442,8 @@ class Adam(Optimizer):
             if found_inf:
                 return loss
             found_inf = None
-        clip = self.__dict__.get("_clip_divisor")  # a pending clip_grad_norm_
+        # a pending clip_grad_norm_ (getattr and no __dict__ methods: Dynamo traces them)
+        clip = getattr(self, "_clip_divisor", None)
         if clip is not None:
             grad_scale = clip if grad_scale is None else grad_scale * clip
         grad_was_enabled = torch.is_grad_enabled()
@@ -452,7 +453,8 @@ class Adam(Optimizer):
                 self._step_lists(grad_scale, found_inf)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
-        self.__dict__.pop("_clip_divisor", None)
+        if clip is not None:
+            self._clip_divisor = None
         return loss
 
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False,
