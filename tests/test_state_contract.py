@@ -27,6 +27,15 @@ def _grad(p, seed=1):
     return torch.randn(p.shape, generator=g, dtype=p.dtype)
 
 
+def _assert_torch_step_refuses(p, checkpoint, error):
+    """torch.optim.Adam loads ``checkpoint`` and raises ``error`` only at its step."""
+    torch_opt = torch.optim.Adam([p])
+    torch_opt.load_state_dict(checkpoint)
+    p.grad = _grad(p)
+    with pytest.raises(error):
+        torch_opt.step()
+
+
 def _steps(opt, params, count=2, seed=1):
     for k in range(count):
         for i, p in enumerate(params):
@@ -81,11 +90,7 @@ def test_checkpoint_moments_of_another_shape_are_refused(state_dtype):
     _assert_unchanged(opt, before)
     # torch.optim.Adam loads it too, but its step refuses the broadcast: adamx refuses at
     # once, before the optimizer changes.
-    torch_big = torch.optim.Adam([p])
-    torch_big.load_state_dict(checkpoint)
-    p.grad = _grad(p)
-    with pytest.raises(RuntimeError):
-        torch_big.step()
+    _assert_torch_step_refuses(p, checkpoint, RuntimeError)
 
 
 # --------------------------------------------------------------------------------------
@@ -258,11 +263,7 @@ def test_checkpoint_without_a_moment_is_refused(missing):
         opt.load_state_dict(saved)
     _assert_unchanged(opt, before)
     # torch.optim.Adam refuses such a state too (at its step).
-    torch_opt = torch.optim.Adam([p])
-    torch_opt.load_state_dict(saved)
-    p.grad = _grad(p)
-    with pytest.raises(KeyError):
-        torch_opt.step()
+    _assert_torch_step_refuses(p, saved, KeyError)
 
 
 def test_state_without_a_moment_is_refused_by_the_step():
