@@ -12,6 +12,9 @@ tensors; multi-tensor on a GPU), so the returned norm is the one torch's loop re
 the clip factor is torch's ``min(max_norm / (norm + 1e-6), 1)``, kept on the device: no
 host sync, unless ``error_if_nonfinite`` asks for one (as in torch).
 
+DTensor grads of one mesh take the same route: torch's norm of them is the global one
+(reduced over the mesh), and its replicated value drives every rank's factor.
+
 With a GradScaler passed as ``grad_scaler``, the grads are still scaled: the norm of the
 scaled grads times GradScaler's inverse scale is the unscaled norm (exactly, for its
 power-of-two scales), a non-finite norm is GradScaler's found-inf flag, and the
@@ -55,16 +58,23 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
     if not params:
         return torch.tensor(0.0)
     grads = [p.grad for p in params]
-    devices = {g.device for g in grads}
-    if len(devices) > 1 or any(_sharded.is_dtensor(g) for g in grads):
-        # Sharded or multi-device grads: torch's own clip (a global norm over the mesh),
-        # at the cost of its passes; the step then takes the grads as they are.
+    mesh = _one_mesh(grads)
+    if mesh is False or len({g.device for g in grads}) > 1:
+        # Grads on several devices, or DTensors mixed with plain tensors or on several
+        # meshes: torch's own clip, at the cost of its passes; the step then takes the
+        # grads as they are.
         if scaler is not None:
             scaler.unscale_(optimizer)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     with torch.no_grad():
         norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        if mesh is not None:
+            # DTensor grads of one mesh (FSDP2, tensor parallel): torch's norm is the
+            # global one (each rank's partial norms reduced over the mesh, replicated
+            # shards counted once); its value, the same on every rank, drives the clip,
+            # so every rank folds the same factor (and GradScaler's found-inf) into its step.
+            norm = norm.full_tensor()
         if scaler is not None:
             record = scaler._per_optimizer_states[id(optimizer)]
             if record["stage"] is OptState.UNSCALED:
@@ -93,4 +103,19 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
             optimizer.grad_scale = scale.to(divisor.device) * divisor
         else:
             optimizer._clip_divisor = divisor
+    if mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate
+        norm = DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return norm
+
+
+def _one_mesh(grads):
+    """None when no grad is a DTensor; the mesh when all are DTensors of one mesh; False
+    otherwise."""
+    dtensors = [g for g in grads if _sharded.is_dtensor(g)]
+    if not dtensors:
+        return None
+    mesh = dtensors[0].device_mesh
+    if len(dtensors) != len(grads) or any(g.device_mesh != mesh for g in dtensors):
+        return False
+    return mesh

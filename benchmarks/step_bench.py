@@ -20,6 +20,18 @@ GradScaler's own pass first (a non-finite check and unscale over every grad, the
 sync on the flag). Such a step also writes the grads back: 8 * itemsize bytes per element
 count as moved. No graph variants (GradScaler.step is not capturable).
 
+With ``--clip`` every peer's timed step also clips the grads by their global 2-norm
+(max norm 1): torch's peers after ``torch.nn.utils.clip_grad_norm_(params, 1.0,
+foreach=True)`` (which reads every grad for the norm, then reads and writes it to scale
+it; with --grad-scaler after ``scaler.unscale_(opt)``, a read and write more, and their
+step then has nothing left to unscale), adamx's after ``opt.clip_grad_norm_(1.0[,
+grad_scaler=scaler])``, which reads the grads once for the norm and folds the clip (and
+the unscale) into the step, which writes the grads back. Bytes counted per element: torch
+3 * itemsize more than its step (the norm's read, the clip's read and write), plus 2 *
+itemsize with GradScaler (the unscale), over a plain step's 7: 40 and 48 B in float32;
+adamx 9 * itemsize with or without GradScaler (the norm's read and the step's 8): 36 B.
+Peers: torch-forloop, torch-foreach, torch-fused and adamx. No graph variants.
+
 Each peer: one step to create its state, --warmup more, then up to --repeats timed steps
 (time.perf_counter around step() on the CPU, CUDA events on the GPU); the median is
 reported. A peer whose steps are slow stops after --max-seconds of timed steps (at least
@@ -80,6 +92,8 @@ ALL_CASES = ["mnist", "25m", "gpt2", "sweep"]
 ALL_PEERS = ["python-loop", "torch-forloop", "torch-foreach", "torch-fused", "adamx",
              "adamx-master", "adamx-stochastic", "adamx-bf16-state", "adamx-int8-state"]
 GRAPH_PEERS = ["torch-foreach", "torch-fused", "adamx"]  # capturable, CUDA graph replay
+CLIP_PEERS = ["torch-forloop", "torch-foreach", "torch-fused", "adamx"]  # --clip
+CLIP_MAX_NORM = 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 FULL_SWEEP = "1e3,1e4,1e5,1e6,1e7,1e8"
@@ -202,12 +216,40 @@ def scaled_step(opt, device):
     return step
 
 
+def clipped_step(opt, params, device, args):
+    """Clip + ``opt``'s step (see the module doc: --clip)."""
+    scaler = None
+    if args.grad_scaler:
+        scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+        scaler.scale(torch.ones((), device=device))
+    folded = hasattr(opt, "clip_grad_norm_")  # adamx's (the script runs without adamx too)
+
+    def step():
+        if folded:
+            opt.clip_grad_norm_(CLIP_MAX_NORM, grad_scaler=scaler)
+        else:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, CLIP_MAX_NORM, foreach=True)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    return step
+
+
 def run_peer(name, params, device, args, graph=False):
     """Times ``name``'s step on ``params``; returns a summary or raises PeerUnavailable."""
     opt = bc.make_optimizer(name, params, lr=1e-3, capturable=graph)
     if args.grad_scaler and not isinstance(opt, torch.optim.Optimizer):
         raise bc.PeerUnavailable("GradScaler drives torch.optim.Optimizers only")
-    step = scaled_step(opt, device) if args.grad_scaler else opt.step
+    if args.clip:
+        step = clipped_step(opt, params, device, args)
+    elif args.grad_scaler:
+        step = scaled_step(opt, device)
+    else:
+        step = opt.step
     try:
         first = Timer(device)(step)  # creates the state
         if graph:
@@ -247,7 +289,12 @@ def bytes_per_element(args, peer, itemsize):
     the grad written back when scaled. With master weights the state and the master copy
     are fp32: the grad and the param read (the param to see whether it was written since
     the last step), the param written (and the grad written back when scaled) in the
-    param's dtype, master copy and moments read and written in fp32."""
+    param's dtype, master copy and moments read and written in fp32. With --clip see the
+    module doc."""
+    if args.clip:
+        if peer.startswith("adamx"):
+            return 9 * itemsize
+        return (12 if args.grad_scaler else 10) * itemsize
     if peer.startswith("adamx-master"):
         return (4 if args.grad_scaler else 3) * itemsize + 6 * 4
     if peer in ("adamx-bf16-state", "adamx-int8-state"):
@@ -370,6 +417,9 @@ def parse_args(argv=None):
     p.add_argument("--no-graph", action="store_true", help="CUDA: skip the graph variants")
     p.add_argument("--grad-scaler", action="store_true",
                    help="time GradScaler'd steps (scaler.step + update), no graph variants")
+    p.add_argument("--clip", action="store_true",
+                   help="time clip_grad_norm_ + step (torch's clip against adamx's folded "
+                        "one; with --grad-scaler, GradScaler'd), no graph variants")
     p.add_argument("--detail", action="store_true",
                    help="also print the full tables (elements, tensors, n, GB/s, ceiling streams)")
     p.add_argument("--targets", action="store_true",
@@ -411,6 +461,8 @@ def peers_for(args, dtype):
             skipped[peer] = f"for {bc.peer_dtypes_text(peer)} params only"
         elif args.grad_scaler and peer == "python-loop":
             skipped[peer] = "GradScaler drives torch.optim.Optimizers only"
+        elif args.clip and peer not in CLIP_PEERS:
+            skipped[peer] = "--clip times " + ", ".join(CLIP_PEERS)
         else:
             chosen.append(peer)
     return chosen, skipped
@@ -423,6 +475,8 @@ def table_heading(dev_name, dtype_name, args, facts):
     where = (f"{torch.get_num_threads()} threads" if dev_name == "cpu" else
              facts.get("cuda_device", "cuda"))
     what = "GradScaler'd step" if args.grad_scaler else "optimizer.step()"
+    if args.clip:
+        what = "clip_grad_norm_ + " + what
     return f"## {dev_name}, {dtype_name}, {where}: {what} median"
 
 
@@ -553,7 +607,8 @@ def main(argv=None):
                 params = make_params(shapes, dtype, device)
                 ceiling = None if args.no_ceiling else run_ceiling(n, itemsize, device, args)
                 peers = [(p, False) for p in peer_list]
-                if device.type == "cuda" and not (args.no_graph or args.grad_scaler):
+                if device.type == "cuda" and not (args.no_graph or args.grad_scaler
+                                                  or args.clip):
                     peers += [(p, True) for p in GRAPH_PEERS if p in peer_list]
                 for peer, graph in peers:
                     label = peer + ("+graph" if graph else "")
@@ -597,7 +652,7 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 progress.update(1)
             all_records += records
-            tgt = [] if args.grad_scaler else targets(  # the targets are for plain steps
+            tgt = [] if args.grad_scaler or args.clip else targets(  # for plain steps
                 [r for r in records if not r.get("is_ceiling")], dtype_name, dev_name)
             all_targets += tgt
             tables.append((dev_name, dtype_name, records, tgt))
@@ -626,6 +681,8 @@ def main(argv=None):
     result = {"benchmark": "step_bench", "machine": facts,
               "config": {k: v for k, v in vars(args).items()},
               "bytes_per_element_rule": (
+                  "torch 10 (12 with GradScaler) * itemsize, adamx 9 * itemsize: see --clip"
+                  if args.clip else
                   "8 * itemsize (4 reads + 3 writes + the unscaled grad written back)"
                   if args.grad_scaler else "7 * itemsize (plain Adam: 4 reads + 3 writes)"),
               "records": all_records, "targets": all_targets, "unavailable": unavailable,

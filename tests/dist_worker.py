@@ -466,9 +466,51 @@ def dcp_reshard(ctx):
     m.raise_if_any()
 
 
+def clip_sharded(ctx):
+    """Adam.clip_grad_norm_ on FSDP2 grads: the norm is torch's global one (the same
+    bits as torch.nn.utils.clip_grad_norm_ on the same DTensor grads) and every rank folds
+    the same factor into its step, which matches the unsharded run (with GradScaler too,
+    whose found-inf then comes from the global norm)."""
+    m = Mismatches()
+    for with_scaler in (False, True):
+        base = mlp().to(ctx.device)
+        ref_model, torch_model = copy.deepcopy(base), copy.deepcopy(base)
+        model = shard(base)
+        opt, ref_opt = adamx.Adam(model.parameters(), lr=LR), adamx.Adam(ref_model.parameters(), lr=LR)
+        scalers = [torch.amp.GradScaler(ctx.device_type, init_scale=2.0 ** 10) if with_scaler
+                   else None for _ in range(2)]
+        if with_scaler:  # the replica's grads come scaled from the sharded model's
+            scalers[1].scale(torch.ones((), device=ctx.device))
+        for step in range(STEPS):
+            x = batch(ctx.rank, step, ctx.device)
+            loss = model(x).square().mean()
+            (scalers[0].scale(loss) if with_scaler else loss).backward()
+            give_grads([ref_model], model)
+            want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            if with_scaler:
+                want = want * scalers[0]._scale.double().reciprocal().float()
+            before = [p.grad.to_local().clone() for p in model.parameters()]
+            got = opt.clip_grad_norm_(0.05, grad_scaler=scalers[0])
+            for g, p in zip(before, model.parameters()):  # folded: no pass over the grads
+                m.bitwise("grads after clip_grad_norm_", p.grad.to_local(), g)
+            ref_got = ref_opt.clip_grad_norm_(0.05, grad_scaler=scalers[1])
+            what = f"{'scaler ' if with_scaler else ''}step {step + 1}"
+            m.bitwise(f"{what} norm vs torch's", full(got), full(want))
+            m.close(f"{what} norm vs unsharded", full(got), ref_got)
+            for o, scaler in ((opt, scalers[0]), (ref_opt, scalers[1])):
+                if scaler is None:
+                    o.step()
+                else:
+                    scaler.step(o)
+                    scaler.update()
+                o.zero_grad()
+            compare_models(m, what, model, ref_model, exact=False)
+    m.raise_if_any()
+
+
 JOBS = {  # job -> its settings, run in this order
     "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp,
-             dcp_save_load],
+             dcp_save_load, clip_sharded],
     "cpu1": [dcp_reshard],
     "offload": [fsdp2_offload],
     "nccl2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp],

@@ -122,6 +122,10 @@ def test_ddp_and_zero_redundancy_optimizer(cpu2):
     check(cpu2, "zero_ddp")
 
 
+def test_clip_grad_norm_sharded(cpu2):
+    check(cpu2, "clip_sharded")
+
+
 def test_dcp_adamx_and_torch_both_ways(cpu2):
     check(cpu2, "dcp_save_load")
 

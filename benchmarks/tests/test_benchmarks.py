@@ -376,3 +376,17 @@ def test_mixed_precision_unavailable_argument(monkeypatch):
     with pytest.raises(bc.PeerUnavailable, match="^not available in this build"):
         mixed_precision.make_run_optimizer("adamx-stochastic",
                                            [torch.zeros(2, requires_grad=True)], 1e-3)
+
+
+@pytest.mark.parametrize("scaler", [[], ["--grad-scaler"]], ids=["plain", "grad-scaler"])
+def test_step_bench_clip_quick(tmp_path, scaler):
+    """Clip + step: torch's clip_grad_norm_ before its peers' steps, adamx's folded one,
+    with the bytes each must move (float32: torch 40 or 48, adamx 36)."""
+    proc = run_script("step_bench.py", "--quick", "--cases", "mnist", "--device", "cpu",
+                      "--clip", "--no-ceiling", *scaler, "--out", str(tmp_path))
+    assert "clip_grad_norm_ + " in proc.stdout
+    res = json.loads((tmp_path / "step_bench.json").read_text())
+    per_elem = {r["peer"]: r["bytes_moved"] / r["elements"] for r in res["records"]}
+    torch_bytes = 48 if scaler else 40
+    assert per_elem == {"torch-forloop": torch_bytes, "torch-foreach": torch_bytes,
+                        "torch-fused": torch_bytes, "adamx": 36}

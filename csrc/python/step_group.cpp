@@ -171,6 +171,11 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     // Moments stored otherwise than float32 groups keep them (compact ones, after the
     // group's state_dtype changed): the Python step converts them.
     if (exp_avg->scalar_type() != (master ? at::kFloat : p.scalar_type())) return kNotHandled;
+    // Exactly the keys this kind of state has (a `max_exp_avg_sq` left from amsgrad may
+    // stay): anything else, such as 8-bit codes beside float moments in a hand-edited
+    // state, goes to the Python step, which checks it against the state contract.
+    const bool stale_max = !switches.amsgrad && PyDict_GetItem(p_state, key.max_exp_avg_sq.object);
+    if (PyDict_Size(p_state) != 3 + master + switches.amsgrad + stale_max) return kNotHandled;
     // State that is not shaped and laid out as its param (a checkpoint's, a param moved
     // to another memory format): the Python step checks it against the state contract,
     // refusing or re-laying it (adamx/_state.py). A param that is not dense has dense
