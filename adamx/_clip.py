@@ -68,7 +68,16 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     with torch.no_grad():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        if scaler is not None and any(g.dtype == torch.float16 for g in grads):
+            # Scaled float16 grads: their norm can pass float16's range (65504) where no
+            # grad does, which would read as an overflow and skip the step; take it in
+            # float32. (torch's loop cannot clip these: GradScaler refuses to unscale
+            # float16 grads.)
+            norm = torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]),
+                norm_type)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
         if mesh is not None:
             # DTensor grads of one mesh (FSDP2, tensor parallel): torch's norm is the
             # global one (each rank's partial norms reduced over the mesh, replicated

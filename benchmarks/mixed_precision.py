@@ -17,6 +17,15 @@ pre-normalised ``tensors`` data path). Each run trains one model:
     fp32-bf16-state     fp32 params, adamx.Adam(state_dtype="bfloat16"): bfloat16 moments
     fp32-int8-state     fp32 params, adamx.Adam(state_dtype="int8"): 8-bit moments
     bf16-master-bf16-state  bf16 params, master weights, bfloat16 moments
+    fp32-clip           fp32 params, adamx.Adam, grads clipped to a global 2-norm of 1
+                        by ``opt.clip_grad_norm_`` (folded into the step)
+    fp32-clip-torch     the same with torch.nn.utils.clip_grad_norm_ and
+                        torch.optim.Adam(fused=True)
+    fp16-scaler-clip-master  fp16 params, GradScaler, master weights, clipped by
+                        ``opt.clip_grad_norm_(grad_scaler=scaler)`` (no unscale pass)
+    fp16-scaler-clip-torch   fp16 params, GradScaler, ``scaler.unscale_`` then torch's
+                        clip, torch.optim.Adam(fused=True): not available, as GradScaler's
+                        unscale_ refuses fp16 grads (reported so, with the reason)
 (Compact moments are for params of 4096 elements or more: here the 784x200 weight; the
 others keep fp32 moments.)
 
@@ -54,7 +63,8 @@ import bench_common as bc
 import mnist_data
 import mnist_mlp
 
-# name -> (param dtype, optimizer (a bench_common peer), GradScaler, measure no-op updates)
+# name -> (param dtype, optimizer (a bench_common peer), GradScaler, measure no-op updates,
+#          clip the grads' global norm to CLIP_MAX_NORM)
 RUNS = {
     "fp32": (torch.float32, "adamx", False, False),
     "bf16-nearest": (torch.bfloat16, "adamx", False, True),
@@ -67,7 +77,13 @@ RUNS = {
     "fp32-bf16-state": (torch.float32, "adamx-bf16-state", False, False),
     "fp32-int8-state": (torch.float32, "adamx-int8-state", False, False),
     "bf16-master-bf16-state": (torch.bfloat16, "adamx-bf16-state", False, False),
+    "fp32-clip": (torch.float32, "adamx", False, False, True),
+    "fp32-clip-torch": (torch.float32, "torch-fused", False, False, True),
+    "fp16-scaler-clip-master": (torch.float16, "adamx-master", True, False, True),
+    "fp16-scaler-clip-torch": (torch.float16, "torch-fused", True, False, True),
 }
+RUNS = {name: run + (False,) * (5 - len(run)) for name, run in RUNS.items()}
+CLIP_MAX_NORM = 1.0
 SETTINGS = ["default", "small-lr"]
 # The small-lr setting's lr, chosen by measurement (real MNIST, 12800 images, 2 epochs):
 # bf16-nearest's final loss exceeds fp32's by 0.22 at 1e-4 (76% of updates lost) and by
@@ -131,6 +147,24 @@ class NoOpProbe:
         return self.unchanged / self.moved if self.moved else None
 
 
+def clip_before_step(stepper, params):
+    """``stepper`` with the grads clipped before each step: adamx's ``clip_grad_norm_``
+    (folded into the step; with GradScaler, in place of its unscale), else GradScaler's
+    unscale (if any) and ``torch.nn.utils.clip_grad_norm_``. Timed as part of the step."""
+    opt, scaler, step = stepper.opt, getattr(stepper, "scaler", None), stepper.step
+
+    def clipped_step():
+        if hasattr(opt, "clip_grad_norm_"):
+            opt.clip_grad_norm_(CLIP_MAX_NORM, grad_scaler=scaler)
+        else:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, CLIP_MAX_NORM)
+        step()
+    stepper.step = clipped_step
+    return stepper
+
+
 def window_means(losses, window=CURVE_WINDOW):
     """[last step of the window, mean batch loss over it] per window of ``window`` steps."""
     return [[min(i + window, len(losses)) - 1, sum(losses[i:i + window]) /
@@ -153,7 +187,7 @@ def make_run_optimizer(peer, params, lr):
 
 def train_run(name, setting, lr, arrays, init_state, args, progress):
     """Trains run ``name`` at learning rate ``lr``; returns its record."""
-    dtype, peer, scaled, probe_noops = RUNS[name]
+    dtype, peer, scaled, probe_noops, clip = RUNS[name]
     model = mnist_mlp.fresh_model(init_state, args).to(dtype)
     opt = make_run_optimizer(peer, model.parameters(), lr)
     if scaled and dtype != torch.float32 and not getattr(opt, "_step_supports_amp_scaling",
@@ -161,7 +195,12 @@ def train_run(name, setting, lr, arrays, init_state, args, progress):
         # GradScaler's generic path (its own unscale pass) refuses fp16 grads.
         raise bc.PeerUnavailable("not available in this build (the optimizer lacks "
                                  "GradScaler's fused path, which fp16 grads need)")
+    if clip and scaled and dtype == torch.float16 and not hasattr(opt, "clip_grad_norm_"):
+        raise bc.PeerUnavailable("torch's loop cannot clip fp16 params' grads under "
+                                 "GradScaler (its unscale_ refuses fp16 grads)")
     stepper = ScaledStepper(opt, args.device) if scaled else mnist_mlp.PlainStepper(opt)
+    if clip:
+        stepper = clip_before_step(stepper, list(model.parameters()))
     probe = NoOpProbe(opt) if probe_noops else None
     loader = mnist_mlp.batches("tensors", arrays, args)
     run = mnist_mlp.train_loop(
@@ -176,7 +215,8 @@ def train_run(name, setting, lr, arrays, init_state, args, progress):
     return {
         "run": name, "setting": setting, "available": True, "lr": lr,
         "param_dtype": DTYPE_NAMES[dtype], "optimizer": bc.PEERS[peer][0],
-        "grad_scaler": scaled, "device": str(args.device), "epochs": args.epochs,
+        "grad_scaler": scaled, "clip_max_norm": CLIP_MAX_NORM if clip else None,
+        "device": str(args.device), "epochs": args.epochs,
         "steps": run["steps"], "steps_skipped": run["steps"] - steps_taken,
         "epoch_losses": run["epoch_losses"], "final_train_loss": run["epoch_losses"][-1],
         "first_nonfinite_loss_step": next(

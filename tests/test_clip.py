@@ -181,3 +181,21 @@ def test_grad_scaler_after_unscale_is_refused():
         opt.clip_grad_norm_(1.0, grad_scaler=scaler)
     opt.clip_grad_norm_(1.0)  # torch's habit still works: unscale_, then clip
     scaler.step(opt)
+
+
+def test_float16_grads_with_grad_scaler_do_not_overflow_the_norm():
+    """Scaled float16 grads whose norm passes float16's range while every grad is finite:
+    the step is taken (no false overflow, no back-off), with the norm in float32. torch's
+    loop cannot clip these at all (GradScaler refuses to unscale float16 grads)."""
+    p = torch.full((4096,), 1.0, dtype=torch.float16, requires_grad=True)
+    opt = adamx.Adam([p], lr=0.01, master_weights=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2**30)
+    scaler.scale(torch.ones(()))
+    g = torch.full((4096,), 2.0)  # scaled: 2048 each, norm 131072 > 65504
+    p.grad = (g * 2.0 ** 10).to(torch.float16)
+    norm = opt.clip_grad_norm_(1.0, grad_scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 10  # no overflow found
+    assert int(opt.state[p]["step"]) == 1 and not torch.equal(p.detach(), torch.ones_like(p))
+    assert norm.dtype == torch.float32 and norm.item() == torch.linalg.vector_norm(g).item()
