@@ -193,6 +193,10 @@ def check_state(p, state, where):
     if len(state) == 0:
         return
     codes = CODES[0] in state or CODES[1] in state
+    for key in MOMENTS if codes else ():
+        if key in state:
+            raise ValueError(f"adamx: the state of {where} holds both 8-bit codes and "
+                             f"{key}; a state stores its moments one way")
     required = ("step",) + (CODES + (SCALES,) if codes else MOMENTS)
     for key in required:
         if key not in state:
@@ -202,10 +206,6 @@ def check_state(p, state, where):
                 "moments over from zero in a state that has some (torch.optim.Adam "
                 "refuses it too)")
     keys = CODES if codes else MOMENTS
-    for key in MOMENTS if codes else ():
-        if key in state:
-            raise ValueError(f"adamx: the state of {where} holds both 8-bit codes and "
-                             f"{key}; a state stores its moments one way")
     for key in keys + ("max_exp_avg_sq", "master_param"):
         t = state.get(key)
         if key not in keys and t is None:
