@@ -24,6 +24,7 @@ from torch import nn
 
 import adamx
 from conftest import TOL
+from test_lifecycle import SHARDED_KINDS
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 LR = 0.03
@@ -699,10 +700,137 @@ def torch_checkpoint_into_reduced_precision(ctx):
     m.raise_if_any()
 
 
+# -- the lifecycle table's sharded rows (tests/test_lifecycle.py) ------------------------
+
+SHARDED_EVENTS = ("fresh", "dcp", "broadcast", "edit_in_place")
+
+
+def shard_layers(model):
+    """fully_shard on every layer with params, then on the model."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fixed_grads(model, k):
+    """test_mixed_precision.set_grads's grads (whole), sharded as each param."""
+    from torch.distributed.tensor import distribute_tensor
+    g = torch.Generator().manual_seed(100 + k)
+    for p in model.parameters():
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements)
+
+
+def sharded_event(ctx, life, kind_name, event, model, opt):
+    """The event of a sharded row: a DCP save and load into another model and optimizer,
+    a whole checkpoint broadcast from rank 0 into them, or an edit in place."""
+    import torch.distributed.checkpoint as dcp
+    dsd = _dsd()
+    kind = life.KINDS[kind_name]
+    if event == "edit_in_place":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.75)
+        return model, opt
+    resumed = shard_layers(life.model_of(kind, seed=1))
+    resumed_opt = life.optimizer_of(kind, resumed)
+    if event == "dcp":
+        path = os.path.join(ctx.out, f"life-{kind_name}")
+        dcp.save({"model": dsd.get_model_state_dict(model),
+                  "optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+        sd = {"model": dsd.get_model_state_dict(resumed),
+              "optim": dsd.get_optimizer_state_dict(resumed, resumed_opt)}
+        dcp.load(sd, checkpoint_id=path)
+        dsd.set_model_state_dict(resumed, sd["model"])
+        dsd.set_optimizer_state_dict(resumed, resumed_opt, sd["optim"])
+    else:
+        whole = dsd.StateDictOptions(full_state_dict=True)
+        load_broadcast(ctx, resumed, resumed_opt,
+                       dsd.get_model_state_dict(model, options=whole),
+                       dsd.get_optimizer_state_dict(model, opt, options=whole))
+    return resumed, resumed_opt
+
+
+def lifecycle_row(ctx, kind_name, event):
+    """A sharded run of the lifecycle table's kind through the event, compared with the
+    unsharded run of tests/test_lifecycle.py (compare_step)."""
+    import test_lifecycle as life
+    kind = life.KINDS[kind_name]
+    plain_event = {"edit_in_place": life.edit_in_place}.get(event)
+    want = life.run(kind, plain_event)[0]
+    model = shard_layers(life.model_of(kind))
+    opt = life.optimizer_of(kind, model)
+    m = Mismatches()
+    for k in range(life.STEPS):
+        if k == life.EVENT_AT and event != "fresh":
+            model, opt = sharded_event(ctx, life, kind_name, event, model, opt)
+        fixed_grads(model, k)
+        opt.step()
+        compare_step(m, life, kind, model, want[k], f"{kind_name} {event}", k)
+    return m
+
+
+def compare_step(m, life, kind, model, want, what, k):
+    """A sharded model's params after step k + 1 against the unsharded run's: bitwise;
+    stochastic rounding within LEAN_TOL (its bits hash each element's index in its
+    shard)."""
+    for i, (p, b) in enumerate(zip(model.parameters(), want)):
+        where, a = f"{what}: param {i} after step {k + 1}", full(p).detach()
+        if kind.options.get("stochastic_rounding"):
+            try:
+                torch.testing.assert_close(a.float(), b.float(), **life.LEAN_TOL)
+            except AssertionError as exc:
+                m.found.append(f"{where}: {exc}")
+        else:
+            m.bitwise(where, a, b)
+
+
+def lifecycle_sharded(kind_name):
+    """The setting of tests/test_lifecycle.py's rows for DTensor params (FSDP2 on 2 ranks)
+    of one kind: through each of SHARDED_EVENTS."""
+    def setting(ctx):
+        found = []
+        for event in SHARDED_EVENTS:
+            found += lifecycle_row(ctx, kind_name, event).found
+        if found:
+            raise AssertionError("\n".join(found))
+    setting.__name__ = f"lifecycle_{kind_name}"
+    return setting
+
+
+def lifecycle_reshard(ctx):
+    """The 2-rank run's DCP checkpoint (taken at the event) of each kind loaded on 1 rank:
+    the steps after it are the unsharded run's (2 -> 1)."""
+    import torch.distributed.checkpoint as dcp
+    import test_lifecycle as life
+    dsd = _dsd()
+    m = Mismatches()
+    for kind_name in SHARDED_KINDS:
+        kind = life.KINDS[kind_name]
+        want = life.run(kind)[0]
+        model = shard_layers(life.model_of(kind, seed=1))
+        opt = life.optimizer_of(kind, model)
+        sd = {"model": dsd.get_model_state_dict(model),
+              "optim": dsd.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=os.path.join(ctx.out, f"life-{kind_name}"))
+        dsd.set_model_state_dict(model, sd["model"])
+        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        for k in range(life.EVENT_AT, life.STEPS):
+            fixed_grads(model, k)
+            opt.step()
+            compare_step(m, life, kind, model, want[k], f"{kind_name} 2 -> 1", k)
+    m.raise_if_any()
+
+
 JOBS = {  # job -> its settings, run in this order
     "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp,
              dcp_save_load],
     "cpu1": [dcp_reshard],
+    "life2": [lifecycle_sharded(kind) for kind in SHARDED_KINDS],
+    "life1": [lifecycle_reshard],
     "loads2": [broadcast_group_settings, broadcast_compact_checkpoint,
                torch_checkpoint_into_reduced_precision],
     "offload": [fsdp2_offload],
@@ -742,6 +870,7 @@ def main():
             results[setting.__name__] = traceback.format_exc()
         with open(os.path.join(ctx.out, f"{ctx.job}-rank{ctx.rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
+    dist.barrier()  # (a rank whose peer destroyed the group first may abort)
     dist.destroy_process_group()
     return 0
 

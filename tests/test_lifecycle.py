@@ -389,3 +389,34 @@ def test_a_load_refuses_a_state_with_moments_stored_two_ways(state_dtype):
     with pytest.raises(ValueError, match="holds both 8-bit codes and exp_avg"):
         loading.load_state_dict(opt.state_dict())
     assert len(loading.state) == 0
+
+
+# -- DTensor params: FSDP2 on 2 gloo ranks, and the checkpoint loaded on 1 -----------------
+# (tests/dist_worker.py's life2 and life1 jobs: each kind that DTensor params support,
+# through a DCP save and load, a whole checkpoint broadcast from rank 0 and an edit in
+# place, against this file's unsharded run; then each kind's 2-rank DCP checkpoint
+# resumed on 1 rank. The 2-rank broadcast and DCP loads across kinds of state, and their
+# refusals, are tests/test_distributed.py's loads2 job.)
+
+SHARDED_KINDS = ("fp32", "bf16", "master_bf16", "sr_bf16")  # (compact moments: no DTensor)
+
+
+@pytest.fixture(scope="module")
+def sharded_jobs(tmp_path_factory):
+    torch_dist = pytest.importorskip("torch.distributed")
+    if not torch_dist.is_available() or not torch_dist.is_gloo_available():
+        pytest.skip("torch without torch.distributed / gloo")
+    from test_distributed import run_job
+    out = tmp_path_factory.mktemp("lifecycle")
+    return run_job("life2", 2, out), run_job("life1", 1, out)  # (life1 loads life2's)
+
+
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
+def test_lifecycle_dtensor(sharded_jobs, kind):
+    from test_distributed import check
+    check(sharded_jobs[0], f"lifecycle_{kind}")
+
+
+def test_lifecycle_dtensor_two_ranks_to_one(sharded_jobs):
+    from test_distributed import check
+    check(sharded_jobs[1], "lifecycle_reshard")
