@@ -621,6 +621,52 @@ def moments(model, opt):
             for name, s in named_state(model, opt).items()}
 
 
+def broadcast_master_copies(ctx):
+    """An adamx checkpoint of bfloat16 params with master copies, broadcast from rank 0
+    into FSDP2 adamx built without them: every rank takes master_weights=True and starts
+    its copies from the params (rank 0's whole copies, which torch adds there alone, are
+    left out), as the unsharded load of the checkpoint without its copies, and with the
+    moments torch's broadcast rounded into the optimizer's bfloat16 ones, steps. And a
+    whole (not sharded) state loaded straight into DTensor params is refused on every
+    rank, changing nothing."""
+    m = Mismatches()
+    source = mlp().to(ctx.device, torch.bfloat16)
+    source_opt = adamx.Adam(source.parameters(), lr=LR, master_weights=True)
+    train(source, source_opt, torch.bfloat16)
+    full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+    # The unsharded load of the checkpoint as the broadcast delivers it: torch writes the
+    # moments into the loading optimizer's state, bfloat16 without master copies.
+    without = copy.deepcopy(source_opt.state_dict())
+    for state in without["state"].values():
+        del state["master_param"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].bfloat16()
+    ref = mlp().to(ctx.device, torch.bfloat16)
+    ref.load_state_dict(source.state_dict())
+    ref_opt = adamx.Adam(ref.parameters(), lr=1.0)
+    ref_opt.load_state_dict(without)
+    model = shard(mlp().to(ctx.device, torch.bfloat16))
+    opt = adamx.Adam(model.parameters(), lr=1.0)
+    load_broadcast(ctx, model, opt, source.state_dict(), full_optim)
+    check_same_on_every_rank(m, "param_groups", groups_of(opt))
+    m.check(groups_of(opt) == groups_of(ref_opt),
+            f"groups {groups_of(opt)} vs the unsharded load's {groups_of(ref_opt)}")
+    want, got = one_more_step(ref, ref_opt), one_more_step(model, opt)
+    for name in want:
+        m.bitwise(f"next step {name}", got[name], want[name])
+    before = local_snapshot(opt)
+    try:
+        opt.load_state_dict(copy.deepcopy(source_opt.state_dict()))
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    errors = on_every_rank(error)
+    m.check(all(e is not None and "as a whole tensor" in e and e == errors[0] for e in errors),
+            f"a whole state into DTensor params: {errors}")
+    m.check(same_snapshot(local_snapshot(opt), before), "the refused load changed the optimizer")
+    m.raise_if_any()
+
+
 REDUCED_CONFIGS = {"master": dict(lr=LR, master_weights=True),
                    "stochastic": dict(lr=LR, stochastic_rounding=True)}
 
@@ -831,7 +877,7 @@ JOBS = {  # job -> its settings, run in this order
     "cpu1": [dcp_reshard],
     "life2": [lifecycle_sharded(kind) for kind in SHARDED_KINDS],
     "life1": [lifecycle_reshard],
-    "loads2": [broadcast_group_settings, broadcast_compact_checkpoint,
+    "loads2": [broadcast_group_settings, broadcast_compact_checkpoint, broadcast_master_copies,
                torch_checkpoint_into_reduced_precision],
     "offload": [fsdp2_offload],
     "nccl2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp],

@@ -147,6 +147,10 @@ def test_broadcast_load_of_compact_moments_fails_on_every_rank(loads2):
     check(loads2, "broadcast_compact_checkpoint")
 
 
+def test_broadcast_load_of_master_copies_into_an_optimizer_without(loads2):
+    check(loads2, "broadcast_master_copies")
+
+
 def test_torch_checkpoint_into_master_weights_and_stochastic_rounding(loads2):
     check(loads2, "torch_checkpoint_into_reduced_precision")
 
