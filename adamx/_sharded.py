@@ -22,7 +22,7 @@ always come through here; plain tensors never pay for it.
 
 import sys
 
-__all__ = ["local_lists", "is_dtensor"]
+__all__ = ["local_lists", "is_dtensor", "agreed"]
 
 
 def _dtensor_type():
@@ -110,3 +110,70 @@ def local_lists(lists, master_params=None):
         local[5].append(_local_step(DTensor, steps[i]))
     written += [s for s in steps if isinstance(s, DTensor)]
     return local, masters, written
+
+
+def _mesh_groups(params):
+    """The process groups of the meshes of the DTensors among ``params`` (each mesh once,
+    a group per mesh dim), in the params' order; none without DTensors or a process
+    group."""
+    DTensor = _dtensor_type()
+    if DTensor is None:
+        return []
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return []
+    meshes, groups = [], []
+    for p in params:
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            if not any(mesh is m or mesh == m for m in meshes):
+                meshes.append(mesh)
+                groups += [mesh.get_group(dim) for dim in range(mesh.ndim)]
+    return groups
+
+
+def _gathered(groups, value, pick):
+    """``value`` gathered over each group in turn, ``pick`` choosing one of each group's
+    values (over every dim of a mesh: the same choice on all its ranks)."""
+    import torch.distributed as dist
+    for group in groups:
+        values = [None] * dist.get_world_size(group)
+        dist.all_gather_object(values, value, group=group)
+        value = pick(values)
+    return value
+
+
+_ERRORS = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}
+
+
+def agreed(params, settings, check):
+    """The settings to load (``settings`` as the first rank of the params' meshes has
+    them: rank 0, the rank a broadcast load reads the checkpoint on), checked by
+    ``check(settings)`` on every rank; the first error any rank finds is raised on every
+    rank. Without DTensor params: ``check(settings)``, and ``settings``.
+
+    Why (torch.distributed.checkpoint.state_dict with broadcast_from_rank0): torch sends
+    rank 0's values only for the keys each rank's own ``state_dict`` has, and adds
+    the checkpoint's other keys on rank 0 alone, so ranks can differ in the group keys
+    adamx leaves out at their defaults, and a checkpoint only rank 0 can see is wrong
+    (compact moments) fails there alone, leaving the others to hang in their next
+    collective. Two object gathers per mesh dim (load_state_dict is called on every rank
+    of a sharded model, as set_optimizer_state_dict is)."""
+    groups = _mesh_groups(params)
+    if not groups:
+        check(settings)
+        return settings
+    settings = _gathered(groups, settings, lambda values: values[0])
+    import torch.distributed as dist
+    try:
+        check(settings)
+        found = None
+    except (ValueError, NotImplementedError) as exc:
+        found = exc
+    mine = None if found is None else (type(found).__name__, str(found), dist.get_rank())
+    first = _gathered(groups, mine,
+                      lambda values: next((v for v in values if v is not None), None))
+    if first is None:
+        return settings
+    kind, message, rank = first
+    raise _ERRORS[kind](f"{message} (found on rank {rank}, raised on every rank)") from found

@@ -184,7 +184,8 @@ def check_state(p, state, where):
     """Refuses a state of param ``p`` that no conversion can make fit (ValueError naming
     ``where`` and the key): not a dict; not empty but lacking the step, a moment or the
     codes' scales; a tensor whose shape is not the param's; 8-bit codes that are not uint8
-    or scales not float32 of shape (2, blocks); moments whose dtypes differ. ``state``
+    or scales not float32 of shape (2, blocks); moments whose dtypes differ; a whole
+    (not DTensor) tensor beside a DTensor param. ``state``
     with its codes under their own keys (with_key_names)."""
     if not isinstance(state, dict):
         raise ValueError(f"adamx: the state of {where} must be a dict, got "
@@ -192,6 +193,10 @@ def check_state(p, state, where):
     if len(state) == 0:
         return
     codes = CODES[0] in state or CODES[1] in state
+    for key in MOMENTS if codes else ():
+        if key in state:
+            raise ValueError(f"adamx: the state of {where} holds both 8-bit codes and "
+                             f"{key}; a state stores its moments one way")
     required = ("step",) + (CODES + (SCALES,) if codes else MOMENTS)
     for key in required:
         if key not in state:
@@ -201,10 +206,6 @@ def check_state(p, state, where):
                 "moments over from zero in a state that has some (torch.optim.Adam "
                 "refuses it too)")
     keys = CODES if codes else MOMENTS
-    for key in MOMENTS if codes else ():
-        if key in state:
-            raise ValueError(f"adamx: the state of {where} holds both 8-bit codes and "
-                             f"{key}; a state stores its moments one way")
     for key in keys + ("max_exp_avg_sq", "master_param"):
         t = state.get(key)
         if key not in keys and t is None:
@@ -213,6 +214,14 @@ def check_state(p, state, where):
             raise ValueError(f"adamx: the state of {where} has {key} as a {_describe(t)}, "
                              f"but the param has shape {tuple(p.shape)}: state must have "
                              "its param's shape")
+    if _sharded.is_dtensor(p):
+        for key, t in state.items():
+            if key != "step" and torch.is_tensor(t) and not _sharded.is_dtensor(t):
+                raise ValueError(
+                    f"adamx: the state of {where} has {key} as a whole tensor, but its param "
+                    "is a DTensor: state must be sharded as its param (load whole "
+                    "checkpoints with torch.distributed.checkpoint.state_dict."
+                    "set_optimizer_state_dict)")
     first, second = state[keys[0]], state[keys[1]]
     if first.dtype != second.dtype:
         raise ValueError(f"adamx: the state of {where} has {keys[0]} in {first.dtype} but "

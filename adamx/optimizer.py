@@ -27,6 +27,9 @@ _SEED_DEFAULT = "_default_seed"
 # them out where they hold their defaults (see Adam.state_dict).
 _ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
                                 - set(inspect.signature(torch.optim.Adam).parameters)))
+# Every group key of adamx's own (those a torch.optim.Adam checkpoint lacks): the settings
+# that every rank of a sharded model loads alike (load_state_dict).
+_OWN_KEYS = _ADAMX_ONLY_KEYS + ("master_weights", "state_dtype", "seed", _SEED_DEFAULT)
 
 
 def _moment_float(state, key):
@@ -279,15 +282,40 @@ class Adam(Optimizer):
         state_dict = dict(state_dict, state=saved_state)
         fits = len(saved_groups) == len(self.param_groups) and all(
             len(g["params"]) == len(s["params"]) for g, s in zip(self.param_groups, saved_groups))
-        if fits:  # (else torch's load_state_dict raises, having changed nothing)
-            state_dict["param_groups"] = [
-                {**{k: v for k, v in group.items() if k != "params"}, **saved}
-                for group, saved in zip(self.param_groups, saved_groups)]
-            for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        merged = [{**{k: v for k, v in group.items() if k != "params"}, **saved}
+                  for group, saved in zip(self.param_groups, saved_groups)]
+        if fits:
+            self._drop_whole_masters(saved_state, saved_groups)
+
+        def check(settings):
+            # (as torch's load_state_dict would, but before anything changes)
+            if len(saved_groups) != len(self.param_groups):
+                raise ValueError("loaded state dict has a different number of parameter "
+                                 "groups")
+            if not fits:
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group")
+            for saved, own in zip(merged, settings):
+                for key in _OWN_KEYS:
+                    saved.pop(key, None)
+                saved.update(own)
+            for group, saved in zip(self.param_groups, merged):
                 name = _state.check_group(saved)
                 for p, key in zip(group["params"], saved["params"]):
-                    _state.spec(p, saved, name)
+                    try:
+                        _state.spec(p, saved, name)
+                    except NotImplementedError as exc:
+                        raise NotImplementedError(
+                            f"{exc}; a checkpoint with compact moments loads into them "
+                            "converted to torch's layout: adamx.to_torch_state_dict(state_dict)"
+                        ) from None
                     _state.check_state(p, saved_state.get(key, {}), f"param {key}")
+
+        # Every rank of a sharded model loads the same group settings, or every rank
+        # raises (adamx/_sharded.py's agreed).
+        _sharded.agreed([p for g in self.param_groups for p in g["params"]],
+                        [{k: g[k] for k in _OWN_KEYS if k in g} for g in merged], check)
+        state_dict["param_groups"] = merged
         before = self.__dict__.copy()
         try:
             super().load_state_dict(state_dict)
@@ -297,6 +325,19 @@ class Adam(Optimizer):
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
+
+    def _drop_whole_masters(self, saved_state, saved_groups):
+        """Leaves out (in ``saved_state``) a master copy that is a whole tensor for a
+        DTensor param: what torch's broadcast load adds on rank 0 alone when the loading
+        optimizer has no master copies. Every rank then starts the copies from the params
+        (a loading optimizer built with master_weights=True receives them sharded)."""
+        for group, saved in zip(self.param_groups, saved_groups):
+            for p, key in zip(group["params"], saved["params"]):
+                state = saved_state.get(key)
+                master = state.get("master_param") if isinstance(state, dict) else None
+                if torch.is_tensor(master) and _sharded.is_dtensor(p) \
+                        and not _sharded.is_dtensor(master):
+                    saved_state[key] = {k: v for k, v in state.items() if k != "master_param"}
 
     def _conform_loaded(self, saved_state, saved_groups):
         """After torch's load_state_dict: each loaded state in adamx's dtypes and made to

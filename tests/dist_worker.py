@@ -24,6 +24,7 @@ from torch import nn
 
 import adamx
 from conftest import TOL
+from test_lifecycle import SHARDED_KINDS
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 LR = 0.03
@@ -422,12 +423,14 @@ def dcp_save_load(ctx):
 
 
 def one_more_step(model, opt):
-    """Sets fixed whole grads (the same on any world size), steps, returns the params."""
-    from torch.distributed.tensor import distribute_tensor
+    """Sets fixed whole grads (the same on any world size, sharded or not), steps, returns
+    the params."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
     g = torch.Generator().manual_seed(99)
     for p in model.parameters():
         grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
-        p.grad = distribute_tensor(grad, p.device_mesh, p.placements)
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements) \
+            if isinstance(p, DTensor) else grad
     opt.step()
     return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
 
@@ -508,10 +511,416 @@ def clip_sharded(ctx):
     m.raise_if_any()
 
 
+# -- loading whole checkpoints into sharded params (issue #20) --------------------------
+
+def _dsd():
+    from torch.distributed.checkpoint import state_dict
+    return state_dict
+
+
+def broadcast_options():
+    return _dsd().StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def wide():
+    """A model with a param large enough for compact moments (6144 >= 4096 elements)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 384), nn.Tanh(), nn.Linear(384, 1))
+
+
+def train(model, opt, dtype=torch.float32, steps=STEPS):
+    """Steps a model (sharded or not) on the batches of rank 0, the same on every rank."""
+    for step in range(steps):
+        device = next(model.parameters()).device
+        model(batch(0, step, device, dtype)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def load_broadcast(ctx, model, opt, full_model, full_optim):
+    """Whole state dicts read on rank 0 alone and broadcast (the others pass {}; copies:
+    torch's loaders take over and change what they are given)."""
+    dsd, options = _dsd(), broadcast_options()
+    dsd.set_model_state_dict(model, copy.deepcopy(full_model) if ctx.rank == 0 else {},
+                             options=options)
+    dsd.set_optimizer_state_dict(model, opt, copy.deepcopy(full_optim) if ctx.rank == 0
+                                 else {}, options=options)
+
+
+def groups_of(opt):
+    """The groups' settings (betas as a tuple: torch's broadcast load makes it a list)."""
+    return [{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"}
+            for g in opt.param_groups]
+
+
+def on_every_rank(value):
+    """``value`` of every rank, gathered (a collective)."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_same_on_every_rank(m, what, value):
+    values = on_every_rank(value)
+    m.check(all(v == values[0] for v in values), f"{what} differ between ranks: {values}")
+
+
+def local_snapshot(opt):
+    return groups_of(opt), {i: {k: full(v).clone() if torch.is_tensor(v) else v
+                                for k, v in sorted(s.items())}
+                            for i, s in enumerate(opt.state.values())}
+
+
+def same_snapshot(a, b):
+    if a[0] != b[0] or a[1].keys() != b[1].keys():
+        return False
+    return all(sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+        for sa, sb in ((a[1][i], b[1][i]) for i in a[1]))
+
+
+def broadcast_group_settings(ctx):
+    """An adamx checkpoint whose groups set adamx's own keys (eps_inside_sqrt, seed,
+    stochastic_rounding), read on rank 0 and broadcast into FSDP2 adamx built with their
+    defaults: every rank ends with the checkpoint's groups (all keys), as a plain
+    load_state_dict of the unsharded model gives them, and the next step is that
+    unsharded run's, bit for bit."""
+    m = Mismatches()
+    config = dict(CONFIGS["adamw-amsgrad"], eps_inside_sqrt=True, seed=7,
+                  stochastic_rounding=True)
+    source = mlp().to(ctx.device)
+    source_opt = make_opt(adamx.Adam, source, config)
+    train(source, source_opt)
+    # (copies: a load takes a checkpoint's tensors as they are, as torch's does)
+    full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+    destination = dict(CONFIGS["adamw-amsgrad"], lr=1.0)  # the checkpoint's lr must win
+    ref = mlp().to(ctx.device)
+    ref.load_state_dict(source.state_dict())
+    ref_opt = make_opt(adamx.Adam, ref, destination)
+    ref_opt.load_state_dict(copy.deepcopy(source_opt.state_dict()))
+    model = shard(mlp().to(ctx.device))
+    opt = make_opt(adamx.Adam, model, destination)
+    load_broadcast(ctx, model, opt, source.state_dict(), full_optim)
+    check_same_on_every_rank(m, "param_groups", groups_of(opt))
+    m.check(groups_of(opt) == groups_of(ref_opt),
+            f"groups {groups_of(opt)} vs the unsharded load's {groups_of(ref_opt)}")
+    want = one_more_step(ref, ref_opt)
+    got = one_more_step(model, opt)
+    for name in want:
+        m.bitwise(f"next step {name}", got[name], want[name])
+    m.raise_if_any()
+
+
+def broadcast_compact_checkpoint(ctx):
+    """A checkpoint with 8-bit or bfloat16 moments (adamx's state_dtype), read on rank 0
+    and broadcast into FSDP2 adamx (whose DTensor params keep float32 moments): every
+    rank raises the same error, naming adamx.to_torch_state_dict, with the groups and the
+    coded param's state as they were; converted so,
+    the checkpoint loads on every rank and the next step is the unsharded run's."""
+    m = Mismatches()
+    for state_dtype in ("int8", "bfloat16"):
+        source = wide().to(ctx.device)
+        source_opt = adamx.Adam(source.parameters(), lr=LR, state_dtype=state_dtype)
+        train(source, source_opt)
+        full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+        model = shard(wide().to(ctx.device))
+        opt = adamx.Adam(model.parameters(), lr=1.0)
+        _dsd().get_optimizer_state_dict(model, opt)  # (makes the state, as torch's load)
+        before = local_snapshot(opt)
+        try:
+            load_broadcast(ctx, model, opt, source.state_dict(), full_optim)
+            error = None
+        except Exception as exc:  # noqa: BLE001  (compared between ranks below)
+            error = f"{type(exc).__name__}: {exc}"
+        errors = on_every_rank(error)
+        m.check(all(e is not None and e == errors[0] for e in errors)
+                and "to_torch_state_dict" in errors[0],
+                f"{state_dtype}: not the same error on every rank: {errors}")
+        # The groups as they were, and the state of the param with codes (torch's
+        # broadcast writes the checkpoint's float moments of the other params into their
+        # state in place before load_state_dict runs).
+        after = local_snapshot(opt)
+        m.check(after[0] == before[0], f"{state_dtype}: the refused load changed the groups")
+        if state_dtype == "int8":
+            m.check(same_snapshot((after[0], {0: after[1][0]}), (before[0], {0: before[1][0]})),
+                    f"{state_dtype}: the refused load changed the state of the coded param")
+        load_broadcast(ctx, model, opt, source.state_dict(),
+                       adamx.to_torch_state_dict(full_optim))
+        check_same_on_every_rank(m, f"{state_dtype}: param_groups", groups_of(opt))
+        ref = wide().to(ctx.device)
+        ref.load_state_dict(source.state_dict())
+        ref_opt = adamx.Adam(ref.parameters(), lr=1.0)
+        ref_opt.load_state_dict(copy.deepcopy(source_opt.state_dict()))
+        want, got = one_more_step(ref, ref_opt), one_more_step(model, opt)
+        for name in want:
+            m.bitwise(f"{state_dtype}: next step {name}", got[name], want[name])
+    m.raise_if_any()
+
+
+def moments(model, opt):
+    """named_state without master copies (a collective)."""
+    return {name: {k: v for k, v in s.items() if k != "master_param"}
+            for name, s in named_state(model, opt).items()}
+
+
+def broadcast_master_copies(ctx):
+    """An adamx checkpoint of bfloat16 params with master copies, broadcast from rank 0
+    into FSDP2 adamx built without them: every rank takes master_weights=True and starts
+    its copies from the params (rank 0's whole copies, which torch adds there alone, are
+    left out), as the unsharded load of the checkpoint without its copies, and with the
+    moments torch's broadcast rounded into the optimizer's bfloat16 ones, steps. And a
+    whole (not sharded) state loaded straight into DTensor params is refused on every
+    rank, changing nothing."""
+    m = Mismatches()
+    source = mlp().to(ctx.device, torch.bfloat16)
+    source_opt = adamx.Adam(source.parameters(), lr=LR, master_weights=True)
+    train(source, source_opt, torch.bfloat16)
+    full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+    # The unsharded load of the checkpoint as the broadcast delivers it: torch writes the
+    # moments into the loading optimizer's state, bfloat16 without master copies.
+    without = copy.deepcopy(source_opt.state_dict())
+    for state in without["state"].values():
+        del state["master_param"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].bfloat16()
+    ref = mlp().to(ctx.device, torch.bfloat16)
+    ref.load_state_dict(source.state_dict())
+    ref_opt = adamx.Adam(ref.parameters(), lr=1.0)
+    ref_opt.load_state_dict(without)
+    model = shard(mlp().to(ctx.device, torch.bfloat16))
+    opt = adamx.Adam(model.parameters(), lr=1.0)
+    load_broadcast(ctx, model, opt, source.state_dict(), full_optim)
+    check_same_on_every_rank(m, "param_groups", groups_of(opt))
+    m.check(groups_of(opt) == groups_of(ref_opt),
+            f"groups {groups_of(opt)} vs the unsharded load's {groups_of(ref_opt)}")
+    want, got = one_more_step(ref, ref_opt), one_more_step(model, opt)
+    for name in want:
+        m.bitwise(f"next step {name}", got[name], want[name])
+    before = local_snapshot(opt)
+    try:
+        opt.load_state_dict(copy.deepcopy(source_opt.state_dict()))
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    errors = on_every_rank(error)
+    m.check(all(e is not None and "as a whole tensor" in e and e == errors[0] for e in errors),
+            f"a whole state into DTensor params: {errors}")
+    m.check(same_snapshot(local_snapshot(opt), before), "the refused load changed the optimizer")
+    m.raise_if_any()
+
+
+REDUCED_CONFIGS = {"master": dict(lr=LR, master_weights=True),
+                   "stochastic": dict(lr=LR, stochastic_rounding=True)}
+
+
+def torch_checkpoint_into_reduced_precision(ctx):
+    """A torch.optim.Adam checkpoint of bfloat16 params loaded into FSDP2 adamx with
+    master_weights=True or stochastic_rounding=True: by DCP (which refuses the group key
+    and master copies the checkpoint lacks unless told allow_partial_load=True, and then
+    loads) and by a whole state dict broadcast from rank 0; the next step is the unsharded
+    run's (the same checkpoint loaded by set_optimizer_state_dict), bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+    dsd = _dsd()
+    m = Mismatches()
+    source = shard(mlp().to(ctx.device, torch.bfloat16))
+    source_opt = torch.optim.Adam(source.parameters(), lr=LR, foreach=False)
+    train(source, source_opt, torch.bfloat16)
+    path = os.path.join(ctx.out, "dcp-torch-bf16")
+    dcp.save({"model": dsd.get_model_state_dict(source),
+              "optim": dsd.get_optimizer_state_dict(source, source_opt)}, checkpoint_id=path)
+    whole = dsd.StateDictOptions(full_state_dict=True)
+    full_model = dsd.get_model_state_dict(source, options=whole)
+    full_optim = copy.deepcopy(dsd.get_optimizer_state_dict(source, source_opt, options=whole))
+    for name, config in REDUCED_CONFIGS.items():
+        config = dict(config, lr=1.0)  # the checkpoint's lr must win
+        ref = mlp().to(ctx.device, torch.bfloat16)
+        ref.load_state_dict(full_model)
+        ref_opt = adamx.Adam(ref.parameters(), **config)
+        dsd.set_optimizer_state_dict(ref, ref_opt, copy.deepcopy(full_optim))
+        # (master copies aside: a load without them keeps the ones it has, which the step
+        # restarts from the params; see the next step)
+        loaded = moments(ref, ref_opt)
+        want = one_more_step(ref, ref_opt)
+        routes = {}
+
+        def check_next_step(route, model, opt):
+            what = f"{name} {route}"
+            check_same_on_every_rank(m, f"{what}: param_groups", groups_of(opt))
+            m.check(groups_of(opt) == groups_of(ref_opt),
+                    f"{what}: groups {groups_of(opt)} vs {groups_of(ref_opt)}")
+            compare_states(m, what, moments(model, opt), loaded)
+            got = routes[route] = one_more_step(model, opt)
+            for fqn in want:
+                if name == "stochastic":
+                    # Stochastic rounding's bits hash each element's index in its shard,
+                    # so sharded steps round otherwise than unsharded ones: one of the
+                    # two neighbours (a bfloat16 gap: rtol 2**-7); the routes alike.
+                    a, b = got[fqn].float(), want[fqn].float()
+                    m.check(bool(((a - b).abs() <= b.abs() * 2 ** -7).all()),
+                            f"{what}: next step {fqn} more than a bfloat16 gap away")
+                    if route != "dcp":
+                        m.bitwise(f"{what}: next step {fqn} vs dcp's", got[fqn],
+                                  routes["dcp"][fqn])
+                else:
+                    m.bitwise(f"{what}: next step {fqn}", got[fqn], want[fqn])
+
+        model = shard(mlp().to(ctx.device, torch.bfloat16))
+        opt = adamx.Adam(model.parameters(), **config)
+        sd = {"model": dsd.get_model_state_dict(model),
+              "optim": dsd.get_optimizer_state_dict(model, opt)}
+        try:
+            dcp.load(sd, checkpoint_id=path)
+            error = ""
+        except CheckpointException as exc:  # (a BaseException)
+            error = str(exc.failures)
+        m.check("Missing key in checkpoint" in error,
+                f"{name} dcp: a plain load did not refuse the missing keys: {error!r}")
+        dcp.load(sd, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        dsd.set_model_state_dict(model, sd["model"])
+        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        check_next_step("dcp", model, opt)
+        model = shard(mlp().to(ctx.device, torch.bfloat16))
+        opt = adamx.Adam(model.parameters(), **config)
+        load_broadcast(ctx, model, opt, full_model, full_optim)
+        check_next_step("broadcast", model, opt)
+    m.raise_if_any()
+
+
+# -- the lifecycle table's sharded rows (tests/test_lifecycle.py) ------------------------
+
+SHARDED_EVENTS = ("fresh", "dcp", "broadcast", "edit_in_place")
+
+
+def shard_layers(model):
+    """fully_shard on every layer with params, then on the model."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fixed_grads(model, k):
+    """test_mixed_precision.set_grads's grads (whole), sharded as each param."""
+    from torch.distributed.tensor import distribute_tensor
+    g = torch.Generator().manual_seed(100 + k)
+    for p in model.parameters():
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements)
+
+
+def sharded_event(ctx, life, kind_name, event, model, opt):
+    """The event of a sharded row: a DCP save and load into another model and optimizer,
+    a whole checkpoint broadcast from rank 0 into them, or an edit in place."""
+    import torch.distributed.checkpoint as dcp
+    dsd = _dsd()
+    kind = life.KINDS[kind_name]
+    if event == "edit_in_place":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.75)
+        return model, opt
+    resumed = shard_layers(life.model_of(kind, seed=1))
+    resumed_opt = life.optimizer_of(kind, resumed)
+    if event == "dcp":
+        path = os.path.join(ctx.out, f"life-{kind_name}")
+        dcp.save({"model": dsd.get_model_state_dict(model),
+                  "optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+        sd = {"model": dsd.get_model_state_dict(resumed),
+              "optim": dsd.get_optimizer_state_dict(resumed, resumed_opt)}
+        dcp.load(sd, checkpoint_id=path)
+        dsd.set_model_state_dict(resumed, sd["model"])
+        dsd.set_optimizer_state_dict(resumed, resumed_opt, sd["optim"])
+    else:
+        whole = dsd.StateDictOptions(full_state_dict=True)
+        load_broadcast(ctx, resumed, resumed_opt,
+                       dsd.get_model_state_dict(model, options=whole),
+                       dsd.get_optimizer_state_dict(model, opt, options=whole))
+    return resumed, resumed_opt
+
+
+def lifecycle_row(ctx, kind_name, event):
+    """A sharded run of the lifecycle table's kind through the event, compared with the
+    unsharded run of tests/test_lifecycle.py (compare_step)."""
+    import test_lifecycle as life
+    kind = life.KINDS[kind_name]
+    plain_event = {"edit_in_place": life.edit_in_place}.get(event)
+    want = life.run(kind, plain_event)[0]
+    model = shard_layers(life.model_of(kind))
+    opt = life.optimizer_of(kind, model)
+    m = Mismatches()
+    for k in range(life.STEPS):
+        if k == life.EVENT_AT and event != "fresh":
+            model, opt = sharded_event(ctx, life, kind_name, event, model, opt)
+        fixed_grads(model, k)
+        opt.step()
+        compare_step(m, life, kind, model, want[k], f"{kind_name} {event}", k)
+    return m
+
+
+def compare_step(m, life, kind, model, want, what, k):
+    """A sharded model's params after step k + 1 against the unsharded run's: bitwise;
+    stochastic rounding within LEAN_TOL (its bits hash each element's index in its
+    shard)."""
+    for i, (p, b) in enumerate(zip(model.parameters(), want)):
+        where, a = f"{what}: param {i} after step {k + 1}", full(p).detach()
+        if kind.options.get("stochastic_rounding"):
+            try:
+                torch.testing.assert_close(a.float(), b.float(), **life.LEAN_TOL)
+            except AssertionError as exc:
+                m.found.append(f"{where}: {exc}")
+        else:
+            m.bitwise(where, a, b)
+
+
+def lifecycle_sharded(kind_name):
+    """The setting of tests/test_lifecycle.py's rows for DTensor params (FSDP2 on 2 ranks)
+    of one kind: through each of SHARDED_EVENTS."""
+    def setting(ctx):
+        found = []
+        for event in SHARDED_EVENTS:
+            found += lifecycle_row(ctx, kind_name, event).found
+        if found:
+            raise AssertionError("\n".join(found))
+    setting.__name__ = f"lifecycle_{kind_name}"
+    return setting
+
+
+def lifecycle_reshard(ctx):
+    """The 2-rank run's DCP checkpoint (taken at the event) of each kind loaded on 1 rank:
+    the steps after it are the unsharded run's (2 -> 1)."""
+    import torch.distributed.checkpoint as dcp
+    import test_lifecycle as life
+    dsd = _dsd()
+    m = Mismatches()
+    for kind_name in SHARDED_KINDS:
+        kind = life.KINDS[kind_name]
+        want = life.run(kind)[0]
+        model = shard_layers(life.model_of(kind, seed=1))
+        opt = life.optimizer_of(kind, model)
+        sd = {"model": dsd.get_model_state_dict(model),
+              "optim": dsd.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=os.path.join(ctx.out, f"life-{kind_name}"))
+        dsd.set_model_state_dict(model, sd["model"])
+        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        for k in range(life.EVENT_AT, life.STEPS):
+            fixed_grads(model, k)
+            opt.step()
+            compare_step(m, life, kind, model, want[k], f"{kind_name} 2 -> 1", k)
+    m.raise_if_any()
+
+
 JOBS = {  # job -> its settings, run in this order
     "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp,
              dcp_save_load, clip_sharded],
     "cpu1": [dcp_reshard],
+    "life2": [lifecycle_sharded(kind) for kind in SHARDED_KINDS],
+    "life1": [lifecycle_reshard],
+    "loads2": [broadcast_group_settings, broadcast_compact_checkpoint, broadcast_master_copies,
+               torch_checkpoint_into_reduced_precision],
     "offload": [fsdp2_offload],
     "nccl2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp],
 }
@@ -549,6 +958,7 @@ def main():
             results[setting.__name__] = traceback.format_exc()
         with open(os.path.join(ctx.out, f"{ctx.job}-rank{ctx.rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
+    dist.barrier()  # (a rank whose peer destroyed the group first may abort)
     dist.destroy_process_group()
     return 0
 

@@ -13,6 +13,10 @@ the state at the end are compared after gathering (``full_tensor()``).
             2-D meshes, DDP and ZeroRedundancyOptimizer (consolidate, load), DCP save and
             load between adamx and torch.optim.Adam both ways
     cpu1    1 rank: the 2-rank adamx checkpoint loaded on one rank (2 -> 1)
+    loads2  2 ranks: whole checkpoints read on rank 0 and broadcast into FSDP2 adamx
+            (adamx's own group keys, compact moments refused on every rank), and a
+            torch.optim.Adam checkpoint loaded into master_weights / stochastic_rounding
+            by DCP and by broadcast
     offload FSDP2 with CPUOffloadPolicy (needs a GPU)
     nccl2   the cpu2 settings but DCP, on 2 GPUs with nccl (needs 2 GPUs), plus ZeRO with
             capturable=True (its step counts moved to the CPU by ZeRO's load)
@@ -102,6 +106,11 @@ def cpu1(cpu2, checkpoint_dir):
     return run_job("cpu1", 1, checkpoint_dir)
 
 
+@pytest.fixture(scope="module")
+def loads2(checkpoint_dir):
+    return run_job("loads2", 2, checkpoint_dir)
+
+
 def test_fsdp2(cpu2):
     check(cpu2, "fsdp2")
 
@@ -132,6 +141,22 @@ def test_dcp_adamx_and_torch_both_ways(cpu2):
 
 def test_dcp_two_ranks_to_one(cpu1):
     check(cpu1, "dcp_reshard")
+
+
+def test_broadcast_load_leaves_every_rank_the_same_groups(loads2):
+    check(loads2, "broadcast_group_settings")
+
+
+def test_broadcast_load_of_compact_moments_fails_on_every_rank(loads2):
+    check(loads2, "broadcast_compact_checkpoint")
+
+
+def test_broadcast_load_of_master_copies_into_an_optimizer_without(loads2):
+    check(loads2, "broadcast_master_copies")
+
+
+def test_torch_checkpoint_into_master_weights_and_stochastic_rounding(loads2):
+    check(loads2, "torch_checkpoint_into_reduced_precision")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
