@@ -2,6 +2,7 @@
 reference of the formula and against torch.optim.Adam/AdamW, over the whole option grid
 and every dtype."""
 
+import warnings
 
 import pytest
 import torch
@@ -717,7 +718,7 @@ def test_step_inside_inference_mode_and_no_grad():
 
 def test_capturable_and_fused_change_nothing_on_cpu():
     """torch's fused=True accepts capturable=True on the CPU (its other paths refuse it,
-    and so does adamx: see test_regressions.py); the numbers are the same."""
+    and so does adamx: see test_errors.py); the numbers are the same."""
     shapes = [(9,), (2, 5)]
     p0 = make_tensors(shapes, torch.float32, seed=21)
     grad_seq = make_grad_seq(shapes, torch.float32, 5, seed=22)
@@ -800,3 +801,56 @@ def test_hyperparameters_of_other_number_types():
         opt = adamx.Adam(other, **kw)
         _run(opt, other, grad_seq)
         assert torch.equal(other[0], plain[0]), kw
+
+
+# --------------------------------------------------------------------------------------
+# How group['params'] may look: a param listed twice, a tuple
+# --------------------------------------------------------------------------------------
+# A param listed twice in one group
+def _twice(kind, threads=None):
+    p0 = make_tensors([(300_001,), (7,)], torch.float32, seed=606)
+    grads = make_grad_seq([(300_001,), (7,)], torch.float32, 3, seed=607)
+    a, b = (p.clone() for p in p0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if kind == "adamx":
+            opt = adamx.Adam([a, b, a], lr=LR, amsgrad=True)
+        else:
+            opt = torch.optim.Adam([a, b, a], lr=LR, amsgrad=True, foreach=False)
+    assert any("duplicate parameters" in str(w.message) for w in caught)
+    for g in grads:
+        a.grad, b.grad = g[0].clone(), g[1].clone()
+        opt.step()
+    return a, b, opt
+
+
+def test_param_listed_twice_is_stepped_twice_like_torch(restore_threads):
+    """torch steps such a param twice (its loop), with one state; adamx made two states,
+    kept one, and updated the same memory from two threads."""
+    a, b, opt = _twice("adamx")
+    ta, tb, topt = _twice("torch")
+    assert float(opt.state[a]["step"]) == float(topt.state[ta]["step"]) == 6
+    assert len(opt.state) == len(topt.state) == 2
+    assert_close(a, ta, TOL[torch.float32])
+    assert_close(opt.state[a]["exp_avg_sq"], topt.state[ta]["exp_avg_sq"], TOL[torch.float32])
+    torch.set_num_threads(1)
+    a1, _, _ = _twice("adamx")
+    assert torch.equal(a, a1)  # deterministic whatever the threads
+
+
+# group['params'] replaced by a tuple
+def test_group_params_as_a_tuple_steps_like_a_list():
+    p0 = make_tensors([(5,), (3, 2)], torch.float32, seed=609)
+    grad_seq = make_grad_seq([(5,), (3, 2)], torch.float32, 3, seed=610)
+    runs = []
+    for container in (list, tuple):
+        params = [p.clone() for p in p0]
+        opt = adamx.Adam(params, lr=LR)
+        opt.param_groups[0]["params"] = container(params)
+        for grads in grad_seq:
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        runs.append(params)
+    for a, b, before in zip(*runs, p0):
+        assert torch.equal(a, b) and not torch.equal(a, before)
