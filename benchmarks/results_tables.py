@@ -115,6 +115,10 @@ def _data_line(result):
     return line + "."
 
 
+def _epochs(cfg):
+    return f"{cfg['epochs']} epoch" + ("s" if cfg["epochs"] != 1 else "")
+
+
 def render_mnist_mlp(result):
     mnist_mlp = _module("mnist_mlp")
     cfg = result["config"]
@@ -127,21 +131,29 @@ def render_mnist_mlp(result):
                      bc.fmt_time(r["step_median_s"]), bc.fmt_time(r["step_total_s"]),
                      f"{sp_step:.1f}x" if sp_step else "-",
                      f"{sp_wall:.2f}x" if sp_wall else "-"])
-    text = (_data_line(result) + f" {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+    text = (_data_line(result) + f" {_epochs(cfg)}, batch {cfg['batch_size']}, "
             f"lr {cfg['lr']:g}, {result['params']} params.\n\n"
             + bc.format_table(["data path", "optimizer", "final train loss", "test acc",
                                "wall (train+test)", "step median", "step total",
                                "step speed-up vs loop", "wall speed-up vs loop"], rows,
                               align=["<", "<"] + [">"] * 7))
-    for name, why in result.get("unavailable", {}).items():
-        text += f"\n\n- {name} not available: {why.splitlines()[0]}"
-    return text
+    # The script's agreement lines: one step from the same state, and whole runs (on one
+    # data path: the other sees the same batches).
+    agreement = result.get("agreement") or {}
+    modes = [t["data_mode"] for t in agreement.get("training", [])]
+    mode = "tensors" if "tensors" in modes else modes[0] if modes else None
+    lines = [mnist_mlp.one_step_line(r, r["control"]) for r in agreement.get("one_step", [])]
+    lines += [mnist_mlp.training_line(c) for c in agreement.get("training", [])
+              if c["data_mode"] == mode]
+    lines += [f"{name} not available: {why.splitlines()[0]}"
+              for name, why in result.get("unavailable", {}).items()]
+    return text + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else "")
 
 
 def render_mixed_precision(result):
     mixed_precision = _module("mixed_precision")
     cfg = result["config"]
-    parts = [_data_line(result) + f" {cfg['epochs']} epochs, batch {cfg['batch_size']}."]
+    parts = [_data_line(result) + f" {_epochs(cfg)}, batch {cfg['batch_size']}."]
     for setting, s in result["settings"].items():
         parts.append(f"### {setting}: lr {s['lr']:g}\n\n" + mixed_precision.table(s["runs"]))
     parts.append("Step times: optimizer.step(), for the GradScaler runs scaler.step(opt) + "
