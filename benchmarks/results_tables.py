@@ -224,9 +224,9 @@ def command_of(result):
     cmd = result.get("command")
     if not cmd:
         return None
-    # Results written before bench_common.command_line() hold " ".join(sys.argv).
-    return cmd if cmd.split()[0].startswith(("python", "ADAMX_")) or "=" in cmd.split()[0] \
-        else "python " + cmd
+    # Results written before bench_common.command_line() hold " ".join(sys.argv): the
+    # script's path first, no interpreter, no variables.
+    return "python " + cmd if cmd.split()[0].endswith(".py") else cmd
 
 
 def _loads(values):
