@@ -1,10 +1,12 @@
 """What both benchmark scripts share: the optimizers under comparison behind one
 interface, the run's machine facts, a small progress bar, tables, JSON and plotting."""
 
+import datetime
 import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -213,8 +215,34 @@ def adamx_info():
     return info
 
 
+def utc_now():
+    """The time now, UTC, ISO 8601 to the second (2026-12-05T07:30:00Z)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (None where the OS has none): a figure measured
+    while other work shared the CPUs says so."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def command_line():
+    """How this process was started, as a shell line: the ADAMX_* variables set, python, and
+    the script's arguments (its path as given)."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith("ADAMX_")]
+    return " ".join(env + ["python", shlex.join(sys.argv)])
+
+
 def machine_facts(device="cpu"):
+    """The machine and the run's start: CPU, threads, memory, versions, the adamx build, the
+    start time (UTC) and the load averages then. write_json adds the end's."""
     facts = {
+        "started_utc": utc_now(),
+        "loadavg_start": load_average(),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -320,7 +348,17 @@ def format_table(headers, rows, align=None):
 
 
 def write_json(path, obj):
+    """Writes ``obj`` as JSON. A result (a dict) gets ``command``, the command line that
+    ran it (command_line(): it replaces a script's own " ".join(sys.argv), which lacks the
+    ADAMX_* variables), and, in its ``machine`` facts, the end time (UTC) and the load
+    averages at the end."""
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = dict(obj)
+        obj["command"] = command_line()
+        if isinstance(obj.get("machine"), dict):
+            obj["machine"] = {**obj["machine"], "finished_utc": utc_now(),
+                              "loadavg_end": load_average()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=_json_default)

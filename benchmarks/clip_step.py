@@ -14,7 +14,6 @@ as backward leaves them (copied in before each timed call, outside the timing), 
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import adamx
+import bench_common as bc
 
 
 def loops(params, grads, scaler):
@@ -61,6 +61,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    facts = bc.machine_facts()
     n = int(args.elements)
     g = torch.Generator().manual_seed(0)
     p0 = torch.randn(n, generator=g)
@@ -93,11 +94,8 @@ def main(argv=None):
                        threads=torch.get_num_threads())
             records.append(rec)
             print(f"{rec['case']:>12} {name:>20} {t * 1e3:8.2f} ms  {t / ref:.3f}x")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "clip_step.json").write_text(json.dumps(dict(
-        benchmark="clip_step", date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-        records=records), indent=1))
+    bc.write_json(Path(args.out) / "clip_step.json", dict(
+        benchmark="clip_step", machine=facts, config=vars(args), records=records))
     return 0
 
 

@@ -17,10 +17,8 @@ device-to-device copy rate (bytes read + written) measured here.
 """
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_bench import gpt2_small_shapes  # noqa: E402
 
 import adamx  # noqa: E402
+import bench_common as bc  # noqa: E402
 
 CASES = {"1e8": [(100_000_000,)], "gpt2": None}
 PEERS = {
@@ -112,8 +111,7 @@ def main(argv=None):
         raise SystemExit("cuda_scaled_step: torch sees no CUDA device")
     dtype = getattr(torch, args.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    facts = bc.machine_facts()
     ceiling = copy_rate(2 * 2**30, args.warmup, args.repeats)
     records = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; "
@@ -146,9 +144,9 @@ def main(argv=None):
         del params
         torch.cuda.empty_cache()
     result = dict(benchmark="cuda_scaled_step", device=torch.cuda.get_device_name(),
-                  torch=torch.__version__, copy_rate_bytes_s=ceiling, records=records,
-                  date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
-    (out / "cuda_scaled_step.json").write_text(json.dumps(result, indent=1))
+                  machine=facts, config=vars(args), copy_rate_bytes_s=ceiling,
+                  records=records)
+    bc.write_json(Path(args.out) / "cuda_scaled_step.json", result)
     return 0
 
 

@@ -140,19 +140,26 @@ def launch(args, out):
 
 
 def summarize(args, ranks):
-    rows, peers = [], {}
+    peers = {}
     for name in args.peers:
         step = max(statistics.median(r["times"][name]["step"]) for r in ranks)
         train = max(statistics.median(r["times"][name]["train"]) for r in ranks)
         peers[name] = dict(step_median_s=step, train_median_s=train, share=step / train,
                            step_median_per_rank_s=[statistics.median(r["times"][name]["step"])
                                                    for r in ranks])
+    return peers
+
+
+def table(peers):
+    """The summary table of ``peers`` (summarize's, or fsdp_bench.json's)."""
+    rows = []
     base = peers.get("adamx")
     for name, res in peers.items():
         ratio = f"{base['step_median_s'] / res['step_median_s']:.2f}x" if base else "-"
         rows.append([name, bc.fmt_time(res["step_median_s"]), bc.fmt_time(res["train_median_s"]),
                      f"{100 * res['share']:.1f}%", ratio])
-    return rows, peers
+    return bc.format_table(["optimizer", "step", "train step", "step share", "adamx / this"],
+                           rows)
 
 
 def main():
@@ -191,7 +198,7 @@ def main():
     bc.print_header("adamx FSDP2 step benchmark (CPU, gloo)", facts)
     t_start = time.perf_counter()
     ranks = launch(args, out)
-    rows, peers = summarize(args, ranks)
+    peers = summarize(args, ranks)
     config = dict(ranks=args.ranks, threads_per_rank=args.threads, layers=args.layers,
                   width=args.width, heads=args.heads, batch=args.batch, tokens=args.tokens,
                   warmup=args.warmup, repeats=args.repeats, params=ranks[0]["params"],
@@ -204,12 +211,11 @@ def main():
     print()
     print("**optimizer.step() under FSDP2 (slowest rank's median)**")
     print()
-    print(bc.format_table(["optimizer", "step", "train step", "step share", "adamx / this"],
-                          rows))
+    print(table(peers))
     wall = time.perf_counter() - t_start
     print(f"\n# wall {wall:.1f} s")
-    bc.write_json(out / "fsdp_bench.json", dict(config=config, machine=facts, peers=peers,
-                                               wall_s=wall))
+    bc.write_json(out / "fsdp_bench.json", dict(benchmark="fsdp_bench", config=config,
+                                               machine=facts, peers=peers, wall_s=wall))
     return 0
 
 

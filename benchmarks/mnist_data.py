@@ -337,7 +337,7 @@ def synthetic_mnist(n_train=60000, n_test=10000, seed=0) -> Mnist:
     stroke-drawn digit classes that share most of their strokes, each image a warped
     (affine and elastic), noisy copy of one of its class's prototypes, some with another
     digit's strokes faintly over it. The tutorial's 5-epoch MLP run ends at a train loss
-    of MNIST's order (see benchmarks/RESULTS.md), not at zero. Deterministic for a given
+    of MNIST's order (see benchmarks/HISTORY.md), not at zero. Deterministic for a given
     seed, and the first N images of a split are the same whatever its size (so a run limited
     to N images need not make the rest). A few seconds for 70,000 images on 2 cores."""
     protos = _prototypes(torch.Generator().manual_seed(seed))

@@ -9,7 +9,7 @@ stochastic rounding (the same lists), and for float16/bfloat16 its master weight
 param of their own beside the fp32 master copy and state, so that the param stays its
 copy's rounding: 30 bytes per element moved for bfloat16, 14 for the plain step), in the
 same rounds. Sizes in cache show the arithmetic, large ones the memory. A one-off
-diagnostic, used for the per-ISA notes in benchmarks/RESULTS.md; needs adamx built.
+diagnostic, used for the per-ISA notes in benchmarks/HISTORY.md; needs adamx built.
 """
 
 import argparse

@@ -11,7 +11,7 @@ Rows, each the median of --repeats calls after --warmup:
     stream (p+=g, m+=g, v+=g)  three in-place torch ops over the step's buffers
 The adamx rows are repeated for each SIMD set of --isa (adamx.set_cpu_capability) and each
 thread count of --threads. A one-off diagnostic, used for the optimisation log in
-benchmarks/RESULTS.md; needs adamx built.
+benchmarks/HISTORY.md; needs adamx built.
 """
 
 import argparse
