@@ -354,12 +354,12 @@ using MomentStorage = std::conditional_t<std::is_same_v<S, StochasticBf16>, c10:
 // values form a small floating-point format with 3 mantissa bits and subnormals, largest
 // value 1.875: for exp_avg a sign bit and 7 bits (e4m3: 15 binades of normal numbers down
 // to 2^-14, then 8 subnormal steps of 2^-17), for exp_avg_sq, never negative, 8 bits (e5m3:
-// down to 2^-30, steps of 2^-33, and code 0 decoding to 2^-34, not zero: see code_value). Like an fp8 number, each value has about the same
-// relative precision (1/16 to 1/8), so the small moments of a block are not lost as they
-// would be in a linear code. The scale is the smallest power of two that brings the
-// block's largest magnitude to at most 1.875; being a power of two, it never moves the grid
-// of values when it changes (a value on the grid stays on it), so a moment that does not
-// change is not rounded anew.
+// down to 2^-30, steps of 2^-33, and code 0 decoding to 2^-34, not zero: see code_value).
+// Like an fp8 number, each value has about the same relative precision (1/16 to 1/8), so
+// the small moments of a block are not lost as they would be in a linear code. The scale
+// is the smallest power of two that brings the block's largest magnitude to at most 1.875;
+// being a power of two, it never moves the grid of values when it changes (a value on the
+// grid stays on it), so a moment that does not change is not rounded anew.
 //
 // A code is the magnitude rounded stochastically in that format: 20 random bits added to
 // the float32's bits below the format's last mantissa bit, then truncated, which rounds up
