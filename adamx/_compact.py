@@ -49,6 +49,12 @@ class CodeFormat(NamedTuple):
         """kOffset: a normal code c has the float32 bits (c << 20) + offset."""
         return (127 - self.bias) << 23
 
+    @property
+    def zero_is_floor(self) -> bool:
+        """kZeroIsFloor: code 0 decodes to half the subnormal step, not zero (exp_avg_sq,
+        the unsigned format: a floor tied to the block's scale)."""
+        return self.max_code == 255
+
 
 _SIGNED = CodeFormat(127, 15, 2.0 ** -14, 2.0 ** -17)    # exp_avg: sign + e4m3
 _UNSIGNED = CodeFormat(255, 31, 2.0 ** -30, 2.0 ** -33)  # exp_avg_sq: e5m3
@@ -213,11 +219,13 @@ def stochastic_bf16(x: torch.Tensor, key: int, which=None) -> torch.Tensor:
 
 def code_value(c: torch.Tensor, signed: bool) -> torch.Tensor:
     """code_value<signed>(c), elementwise: the value of magnitude code c in units of the
-    scale (float32, exact): c * subnormal_step below 8, else the float32 with bits
+    scale (float32, exact): c * subnormal_step below 8 (but code 0 of the unsigned format,
+    exp_avg_sq's: half a subnormal step, its floor), else the float32 with bits
     (c << 20) + offset."""
     f = code_format(signed)
     c = c.to(torch.int64)
-    subnormal = (c & 7).to(torch.float32) * f.subnormal_step
+    halves = ((c & 7) << 1) | ((c == 0).to(torch.int64) if f.zero_is_floor else 0)
+    subnormal = halves.to(torch.float32) * (f.subnormal_step * 0.5)
     return torch.where(c < 8, subnormal, _float32((c << 20) + f.offset))
 
 
@@ -227,7 +235,12 @@ def decode_code(code: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.
     value = code_value(code & 0x7F if signed else code, signed)
     if signed:  # the sign first, then the scale, as the C++
         value = torch.where((code & 0x80) != 0, -value, value)
-    return value * scale
+    value = value * scale
+    if code_format(signed).zero_is_floor:
+        # the floor of a non-finite block (scale inf) is NaN, as a zero was: + 0 * scale
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        value = torch.where(code == 0, value + 0.0 * scale, value)
+    return value
 
 
 def code_scale(absmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -17,12 +17,30 @@ __all__ = ["Adam", "AdamW", "state_bytes", "to_torch_state_dict", "COMPACT_MIN_N
 
 # torch.optim.Adam's group keys that adamx reads or keeps, and adamx's own, with their
 # defaults (the switches, e.g. amsgrad, come from adamx._C.SWITCHES, default False; a
-# group's "seed" defaults to its index).
+# group's "seed": see _SEED_DEFAULT).
 _GROUP_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
                        master_weights=False, state_dtype="float32")
-# The group key that records a seed nobody gave (the group's index when it was added):
-# state_dict leaves such a seed out, and itself, so that its groups have torch's keys.
+# The group key that records a seed nobody gave to a group that draws no random bits (the
+# group's index when it was added): state_dict leaves such a seed out, and itself, so that
+# its groups have torch's keys. A group that does draw them (stochastic_rounding, compact
+# moments) and was given no seed gets one drawn from torch's default generator (_draw_seed),
+# which state_dict keeps.
 _SEED_DEFAULT = "_default_seed"
+
+
+def _uses_noise(options):
+    """Whether a group's step draws random bits: stochastic rounding of bfloat16 params, or
+    compact moments (bfloat16 or 8-bit, rounded stochastically)."""
+    return bool(options.get("stochastic_rounding")) or \
+        options.get("state_dtype", "float32") != "float32"
+
+
+def _draw_seed():
+    """A seed from torch's default CPU generator (one draw): every run and optimizer gets
+    a stream of its own, which torch.manual_seed reproduces."""
+    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
+
+
 # adamx's switches that torch.optim.Adam lacks, and its other group keys: state_dict leaves
 # them out where they hold their defaults (see Adam.state_dict).
 _ADAMX_ONLY_KEYS = tuple(sorted(set(_ops._C.SWITCHES if _ops._C else ())
@@ -108,8 +126,13 @@ class Adam(Optimizer):
       nearness, so small updates are not lost on average. The random bits are a hash of
       (the group's ``seed``, the param's position among the group's params with grads,
       its step count, the element), so steps are reproducible on any thread count, CPU or
-      GPU. ``seed`` defaults to the group's index when it is added (left out of
-      ``state_dict``, as torch has no such key).
+      GPU. A group given no ``seed`` (here or in its dict) that draws random bits
+      (``stochastic_rounding`` or a compact ``state_dtype``) gets one drawn from torch's
+      default generator when it is added, so runs and optimizers draw streams of their
+      own and ``torch.manual_seed`` reproduces them; ``state_dict`` keeps it, so a
+      resumed run draws the same bits. Other groups draw nothing from torch's generator
+      (as torch.optim.Adam) and their seed, the group's index, is left out of
+      ``state_dict``, as torch has no such key.
 
     ``state_dtype`` (per group) stores the moments of float32 and bfloat16 params with at
     least COMPACT_MIN_NUMEL (4096) elements in fewer bytes, updated in the same one pass
@@ -205,17 +228,25 @@ class Adam(Optimizer):
                 param_group["params"] = [params]
             elif params is not None and not isinstance(params, set):
                 param_group["params"] = list(params)  # (an iterator is read once, here)
-            # Each group's own stream of stochastic-rounding bits: its seed (given, or the
-            # optimizer's, else 0) plus its index. A seed nobody gave is recorded as the
-            # default, which state_dict leaves out (torch's layout exactly).
-            if param_group.get("seed") is None:
-                base = self.defaults.get("seed")
-                param_group["seed"] = (base or 0) + len(self.param_groups)
-                if base is None:
-                    param_group[_SEED_DEFAULT] = param_group["seed"]
-            _seed(param_group["seed"])  # an int
+            # Each group's own stream of stochastic-rounding bits: its seed, given, or the
+            # optimizer's plus the group's index. A group given none that draws random
+            # bits gets one drawn from torch's default generator (kept in state_dict, so
+            # that a resumed run draws the same bits); one that draws none gets its index,
+            # recorded as the default, which state_dict leaves out (torch's layout
+            # exactly), and torch's random stream is left alone, as torch.optim.Adam
+            # leaves it.
             options = {**self.defaults, **param_group}
             name = _state.check_group(options)
+            if param_group.get("seed") is None:
+                base = self.defaults.get("seed")
+                if base is not None:
+                    param_group["seed"] = base + len(self.param_groups)
+                elif _uses_noise(dict(options, state_dtype=name)):
+                    param_group["seed"] = _draw_seed()
+                else:
+                    param_group["seed"] = param_group[_SEED_DEFAULT] = len(self.param_groups)
+            _seed(param_group["seed"])  # an int
+            options = {**self.defaults, **param_group}
             for p in _group_tensors(param_group.get("params")):
                 _state.spec(p, options, name)
                 if self.state.get(p):

@@ -101,7 +101,10 @@ def test_with_grad_scaler_matches_torchs_loop(dtype, options, monkeypatch):
     p0 = make_tensors(sizes, dtype, seed=706)
     mine = [p.clone().requires_grad_() for p in p0]
     ref = [p.clone().requires_grad_() for p in p0]
-    opt, ref_opt = adamx.Adam(mine, lr=0.01, **options), adamx.Adam(ref, lr=0.01, **options)
+    torch.manual_seed(0)  # the same drawn seed for both (state_dtype: random bits)
+    opt = adamx.Adam(mine, lr=0.01, **options)
+    torch.manual_seed(0)
+    ref_opt = adamx.Adam(ref, lr=0.01, **options)
     scaler, ref_scaler = _scaler(), _scaler()
     unscale_calls = []
     original = torch.amp.GradScaler._unscale_grads_

@@ -92,7 +92,8 @@ def round_bf16_ref(x_bits, random):
 
 
 # The 8-bit code formats, written down independently of C.code_format: (max_code, bias).
-# Values 2^((c >> 3) - bias) * (1 + (c & 7) / 8) for normal codes c >= 8, c * step below.
+# Values 2^((c >> 3) - bias) * (1 + (c & 7) / 8) for normal codes c >= 8, c * step below,
+# but for the unsigned format's (exp_avg_sq's) code 0: step / 2, its floor (no zero).
 FORMATS = {True: (127, 15), False: (255, 31)}
 
 
@@ -104,12 +105,16 @@ def fmt_ref(signed):
 
 def code_value_ref(c, signed):
     _, _, offset, _, step = fmt_ref(signed)
+    if c == 0 and not signed:
+        return step / 2
     return f32((c & 7) * step) if c < 8 else from_bits((c << 20) + offset)
 
 
 def code_value_def(c, signed):
     """The value of code c by the format's definition (exact in double)."""
     _, bias, _, _, step = fmt_ref(signed)
+    if c == 0 and not signed:
+        return step / 2  # the floor: code 0 stands for [0, step)
     return c * step if c < 8 else 2.0 ** ((c >> 3) - bias) * (1 + (c & 7) / 8)
 
 
@@ -145,6 +150,8 @@ def encode_ref(x, x_bits, inv, random, signed):
 
 def decode_ref(code, scale, signed):
     m = f32(code_value_ref(code & 0x7F if signed else code, signed) * scale)
+    if not signed and code == 0:
+        m = f32(m + 0.0 * scale)  # the floor of a block of scale inf: NaN
     return -m if signed and code & 0x80 else m
 
 
@@ -420,6 +427,7 @@ def test_code_format(signed):
     assert (fmt.max_code, fmt.bias, fmt.smallest_normal, fmt.subnormal_step) == (
         max_code, bias, smallest_normal, step)
     assert fmt.offset == offset == (0x38000000 if signed else 0x30000000)
+    assert fmt.zero_is_floor == (not signed)
     assert code_value_def(max_code, signed) == 1.875
     assert code_value_def(8, signed) == smallest_normal == 8 * step
 
@@ -427,7 +435,7 @@ def test_code_format(signed):
 def test_code_value_known_values():
     cases = {True: {0: 0.0, 1: 2.0**-17, 7: 7 * 2.0**-17, 8: 2.0**-14, 9: 1.125 * 2.0**-14,
                     119: 0.9375, 120: 1.0, 121: 1.125, 127: 1.875},
-             False: {0: 0.0, 1: 2.0**-33, 7: 7 * 2.0**-33, 8: 2.0**-30, 9: 1.125 * 2.0**-30,
+             False: {0: 2.0**-34, 1: 2.0**-33, 7: 7 * 2.0**-33, 8: 2.0**-30, 9: 1.125 * 2.0**-30,
                      247: 0.9375, 248: 1.0, 249: 1.125, 255: 1.875}}
     for signed, values in cases.items():
         got = C.code_value(torch.tensor(list(values)), signed)
@@ -599,9 +607,11 @@ def test_encode_code_specials(signed):
 @pytest.mark.parametrize("signed", SIGNED)
 def test_values_on_the_grid_are_exact(signed):
     """A value on the grid (code_value(c) * scale) encodes to c for any random bits, and
-    whole tensors of them decode to themselves."""
-    max_code = fmt_ref(signed)[0]
-    grid = C.code_value(torch.arange(max_code + 1), signed)
+    whole tensors of them decode to themselves; but for exp_avg_sq's code 0, the floor,
+    which stands for [0, step): a zero encodes to it, and it encodes to 0 or 1."""
+    max_code, step = fmt_ref(signed)[0], fmt_ref(signed)[4]
+    first = 0 if signed else 1
+    grid = C.code_value(torch.arange(first, max_code + 1), signed)
     gen = torch.Generator().manual_seed(10)
     random = torch.cat([torch.tensor([0, 0xFFF, 1 << 12, 0xFFFFF000, M32]), uint32s(20, gen)])
     ks = [-126, -20, 0, 40, 126] if signed else [-116, -20, 0, 40, 126]  # values exact
@@ -610,10 +620,18 @@ def test_values_on_the_grid_are_exact(signed):
         assert (x / 2.0**k == grid).all()
         for r in random.tolist():
             codes = C.encode_code(x, torch.tensor(2.0**-k), torch.tensor(r), signed).long()
-            assert torch.equal(codes, torch.arange(max_code + 1))
+            assert torch.equal(codes, torch.arange(first, max_code + 1))
             if signed:
                 codes = C.encode_code(-x, torch.tensor(2.0**-k), torch.tensor(r), signed).long()
                 assert torch.equal(codes, torch.arange(max_code + 1) | 0x80)
+            elif k > -116:  # (2^-116 * step / 2 underflows float32)
+                inv = torch.tensor(2.0**-k)
+                assert C.encode_code(torch.tensor(0.0), inv, torch.tensor(r), False) == 0
+                floor = C.encode_code(torch.tensor(step / 2 * 2.0**k), inv, torch.tensor(r),
+                                      False)
+                assert floor.item() == (1 if r >> 12 >= 1 << 19 else 0)
+                assert C.decode_code(torch.tensor(0), torch.tensor(2.0**k), False) == \
+                    step / 2 * 2.0**k
         t = torch.cat([x, -x]) if signed else x
         t = t[torch.randperm(t.numel(), generator=gen)]
         t = t[: (t.numel() // 2) * 2].view(2, -1).t()  # a non-contiguous one, for good measure
@@ -668,10 +686,16 @@ def test_grid_stable_when_the_scale_doubles(signed):
     s = scales.repeat_interleave(256)
     stays = y.abs() >= 2 * smallest_normal * s
     assert stays.float().mean() > 0.25 and (~stays & (y != 0)).any()
-    # the same scale: all stay
+    # exp_avg_sq's floor (code 0, half a step) is no value a code is rounded to: it
+    # re-encodes to 0 or 1 (the floor or one step)
+    floor = (codes == 0) if not signed else torch.zeros_like(stays)
+    assert signed or floor.any()
+    # the same scale: all stay (the floor: within a step)
     for key in [0, 1, M64]:
         c2, s2 = C.encode_codes(y, signed, key)
-        assert same_bits(s2, scales) and same_bits(C.decode_codes(c2, s2, signed), y)
+        z = C.decode_codes(c2, s2, signed)
+        assert same_bits(s2, scales) and same_bits(z[~floor], y[~floor])
+        assert ((c2[floor] == 0) | (c2[floor] == 1)).all()
     # element by element, with the doubled scale's inverse and any random bits
     for random in [torch.tensor(0), torch.tensor(0xFFF), torch.tensor(M32), uint32s(n, gen)]:
         z = C.decode_code(C.encode_code(y, 0.5 / s, random, signed), 2 * s, signed)
@@ -730,7 +754,15 @@ def test_encode_codes_unbiased(signed):
         total += C.decode_codes(codes, scales, signed).double()
     mean = total / n
     gap = gap_bound(x, torch.tensor(1.0), signed)
-    err = (mean - x.double()).abs()
+    # below exp_avg_sq's smallest step the floor biases it: code 0 (probability 1 - x /
+    # step) decodes to step / 2, so the mean is step / 2 + x / 2
+    step = fmt_ref(signed)[4]
+    expected = x.double()
+    if not signed:
+        below = expected < step
+        assert below.sum() > 10
+        expected = torch.where(below, step / 2 + expected / 2, expected)
+    err = (mean - expected).abs()
     assert (err <= 5 * gap / 2 / math.sqrt(n) + gap * 2.0**-19).all()
     # and it is no rounding to nearest (mean error ~ gap / 4 there)
     assert (err / gap).mean() < 0.05

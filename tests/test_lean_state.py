@@ -69,6 +69,7 @@ class LeanCase:
             # Moments with a wide dynamic range, as in training.
             m = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 2)
             v = torch.rand(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+            v[::37] = 0  # exp_avg_sq's code 0 (its floor) in every block
             key = 1000 + i
             m, ms = _encode(self.kind, m * 0.01, 0, key)
             v, vs = _encode(self.kind, v * 1e-4, 1, key)
@@ -333,6 +334,47 @@ def test_rounding_to_nearest_stalls_where_stochastic_rounding_tracks():
         moved = (v - 1).mean() / (target - 1).mean()
         assert moved.item() == pytest.approx(1, abs=0.02), state_dtype
         assert (v - target).std().item() > 0  # it is the average that tracks
+
+
+def _heavy_tailed_grads(blocks, steps, seed=0):
+    """Per block of codes (256 elements), one large Cauchy grad (median 1) at the block's
+    start and 255 small ones, Cauchy times 10^-U(2, 8): grads whose squares span far more
+    than exp_avg_sq's code can hold under one scale."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        cauchy = torch.tan(torch.pi * (torch.rand(blocks, 256, generator=gen) - 0.5))
+        g = cauchy * torch.pow(10.0, -2 - 6 * torch.rand(blocks, 256, generator=gen))
+        g[:, 0] = torch.tan(torch.pi * (torch.rand(blocks, generator=gen) - 0.5))
+        yield g.view(-1)
+
+
+def _largest_steps(state_dtype, blocks=64, steps=400, lr=1e-3):
+    """The largest |param change| / lr of each step of Adam over _heavy_tailed_grads."""
+    p = torch.zeros(blocks * 256, requires_grad=True)
+    opt = adamx.Adam([p], lr=lr, state_dtype=state_dtype)
+    largest = []
+    for g in _heavy_tailed_grads(blocks, steps):
+        before = p.detach().clone()
+        p.grad = g
+        opt.step()
+        largest.append(((p.detach() - before).abs().max() / lr).item())
+    return torch.tensor(largest)
+
+
+def test_no_outsized_steps_with_heavy_tailed_grads():
+    """Issue #22, part 2. A block of 8-bit moments shares one scale: where one grad is
+    ~1e5 times the others, their exp_avg_sq lies below its code's smallest step, while
+    their exp_avg (of half the range) does not. Decoded as zero, exp_avg_sq made such an
+    element's step lr * m / eps: hundreds of lr (this test measured 1e4 lr and more before
+    the floor). With exp_avg_sq's code 0 decoding to half a step (its floor), the largest
+    step stays within 2x float32 state's over the same run; bfloat16 moments (8 exponent
+    bits, no shared scale) never had the hazard."""
+    reference = _largest_steps("float32")
+    assert 1 < reference.max() < 5  # Adam's steps: a few lr at most
+    for state_dtype in ("int8", "bfloat16"):
+        largest = _largest_steps(state_dtype)
+        assert largest.max() <= 2 * reference.max(), state_dtype
+        assert largest.mean() <= 1.5 * reference.mean(), state_dtype
 
 
 def _moment_dtype(state):

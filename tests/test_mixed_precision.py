@@ -686,10 +686,82 @@ def test_optimizer_stochastic_rounding_matches_the_functional_step_on_both_paths
 
 def test_groups_get_seeds_of_their_own():
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    torch.manual_seed(0)
     opt = adamx.Adam([{"params": [a]}, {"params": [b]}], stochastic_rounding=True)
-    assert [g["seed"] for g in opt.param_groups] == [0, 1]
+    seeds = [g["seed"] for g in opt.param_groups]
+    assert len(set(seeds)) == 2 and all(isinstance(s, int) for s in seeds)
     opt = adamx.Adam([{"params": [a]}, {"params": [b], "seed": 9}], seed=5)
     assert [g["seed"] for g in opt.param_groups] == [5, 9]
+    opt = adamx.Adam([{"params": [a]}, {"params": [b]}])  # no random bits: the indices
+    assert [g["seed"] for g in opt.param_groups] == [0, 1]
+
+
+@pytest.mark.parametrize("noise", [dict(stochastic_rounding=True), dict(state_dtype="int8"),
+                                   dict(state_dtype="bfloat16")])
+def test_default_seed_is_drawn_from_torch_only_where_noise_is_used(noise):
+    """Issue #22, part 3. A group given no seed that draws random bits gets one from
+    torch's default generator: reproduced by torch.manual_seed, another for another
+    manual seed and for the next optimizer, kept in state_dict (a resumed run draws the
+    same bits). A group without noise leaves torch's random stream alone and its
+    state_dict has torch's keys exactly. (Before: every group's seed was its index, the
+    same in every run and optimizer.)"""
+    p = torch.zeros(8, requires_grad=True)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    plain = adamx.Adam([p], stochastic_rounding=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(plain.state_dict()["param_groups"][0]) == \
+        set(torch.optim.Adam([p]).state_dict()["param_groups"][0])
+
+    def seed_of(manual_seed):
+        torch.manual_seed(manual_seed)
+        return adamx.Adam([p], **noise).param_groups[0]["seed"]
+
+    assert seed_of(1) == seed_of(1)
+    assert seed_of(1) != seed_of(2)
+    torch.manual_seed(1)
+    first = adamx.Adam([p], **noise)
+    assert not torch.equal(torch.get_rng_state(), before)  # one draw
+    second = adamx.Adam([p], **noise)
+    assert first.param_groups[0]["seed"] != second.param_groups[0]["seed"]
+    saved = first.state_dict()["param_groups"][0]
+    assert saved["seed"] == first.param_groups[0]["seed"]
+    second.load_state_dict(first.state_dict())
+    assert second.param_groups[0]["seed"] == first.param_groups[0]["seed"]
+
+
+def test_default_seeds_round_independently():
+    """Two optimizers given no seed, stepping equal bfloat16 params with equal grads by
+    small updates (stochastic_rounding): each element rounds up with probability q (its
+    fp32 result's place between its two bfloat16 neighbours), so two independent streams
+    agree with probability q^2 + (1 - q)^2, not 1. Before, both drew the stream of seed 0
+    (the group's index) and agreed everywhere."""
+    n = 1 << 16
+    gen = torch.Generator().manual_seed(3)
+    data = (torch.rand(n, generator=gen) + 1).to(torch.bfloat16)  # in [1, 2): gaps 2^-7
+    grad = torch.randn(n, generator=gen).to(torch.bfloat16)
+    results = []
+    torch.manual_seed(0)
+    for _ in range(2):
+        p = data.clone().requires_grad_()
+        opt = adamx.Adam([p], lr=1e-3, stochastic_rounding=True)  # steps of ~lr << gap
+        p.grad = grad.clone()
+        opt.step()
+        results.append(p.detach().clone())
+    ref = data.float().clone().requires_grad_()
+    ref_opt = adamx.Adam([ref], lr=1e-3)
+    ref.grad = grad.float()
+    ref_opt.step()
+    bits = ref.detach().view(torch.int32)  # positive: truncation rounds down
+    down = (bits & ~0xFFFF).view(torch.float32)
+    up = ((bits & ~0xFFFF) + 0x10000).view(torch.float32)
+    q = (ref.detach() - down) / (up - down)
+    for r in results:  # each is one of the two neighbours
+        assert ((r.float() == down) | (r.float() == up)).all()
+    expected = (q * q + (1 - q) * (1 - q)).mean().item()
+    agree = (results[0] == results[1]).float().mean().item()
+    assert expected < 0.9
+    assert agree == pytest.approx(expected, abs=0.02)
 
 
 def test_stochastic_rounding_of_special_values():
@@ -745,7 +817,9 @@ def test_compiled_step_equals_eager(option):
     and the seed, and the compiled step gives the eager step's bits."""
     eager_model = bf16_model().to(torch.bfloat16)
     compiled_model = copy.deepcopy(eager_model)
+    torch.manual_seed(0)  # a default seed is drawn (stochastic_rounding): the same one
     eager = adamx.Adam(eager_model.parameters(), lr=LR, **{option: True})
+    torch.manual_seed(0)
     compiled = adamx.Adam(compiled_model.parameters(), lr=LR, **{option: True})
     step = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")
     for k in range(3):
