@@ -40,7 +40,7 @@ __all__ = ["STATE_DTYPES", "COMPACT_MIN_NUMEL", "MOMENTS", "CODES", "Spec", "sta
 # compact moments: smaller ones keep float32 state (as bitsandbytes' 8-bit optimizers keep
 # params under 4096 elements), where the savings are small and the precision is worth more.
 STATE_DTYPES = ("float32", "bfloat16", "int8")
-COMPACT_MIN_NUMEL = 4096
+COMPACT_MIN_NUMEL = 4096  # = adamx._C.COMPACT_MIN_NUMEL, the C++ fast path's (tested)
 _STATE_DTYPE_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                         torch.int8: "int8", torch.uint8: "int8"}
 _REDUCED = (torch.float16, torch.bfloat16)

@@ -23,7 +23,7 @@
 // The formula follows torch's Adam operation for operation, but for one thing: the bias
 // correction of v multiplies by a reciprocal computed once per step instead of dividing
 // each element (a division is the costliest operation here, and the CPU kernel is
-// division-bound on cache-resident tensors; see benchmarks/RESULTS.md). It changes the
+// division-bound on cache-resident tensors; see benchmarks/HISTORY.md). It changes the
 // result by at most a rounding.
 //   g    = g / grad_scale                 (unscale_grad; g is stored back)
 //   g    = maximize ? -g : g

@@ -507,3 +507,43 @@ def test_compiled_step_is_the_eager_step(config):
     torch._dynamo.reset()
     torch.compile(step, backend="aot_eager", fullgraph=True)(compiled)
     _assert_same(compiled, eager)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_lean_groups_take_the_fast_path_with_the_python_steps_bits(config):
+    """Once their state exists, lean groups step through the C++ fast path (no Python step
+    after the first), with the bits of the Python step: compact and small params (which
+    keep float32 moments) in one group, a channels_last weight, two groups."""
+    kind, dtype, master, sr = config
+    runs = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        weight = torch.randn(16, 8, 8, 8).to(dtype).to(memory_format=torch.channels_last)
+        params = [weight, torch.randn(70, 70).to(dtype), torch.randn(64).to(dtype),
+                  torch.randn(5000).to(dtype)]
+        params = [p.requires_grad_() for p in params]
+        opt = adamx.AdamW([{"params": params[:3]}, {"params": params[3:], "lr": 0.01}],
+                          lr=0.03, state_dtype=kind, master_weights=master,
+                          stochastic_rounding=sr, seed=11)
+        python_steps = []
+        step_lists = opt._step_lists
+        opt._step_lists = lambda *a: (python_steps.append(1), step_lists(*a))
+        if not fast:
+            opt._step_fast = lambda *a: False
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        runs.append((params, opt, len(python_steps)))
+    (params, opt, python_steps), (ref_params, ref_opt, _) = runs
+    assert python_steps == 1  # the first, which made the state
+    assert any("code_scales" in s for s in opt.state.values()) == (kind == "int8")
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def test_compact_threshold_is_the_fast_paths():
+    assert adamx._ops._C.COMPACT_MIN_NUMEL == adamx.COMPACT_MIN_NUMEL

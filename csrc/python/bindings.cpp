@@ -37,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GradScaler's grad_scale and found_inf. Returns the number of params stepped, or "
         "NOT_HANDLED.");
   m.attr("NOT_HANDLED") = adamx::kNotHandled;
+  m.attr("COMPACT_MIN_NUMEL") = adamx::kCompactMinNumel;
   m.attr("GROUP_KEYS") = adamx::group_keys();
   std::vector<std::string> switches;
 #define ADAMX_SWITCH_NAME(name) switches.push_back(#name);

@@ -3,10 +3,11 @@
 // and calls adamx::adam_ through the dispatcher. It saves building six Python lists and
 // parsing them against the op's schema at every step, which for a small model costs
 // more than the kernel itself. The op does all the checking of its arguments. The state
-// contract (adamx/_state.py) is the Python step's: this path takes only groups of torch's
-// layout (state_dtype "float32") whose state visibly fits it (every key present, the
-// param's dtype, shape and strides) and declines everything else (NOT_HANDLED, having
-// written nothing), as it does tensor subclasses (DTensor), complex and meta params.
+// contract (adamx/_state.py) is the Python step's: this path takes only groups whose every
+// param's state already is what the contract asks (exactly its keys, the moments' storage
+// for the group's state_dtype, the param's dtype, shape and strides) and declines
+// everything else (NOT_HANDLED, having written nothing), as it does tensor subclasses
+// (DTensor), complex and meta params; the Python step then makes, converts or refuses.
 #include "step_group.h"
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -37,7 +38,9 @@ struct Keys {
   Key lr{"lr"}, betas{"betas"}, weight_decay{"weight_decay"}, eps{"eps"}, params{"params"},
       master_weights{"master_weights"}, seed{"seed"}, exp_avg{"exp_avg"},
       exp_avg_sq{"exp_avg_sq"}, max_exp_avg_sq{"max_exp_avg_sq"}, step{"step"},
-      master_param{"master_param"}, state_dtype{"state_dtype"}, float32{"float32"};
+      master_param{"master_param"}, state_dtype{"state_dtype"}, float32{"float32"},
+      bfloat16{"bfloat16"}, int8{"int8"}, exp_avg_codes{"exp_avg_codes"},
+      exp_avg_sq_codes{"exp_avg_sq_codes"}, code_scales{"code_scales"};
   struct {
 #define ADAMX_SWITCH_KEY_FIELD(name) Key name{#name};
     ADAMX_SWITCHES(ADAMX_SWITCH_KEY_FIELD)
@@ -108,8 +111,26 @@ namespace {
 // The op's tensor lists for one call.
 struct CallLists {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-      master_params;
+      master_params, code_scales;  // code_scales: one per param (empty: no codes), or none
+  bool any_codes = false;
 };
+
+// A group's state_dtype, as adamx/_state.py names them (anything else: the Python step,
+// which refuses or canonicalises it).
+enum class StateDtype { kFloat32, kBFloat16, kInt8, kOther };
+
+StateDtype read_state_dtype(PyObject* group, const Keys& key) {
+  PyObject* value = PyDict_GetItem(group, key.state_dtype.object);  // borrowed
+  if (!value) return StateDtype::kFloat32;
+  for (auto [name, kind] : {std::pair{&key.float32, StateDtype::kFloat32},
+                            std::pair{&key.bfloat16, StateDtype::kBFloat16},
+                            std::pair{&key.int8, StateDtype::kInt8}}) {
+    const int same = PyObject_RichCompareBool(value, name->object, Py_EQ);
+    if (same < 0) PyErr_Clear();
+    if (same == 1) return kind;
+  }
+  return StateDtype::kOther;
+}
 
 bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -130,11 +151,13 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   // With master weights, float16/bfloat16 params go in a call of their own, with their
   // master copies; the others step as usual.
   const bool master_weights = group_flag(group, key.master_weights);
-  // Compact moments (state_dtype other than float32) take the Python step, which picks
-  // each param's storage and makes or converts its state.
-  PyObject* state_dtype = PyDict_GetItem(group, key.state_dtype.object);  // borrowed
-  if (state_dtype && PyObject_RichCompareBool(state_dtype, key.float32.object, Py_EQ) != 1)
-    return kNotHandled;
+  // Compact moments (state_dtype "bfloat16" or "int8") step here when every param's state
+  // already is what adamx/_state.py's spec() asks of it (the rule mirrored below); making
+  // or converting state, and amsgrad with them (refused), are the Python step's.
+  const StateDtype state_dtype = read_state_dtype(group, key);
+  if (state_dtype == StateDtype::kOther) return kNotHandled;
+  const bool compact_group = state_dtype != StateDtype::kFloat32;
+  if (compact_group && switches.amsgrad) return kNotHandled;
 
   CallLists calls[2];  // [0]: without master copies, [1]: with
   std::vector<PyObject*> seen;  // the params with grads, to find one listed twice
@@ -157,10 +180,6 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     if (p.is_complex() || p.is_meta()) return kNotHandled;
     PyObject* p_state = PyDict_GetItem(state, obj);  // no __missing__: nothing is created
     if (!p_state || !PyDict_Check(p_state) || PyDict_Size(p_state) == 0) return kNotHandled;
-    auto exp_avg = state_tensor(p_state, key.exp_avg);
-    auto exp_avg_sq = state_tensor(p_state, key.exp_avg_sq);
-    auto step = state_tensor(p_state, key.step);
-    if (!exp_avg || !exp_avg_sq || !step) return kNotHandled;
     // Master weights switched on (no master copy yet) or off (one left): the Python step
     // converts the state.
     // (Only float16/bfloat16 params have master copies.)
@@ -168,14 +187,40 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     const bool master = master_weights && reduced;
     auto master_param = reduced ? state_tensor(p_state, key.master_param) : std::nullopt;
     if (master != master_param.has_value()) return kNotHandled;
-    // Moments stored otherwise than float32 groups keep them (compact ones, after the
-    // group's state_dtype changed): the Python step converts them.
-    if (exp_avg->scalar_type() != (master ? at::kFloat : p.scalar_type())) return kNotHandled;
+    // How the moments are stored (adamx/_state.py's spec): compact in a compact group for
+    // float32/bfloat16 params of at least kCompactMinNumel elements (8-bit ones dense),
+    // else in torch's layout (the param's dtype, float32 beside a master copy).
+    StateDtype moments = StateDtype::kFloat32;
+    if (compact_group && p.numel() >= kCompactMinNumel &&
+        (p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16) &&
+        (state_dtype != StateDtype::kInt8 || p.is_non_overlapping_and_dense())) {
+      moments = state_dtype;
+      // bfloat16 moments for bfloat16 params need master copies: the Python step refuses.
+      if (moments == StateDtype::kBFloat16 && p.scalar_type() == at::kBFloat16 && !master)
+        return kNotHandled;
+    }
+    const bool codes = moments == StateDtype::kInt8;
+    auto exp_avg = state_tensor(p_state, codes ? key.exp_avg_codes : key.exp_avg);
+    auto exp_avg_sq = state_tensor(p_state, codes ? key.exp_avg_sq_codes : key.exp_avg_sq);
+    auto step = state_tensor(p_state, key.step);
+    auto code_scale = codes ? state_tensor(p_state, key.code_scales) : std::nullopt;
+    if (!exp_avg || !exp_avg_sq || !step || codes != code_scale.has_value()) return kNotHandled;
+    // Moments stored otherwise than the group asks (after its state_dtype changed): the
+    // Python step converts them.
+    const at::ScalarType moment_dtype = codes ? at::kByte
+        : moments == StateDtype::kBFloat16 ? at::kBFloat16
+        : master ? at::kFloat : p.scalar_type();
+    if (exp_avg->scalar_type() != moment_dtype || exp_avg_sq->scalar_type() != moment_dtype)
+      return kNotHandled;
+    if (codes && !(code_scale->scalar_type() == at::kFloat && code_scale->dim() == 2 &&
+                   code_scale->size(0) == 2 && code_scale->size(1) == code_blocks(p.numel())))
+      return kNotHandled;
     // Exactly the keys this kind of state has (a `max_exp_avg_sq` left from amsgrad may
     // stay): anything else, such as 8-bit codes beside float moments in a hand-edited
     // state, goes to the Python step, which checks it against the state contract.
     const bool stale_max = !switches.amsgrad && PyDict_GetItem(p_state, key.max_exp_avg_sq.object);
-    if (PyDict_Size(p_state) != 3 + master + switches.amsgrad + stale_max) return kNotHandled;
+    if (PyDict_Size(p_state) != 3 + codes + master + switches.amsgrad + stale_max)
+      return kNotHandled;
     // State that is not shaped and laid out as its param (a checkpoint's, a param moved
     // to another memory format): the Python step checks it against the state contract,
     // refusing or re-laying it (adamx/_state.py). A param that is not dense has dense
@@ -197,6 +242,8 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     call.exp_avgs.push_back(*exp_avg);
     call.exp_avg_sqs.push_back(*exp_avg_sq);
     call.steps.push_back(*step);
+    call.code_scales.push_back(codes ? *code_scale : at::Tensor());
+    call.any_codes = call.any_codes || codes;
   }
   if (seen.empty()) return 0;
   std::sort(seen.begin(), seen.end());
@@ -218,7 +265,9 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   }
   const double weight_decay = as_number(group_item(group, key.weight_decay), key.weight_decay.name);
   const double eps = as_number(group_item(group, key.eps), key.eps.name);
-  const int64_t seed = switches.stochastic_rounding ? as_seed(group_item(group, key.seed)) : 0;
+  // (compact moments are rounded stochastically too)
+  const int64_t seed = switches.stochastic_rounding || compact_group
+                           ? as_seed(group_item(group, key.seed)) : 0;
 
   static const auto adam = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
@@ -228,14 +277,22 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                                 .typed<AdamOpSignature>();
   {
     py::gil_scoped_release no_gil;
-    auto run = [&](const auto& op, const CallLists& c, bool master) {
+    auto run = [&](const auto& op, CallLists& c, bool master) {
       if (c.params.empty()) return;
+      // The op's code_scales: none when no param has 8-bit moments, else one per param
+      // (an empty tensor where a param has none), as adamx/optimizer.py's _code_scales.
+      std::optional<at::TensorList> scales;
+      if (c.any_codes) {
+        for (at::Tensor& t : c.code_scales)
+          if (!t.defined()) t = at::empty({0}, c.params[0].options().dtype(at::kFloat));
+        scales = c.code_scales;
+      }
 #define ADAMX_SWITCH_ARG(name) , switches.name
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, lr,
               lr_tensor, beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
               grad_scale, found_inf,
               master ? std::optional<at::TensorList>(c.master_params) : std::nullopt,
-              std::nullopt, seed);
+              scales, seed);
 #undef ADAMX_SWITCH_ARG
     };
     // Two calls: both checked before either writes.

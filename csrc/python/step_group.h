@@ -13,6 +13,11 @@ namespace adamx {
 // no (complete) state yet, or is listed twice. Nothing was checked or written.
 constexpr int64_t kNotHandled = -1;
 
+// The fewest elements a param has for its moments to be stored compactly (state_dtype
+// "bfloat16" or "int8"); smaller ones keep torch's layout. Exported as
+// adamx._C.COMPACT_MIN_NUMEL, which adamx/_state.py's spec() reads.
+constexpr int64_t kCompactMinNumel = 4096;
+
 // The param-group keys step_group reads, besides "params": torch's hyper-parameters,
 // then one per switch. Exported as adamx._C.GROUP_KEYS, which the Python step reads.
 pybind11::tuple group_keys();
