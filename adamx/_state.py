@@ -225,7 +225,7 @@ def check_state(p, state, where):
     first, second = state[keys[0]], state[keys[1]]
     if first.dtype != second.dtype:
         raise ValueError(f"adamx: the state of {where} has {keys[0]} in {first.dtype} but "
-                         f"{keys[1]} in {second.dtype}")
+                         f"{keys[1]} in {second.dtype}: both moments must have one dtype")
     if codes:
         if first.dtype != torch.uint8:
             raise ValueError(f"adamx: the state of {where} holds 8-bit codes in "

@@ -523,9 +523,10 @@ def summary_notes(records, args):
         notes.append("adamx-master: float32 master copy and moments beside the param; "
                      "adamx-stochastic: bfloat16 params rounded stochastically")
     if peers & set(LEAN_PEERS):
-        notes.append("adamx-bf16-state / adamx-int8-state (lean moments) take a Python step "
-                     "path for now (~2 us per tensor) plus per-block work, so they are "
-                     "several times slower than float32 state on tensors under ~1e5 elements")
+        notes.append("adamx-bf16-state / adamx-int8-state (lean moments): their codec's "
+                     "work per element and (8-bit) per block of 256 make them slower than "
+                     "float32 state on cache-resident tensors; below 4096 elements a param "
+                     "keeps float32 moments")
     if any(p.endswith("+graph") for p in peers):
         notes.append("+graph rows: capturable=True, one captured CUDA graph replayed per "
                      "step; their ratio is to torch-fused+graph")

@@ -41,9 +41,11 @@ pytestmark = needs_build
 STEPS = 6
 EVENT_AT = 3  # the event happens after this many steps
 # Where moments are stored in fewer bits, or params rounded stochastically, the run drifts
-# from the float32 one: measured after 6 steps of lr=LR on these grads, at most 0.44 LR
-# (8-bit moments), 0.11 LR (stochastic rounding), 0.03 LR (bfloat16 moments).
+# from the float32 one: measured after 6 steps of lr=LR on these grads, at most 0.44 and
+# 0.57 LR with two seeds (8-bit moments), 0.11 LR (stochastic rounding), 0.03 LR (bfloat16
+# moments). The 8-bit bound is a step's worth (a random walk of the moments' rounding).
 LEAN_TOL = dict(rtol=0, atol=0.5 * LR)
+INT8_TOL = dict(rtol=0, atol=1.0 * LR)
 
 
 class Kind:
@@ -255,7 +257,8 @@ EVENTS = {
 EXPECT = {}
 for _name, _kind in KINDS.items():
     EXPECT[_name, "fresh"] = ("twin", None) if _kind.master else (
-        "outside", LEAN_TOL if _kind.lean else None if _kind.dtype == torch.bfloat16
+        "outside", (INT8_TOL if _kind.options.get("state_dtype") == "int8" else LEAN_TOL)
+        if _kind.lean else None if _kind.dtype == torch.bfloat16
         else TOL[_kind.dtype])
     EXPECT[_name, "edit_in_place"] = EXPECT[_name, "fresh"]
     # torch.optim.Adam goes on from what it can load: its own numbers (conftest.TOL) for
