@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>  // (torch 2.11's headers above do not declare at::empty)
 
 #include <algorithm>
 #include <optional>
