@@ -21,6 +21,11 @@ power-of-two scales), a non-finite norm is GradScaler's found-inf flag, and the
 scaler's record of this optimizer is marked unscaled with that flag, so ``scaler.step``
 neither unscales nor checks the grads again: it hands the step the scale divided by the
 clip factor, and ``scaler.update`` backs off on the flag as usual.
+
+The step writes the grads it scaled back to ``.grad`` (clipped, unscaled), as torch's
+loop leaves them, unless ``keep_grads=True``: then ``.grad`` keeps what backward left, and
+the step saves a write of every grad (with the norm's read, 32 bytes per float32 element
+instead of 36; torch's loop moves 40, or 48 with GradScaler's unscale).
 """
 
 import torch
@@ -50,7 +55,7 @@ def _nonfinite_error(norm_type):
 
 
 def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False,
-                    foreach=None, grad_scaler=None):
+                    foreach=None, grad_scaler=None, keep_grads=False):
     """See ``adamx.Adam.clip_grad_norm_``."""
     params = _params_with_grads(optimizer)
     max_norm, norm_type = float(max_norm), float(norm_type)
@@ -112,6 +117,7 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
             optimizer.grad_scale = scale.to(divisor.device) * divisor
         else:
             optimizer._clip_divisor = divisor
+        optimizer._keep_grads = bool(keep_grads)
     if mesh is not None:
         from torch.distributed.tensor import DTensor, Replicate
         norm = DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)

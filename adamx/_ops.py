@@ -88,7 +88,7 @@ def adam_arguments(mutable: bool) -> str:
             f"float beta1, float beta2, float weight_decay, float eps{switches}, "
             f"Tensor? grad_scale=None, Tensor? found_inf=None, "
             f"Tensor{mark('g')}[]? master_params=None, "
-            f"Tensor{mark('h')}[]? code_scales=None, int seed=0")
+            f"Tensor{mark('h')}[]? code_scales=None, int seed=0, bool keep_grads=False")
 
 
 def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
@@ -124,7 +124,8 @@ if _C is not None:
     # state_steps[i] by one, then updates params, exp_avgs, exp_avg_sqs (and
     # max_exp_avg_sqs when amsgrad). lr_tensor, when given, replaces lr. grad_scale and
     # found_inf are GradScaler's, as torch._fused_adam_ takes them: the grads are divided by
-    # grad_scale and the quotient written back to them; a non-zero found_inf leaves every
+    # grad_scale and the quotient written back to them (keep_grads: not written back, the
+    # grads are left as they were, a write of each saved); a non-zero found_inf leaves every
     # tensor, step counts included, unchanged. master_params (fp32 copies of float16 /
     # bfloat16 params, whose state is then fp32) are updated, and each param set to its
     # master's rounding. Compact moments: bfloat16 exp_avgs/exp_avg_sqs beside float32

@@ -63,6 +63,7 @@ def adam(
     master_params: Optional[List[Tensor]] = None,
     code_scales: Optional[List[Tensor]] = None,
     seed: int = 0,
+    keep_grads: bool = False,
     **switches: bool,
 ) -> None:
     """One fused Adam step, in place.
@@ -83,8 +84,9 @@ def adam(
     ``grad_scale`` and ``found_inf`` (one-element float tensors, on the CPU or the params'
     device) are ``torch.amp.GradScaler``'s, as torch's fused Adam takes them: the grads are
     divided by ``grad_scale`` (before ``maximize`` and weight decay) and the quotient is
-    written back to them; a non-zero ``found_inf`` makes the step write nothing, step
-    counts included.
+    written back to them (``keep_grads=True``: not written back, the grads are left as
+    they were, which saves a write of each); a non-zero ``found_inf`` makes the step write
+    nothing, step counts included.
 
     ``master_params``: fp32 master copies of float16/bfloat16 ``params`` (one each); their
     state (``exp_avgs``, ...) is then float32 too. The update runs on the master copy, and
@@ -105,4 +107,4 @@ def adam(
                           max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs,
                           grad_scale=grad_scale, found_inf=found_inf,
                           master_params=master_params, code_scales=code_scales,
-                          seed=_seed(seed))
+                          seed=_seed(seed), keep_grads=bool(keep_grads))

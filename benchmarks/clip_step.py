@@ -3,10 +3,11 @@
 torch:  [scaler.unscale_(opt)]; torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True);
         step of torch.optim.Adam(fused=True) (through scaler.step with GradScaler)
 adamx:  opt.clip_grad_norm_(1.0[, grad_scaler=scaler]); opt.step() (or scaler.step)
+adamx keep_grads: the same with clip_grad_norm_(..., keep_grads=True) (no grad write-back)
 
 Bytes per element the loop must move (float32): torch 4 (norm) + 8 (clip) + 28 (step) = 40,
 plus 8 for GradScaler's unscale = 48; adamx 4 (norm) + 28 (step) + 4 (the clipped grad
-written back by the step) = 36 with or without GradScaler. Each loop is timed from the grads
+written back by the step) = 36 with or without GradScaler, 32 with keep_grads. Each loop is timed from the grads
 as backward leaves them (copied in before each timed call, outside the timing), median of
 --repeats after --warmup.
 
@@ -29,6 +30,7 @@ def loops(params, grads, scaler):
     """(name, optimizer, one clipped step) for torch's loop and adamx's."""
     torch_opt = torch.optim.Adam(params["torch"], lr=1e-3, fused=True)
     mine = adamx.Adam(params["adamx"], lr=1e-3)
+    kept = adamx.Adam(params["adamx keep_grads"], lr=1e-3)
 
     def torch_loop():
         if scaler["torch"] is not None:
@@ -40,15 +42,19 @@ def loops(params, grads, scaler):
         else:
             torch_opt.step()
 
-    def adamx_loop():
-        mine.clip_grad_norm_(1.0, grad_scaler=scaler["adamx"])
-        if scaler["adamx"] is not None:
-            scaler["adamx"].step(mine)
-            scaler["adamx"].update()
-        else:
-            mine.step()
+    def adamx_loop(opt, key, keep_grads):
+        def loop():
+            opt.clip_grad_norm_(1.0, grad_scaler=scaler[key], keep_grads=keep_grads)
+            if scaler[key] is not None:
+                scaler[key].step(opt)
+                scaler[key].update()
+            else:
+                opt.step()
+        return loop
 
-    return [("torch clip + fused", "torch", torch_loop), ("adamx", "adamx", adamx_loop)]
+    return [("torch clip + fused", "torch", torch_loop),
+            ("adamx", "adamx", adamx_loop(mine, "adamx", False)),
+            ("adamx keep_grads", "adamx keep_grads", adamx_loop(kept, "adamx keep_grads", True))]
 
 
 def main(argv=None):
@@ -71,9 +77,10 @@ def main(argv=None):
           f"{torch.__version__}; median of {args.repeats}")
     for with_scaler in (False, True):
         scale = 2.0 ** 10 if with_scaler else 1.0
-        params = {k: [p0.clone().requires_grad_()] for k in ("torch", "adamx")}
+        keys = ("torch", "adamx", "adamx keep_grads")
+        params = {k: [p0.clone().requires_grad_()] for k in keys}
         scaler = {k: (torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2**30)
-                      if with_scaler else None) for k in ("torch", "adamx")}
+                      if with_scaler else None) for k in keys}
         times = {}
         for name, key, fn in loops(params, grad, scaler):
             p = params[key][0]

@@ -25,7 +25,7 @@
 // each element (a division is the costliest operation here, and the CPU kernel is
 // division-bound on cache-resident tensors; see benchmarks/HISTORY.md). It changes the
 // result by at most a rounding.
-//   g    = g / grad_scale                 (unscale_grad; g is stored back)
+//   g    = g / grad_scale                 (unscale_grad; g is stored back unless keep_grads)
 //   g    = maximize ? -g : g
 //   g   += wd * p                         (Adam's L2 penalty, wd != 0)
 //   p   *= 1 - lr * wd                    (AdamW's decoupled decay, wd != 0)
@@ -254,6 +254,10 @@ struct Hyper {
   double lr, beta1, beta2, eps, weight_decay;
   double grad_scale;
   int64_t seed;
+  // With unscale_grad: leave the grads as they are (the step still divides each by
+  // grad_scale as it reads it, but does not store the quotient back), a write of every
+  // grad saved. The op's keep_grads; runtime, not a switch (no kernel of its own).
+  bool keep_grads = false;
 };
 
 // Counter-based random bits for stochastic rounding: a hash of (seed, tensor, step,
@@ -488,13 +492,14 @@ struct StepScalars {
   T grad_scale;      // the divisor of the grad (unscale_grad)
   bool lerp_from_grad;
   bool has_weight_decay;
+  bool store_grad;   // unscale_grad: the quotient is stored back (not Hyper::keep_grads)
 
   // Broadcast to another compute type (e.g. a SIMD vector of T).
   template <class U>
   ADAMX_HD StepScalars<U> as() const {
     return {U(lerp_coeff), U(beta2), U(one_minus_beta2), U(neg_step_size), U(inv_bc2_term),
             U(eps), U(weight_decay), U(decay_factor), U(grad_scale), lerp_from_grad,
-            has_weight_decay};
+            has_weight_decay, store_grad};
   }
 };
 
@@ -519,6 +524,7 @@ ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h
   s.decay_factor = 1.0 - lr * h.weight_decay;
   s.grad_scale = h.grad_scale;
   s.has_weight_decay = h.weight_decay != 0;
+  s.store_grad = on.unscale_grad && !h.keep_grads;
   return s;
 }
 
@@ -575,7 +581,7 @@ ADAMX_HD float master_to_update(float master, P param) {
 
 // One Adam update of one element (or one SIMD vector of elements), in place.
 // `vmax` is only read or written when Var::amsgrad; `grad` only written when
-// Var::unscale_grad (the caller then stores it back).
+// Var::unscale_grad (the caller then stores it back if s.store_grad).
 template <class Var, class T>
 ADAMX_HD void adam_update(T& p, T& grad, T& m, T& v, T& vmax, const StepScalars<T>& s) {
   using M = MathOps<T>;

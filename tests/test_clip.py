@@ -202,3 +202,46 @@ def test_float16_grads_with_grad_scaler_do_not_overflow_the_norm():
     assert scaler.get_scale() == 2.0 ** 10  # no overflow found
     assert int(opt.state[p]["step"]) == 1 and not torch.equal(p.detach(), torch.ones_like(p))
     assert norm.dtype == torch.float32 and norm.item() == torch.linalg.vector_norm(g).item()
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+@pytest.mark.parametrize("dtype,options", [
+    (torch.float32, {}),
+    (torch.bfloat16, dict(master_weights=True)),
+    (torch.float32, dict(state_dtype="int8")),
+    (torch.float32, dict(two_groups=True)),
+], ids=["float32", "bf16-master", "int8-moments", "two-groups"])
+def test_keep_grads_steps_alike_and_leaves_the_grads(dtype, options, scaled):
+    """clip_grad_norm_(keep_grads=True): the same clipped step, bit for bit, without the
+    write of the grads: .grad keeps what backward left (scaled, with a GradScaler)."""
+    options = dict(options)
+    two_groups = options.pop("two_groups", False)
+    sizes = [(70, 70), (64,)]  # 4900 elements: compact with state_dtype
+    p0 = make_tensors(sizes, dtype, seed=720)
+    runs = []
+    for keep in (False, True):
+        params = [p.clone().requires_grad_() for p in p0]
+        groups = [{"params": [p]} for p in params] if two_groups else params
+        torch.manual_seed(0)  # the same drawn seed (state_dtype: random bits)
+        runs.append((params, adamx.Adam(groups, lr=0.01, **options),
+                     _scaler() if scaled else None, keep))
+    for grads in make_grad_seq(sizes, dtype, 3, seed=721, scale=2.0):
+        after = []
+        for params, opt, scaler, keep in runs:
+            _set_grads(params, grads, GRAD_SCALE if scaled else 1.0)
+            backward = [p.grad.clone() for p in params]
+            opt.clip_grad_norm_(1.0, grad_scaler=scaler, keep_grads=keep)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            assert not getattr(opt, "_keep_grads", False)  # for one step only
+            after.append([p.grad for p in params])
+            if keep:
+                for g, b in zip(after[-1], backward):
+                    assert torch.equal(g, b), "keep_grads: a grad was written"
+        for g_written, g_kept in zip(*after):
+            assert not torch.equal(g_written, g_kept)  # the clipped (unscaled) grads
+        for a, b in zip(runs[0][0], runs[1][0]):
+            assert torch.equal(a, b), "keep_grads changed the step"

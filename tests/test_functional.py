@@ -134,9 +134,10 @@ def test_op_is_registered_with_its_schema():
                      "state_steps", "lr", "lr_tensor", "beta1", "beta2", "weight_decay",
                      "eps", "amsgrad", "maximize", "decoupled_weight_decay",
                      "eps_inside_sqrt", "stochastic_rounding", "grad_scale", "found_inf",
-                     "master_params", "code_scales", "seed"]
+                     "master_params", "code_scales", "seed", "keep_grads"]
     mutated = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
-    # grads: unscaled in place when grad_scale is given (marked as torch._fused_adam_ does)
+    # grads: unscaled in place when grad_scale is given and keep_grads is not (marked as
+    # torch._fused_adam_ marks them)
     assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                        "state_steps", "master_params", "code_scales"}
     assert len(schema.returns) == 0

@@ -183,14 +183,20 @@ def test_every_isa_and_thread_count_agrees(config):
         torch.set_num_threads(before_threads)
 
 
+@pytest.mark.parametrize("keep_grads", [False, True])
+@pytest.mark.parametrize("runner", list(RUNNERS))
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_grad_scaler_unscales_in_the_same_pass(config):
+def test_grad_scaler_unscales_in_the_same_pass(config, runner, keep_grads):
+    """The grads divided by grad_scale as they are read, and written back unless
+    keep_grads (then left as they were)."""
     grad_scale = torch.tensor(1024.0)
     case = LeanCase(config, seed=11)
     for g in case.grads:
         g.mul_(1024)
     want = case.expected(seed=2, switches={}, grad_scale=grad_scale)
-    _run_cpu(case, 2, {}, grad_scale=grad_scale)
+    if keep_grads:
+        want.grads = [g.clone() for g in case.grads]
+    RUNNERS[runner](case, 2, dict(keep_grads=True) if keep_grads else {}, grad_scale=grad_scale)
     _assert_same(case, want)
 
 

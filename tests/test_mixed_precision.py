@@ -831,3 +831,41 @@ def test_compiled_step_equals_eager(option):
         assert same_bits(p.data, q.data)
         for key, value in eager.state[p].items():
             assert same_bits(value, compiled.state[q][key]), key
+
+
+# --------------------------------------------------------------------------------------
+# keep_grads: the unscaled grads are not written back
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("dtype,kind", [
+    (torch.float32, "plain"), (torch.float64, "plain"), (torch.float16, "plain"),
+    (torch.bfloat16, "plain"), (torch.float16, "master"), (torch.bfloat16, "master"),
+    (torch.bfloat16, "stochastic_rounding")], ids=str)
+@pytest.mark.parametrize("layout", ["dense", "transposed_grads"])
+def test_keep_grads_steps_as_the_written_back_step_and_leaves_grads(dtype, kind, layout,
+                                                                    backend):
+    """With a grad_scale, keep_grads=True gives the params and state of the step that
+    writes the unscaled grads back, bit for bit, and leaves every grad as it was (also
+    grads laid out unlike their params, which the step reads through temporaries)."""
+    step = STEPPERS[backend]
+    params = make_tensors(SHAPES, dtype, seed=11)
+    make = MasterState if kind == "master" else OpState
+    kept = make([p.clone() for p in params], False)
+    written = kept.clone()
+    hyper = op_hyper(weight_decay=0.1, stochastic_rounding=kind == "stochastic_rounding")
+    if kind == "master":
+        hyper["master_params"] = kept.master_params
+    scale = torch.tensor(1024.0)
+    for grads in make_grad_seq(SHAPES, dtype, 3, seed=12, scale=1024.0):
+        if layout == "transposed_grads":
+            grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
+        mine, theirs = [g.clone() for g in grads], [g.clone() for g in grads]  # (strides kept)
+        step(kept, mine, grad_scale=scale, keep_grads=True, **hyper)
+        other = dict(hyper, master_params=written.master_params) if kind == "master" else hyper
+        step(written, theirs, grad_scale=scale, **other)
+        for i, (a, b) in enumerate(zip(kept.tensors(), written.tensors())):
+            assert same_bits(a, b), f"tensor {i}"
+        for i, (g, g0, gw) in enumerate(zip(mine, grads, theirs)):
+            assert same_bits(g, g0), f"grad {i} was written"
+            if g.numel() > 0 and bool((g0 != 0).any()):
+                assert not same_bits(gw, g0), f"grad {i}: the written-back step wrote it"

@@ -204,7 +204,7 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   if (a.found_inf) check_scalar_tensor(*a.found_inf, "found_inf", device, context);
 
   if (!c10::InferenceMode::is_enabled()) {
-    const at::TensorList written_grads = a.switches.unscale_grad ? a.grads : at::TensorList();
+    const at::TensorList written_grads = grads_written(a) ? a.grads : at::TensorList();
     for (at::TensorList list : {a.params, written_grads, a.exp_avgs, a.exp_avg_sqs,
                                 a.max_exp_avg_sqs, a.master_params, a.code_scales,
                                 a.state_steps})
@@ -245,7 +245,7 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
                 "adamx: Adam does not support sparse gradients, please consider SparseAdam "
                 "instead (grads[", i, "] is sparse)");
     check_like_param(g, "grads", p, i, p.scalar_type());
-    if (a.switches.unscale_grad) check_no_self_overlap(g, "grads", i);
+    if (grads_written(a)) check_no_self_overlap(g, "grads", i);
     check_like_param(a.exp_avgs[i], "exp_avgs", p, i, state_dtype);
     check_like_param(a.exp_avg_sqs[i], "exp_avg_sqs", p, i, state_dtype);
     check_no_self_overlap(a.exp_avgs[i], "exp_avgs", i);
@@ -284,11 +284,12 @@ BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
   if (!args[next + 2].isNone()) master_params_ = args[next + 2].toTensorVector();
   if (!args[next + 3].isNone()) code_scales_ = args[next + 3].toTensorVector();
   const int64_t seed = args[next + 4].toInt();
+  const bool keep_grads = args[next + 5].toBool();
   switches.unscale_grad = grad_scale_.has_value();
   switches.master_weights = master_params_.has_value();
   args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
                    Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
-                         args[11].toDouble(), args[10].toDouble(), 1.0, seed},
+                         args[11].toDouble(), args[10].toDouble(), 1.0, seed, keep_grads},
                    or_null(lr_tensor_), switches, or_null(grad_scale_), or_null(found_inf_),
                    master_params_ ? at::TensorList(*master_params_) : at::TensorList(),
                    code_scales_ ? at::TensorList(*code_scales_) : at::TensorList()};

@@ -26,7 +26,8 @@ struct AdamArgs {
   // switches.unscale_grad: grad_scale is given; switches.master_weights: master_params are.
   Switches switches;
   // GradScaler's (null, or one-element tensors): the grads are divided by grad_scale and
-  // the quotient written back; a non-zero found_inf makes the step write nothing.
+  // the quotient written back (unless hyper.keep_grads); a non-zero found_inf makes the
+  // step write nothing.
   const at::Tensor* grad_scale;
   const at::Tensor* found_inf;
   // fp32 master copies of float16/bfloat16 params (empty unless master_weights): the
@@ -38,8 +39,13 @@ struct AdamArgs {
   at::TensorList code_scales;
 };
 
+// Whether the step writes the grads: it unscales them (a grad_scale) and does not keep them.
+inline bool grads_written(const AdamArgs& a) {
+  return a.switches.unscale_grad && !a.hyper.keep_grads;
+}
+
 // The tensor lists a step writes, in this order, with their names; a list this step does
-// not write (the grads unless a grad_scale has them unscaled in place, max_exp_avg_sqs
+// not write (the grads unless a grad_scale has them unscaled in place (grads_written), max_exp_avg_sqs
 // unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
 // temporaries and their copy-back read.
 enum WrittenList {
@@ -53,7 +59,7 @@ struct NamedList {
 inline std::array<NamedList, kNumWritten> written_lists(const AdamArgs& a) {
   const at::TensorList none;
   return {{{a.params, "params"},
-           {a.switches.unscale_grad ? a.grads : none, "grads"},
+           {grads_written(a) ? a.grads : none, "grads"},
            {a.exp_avgs, "exp_avgs"},
            {a.exp_avg_sqs, "exp_avg_sqs"},
            {a.switches.amsgrad ? a.max_exp_avg_sqs : none, "max_exp_avg_sqs"},
@@ -93,7 +99,7 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// code_scales, seed (as the schema), and the AdamArgs of a call. The operand switches are set
+// code_scales, seed, keep_grads (as the schema), and the AdamArgs of a call. The operand switches are set
 // by the operands given: unscale_grad by a grad_scale, master_weights by master_params.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
@@ -104,14 +110,15 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
       double weight_decay, double eps, ADAMX_SWITCHES(ADAMX_SWITCH_PARAM)                   \
       const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf, \
       const std::optional<at::TensorList>&master_params,                                  \
-      const std::optional<at::TensorList>&code_scales, int64_t seed
+      const std::optional<at::TensorList>&code_scales, int64_t seed, bool keep_grads
 
 inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
   Switches switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)};
   switches.unscale_grad = grad_scale.has_value();
   switches.master_weights = master_params.has_value();
   return AdamArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                  Hyper{lr, beta1, beta2, eps, weight_decay, 1.0, seed}, or_null(lr_tensor),
+                  Hyper{lr, beta1, beta2, eps, weight_decay, 1.0, seed, keep_grads},
+                  or_null(lr_tensor),
                   switches, or_null(grad_scale), or_null(found_inf),
                   master_params.value_or(at::TensorList()), code_scales.value_or(at::TensorList())};
 }
@@ -121,7 +128,7 @@ void adam_op(ADAMX_OP_PARAMS) {
   Backend(make_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                          lr, lr_tensor, beta1, beta2, weight_decay, eps,
                          ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,
-                         master_params, code_scales, seed));
+                         master_params, code_scales, seed, keep_grads));
 }
 #undef ADAMX_SWITCH_PARAM
 #undef ADAMX_SWITCH_VALUE
@@ -143,7 +150,7 @@ class BoxedAdamArgs {
   explicit BoxedAdamArgs(const c10::IValue* args);
   const AdamArgs& args() const { return args_; }
   // Number of stack entries the op's own arguments take.
-  static constexpr size_t kNumArgs = 17 + kNumSwitches;
+  static constexpr size_t kNumArgs = 18 + kNumSwitches;
 
  private:
   std::vector<at::Tensor> lists_[6];

@@ -70,7 +70,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
   const size_t n = a.params.size();
   const bool amsgrad = a.switches.amsgrad;
   const bool master = a.switches.master_weights;
-  const bool unscale = a.switches.unscale_grad;
+  const bool grads_out = grads_written(a);
   const auto written = written_lists(a);
   used_.resize(n);
   pointers_.resize(n);
@@ -93,7 +93,7 @@ StepOperands::StepOperands(const AdamArgs& a, InKernel in_kernel) : args_(a) {
         copied_.push_back(i);
         break;
       }
-    pointers_[i] = {param.data_ptr(),           grad_data(u[kGrads], unscale),
+    pointers_[i] = {param.data_ptr(),           grad_data(u[kGrads], grads_out),
                     u[kExpAvgs].data_ptr(),     u[kExpAvgSqs].data_ptr(),
                     data_or_null(u[kMaxExpAvgSqs]), data_or_null(u[kMasterParams]),
                     static_cast<float*>(data_or_null(u[kCodeScales])), param.numel()};

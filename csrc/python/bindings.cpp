@@ -32,9 +32,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("step_group", &adamx::step_group, pybind11::arg("group"), pybind11::arg("state"),
         pybind11::arg("check_only") = false, pybind11::arg("grad_scale") = pybind11::none(),
-        pybind11::arg("found_inf") = pybind11::none(),
+        pybind11::arg("found_inf") = pybind11::none(), pybind11::arg("keep_grads") = false,
         "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts, with "
-        "GradScaler's grad_scale and found_inf. Returns the number of params stepped, or "
+        "GradScaler's grad_scale and found_inf (keep_grads: the unscaled grads are not "
+        "written back). Returns the number of params stepped, or "
         "NOT_HANDLED.");
   m.attr("NOT_HANDLED") = adamx::kNotHandled;
   m.attr("COMPACT_MIN_NUMEL") = adamx::kCompactMinNumel;

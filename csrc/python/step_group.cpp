@@ -141,7 +141,7 @@ bool is_reduced_float(const at::Tensor& t) {
 
 int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, bool keep_grads) {
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
   const Keys& key = keys();
@@ -293,7 +293,7 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
               lr_tensor, beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
               grad_scale, found_inf,
               master ? std::optional<at::TensorList>(c.master_params) : std::nullopt,
-              scales, seed);
+              scales, seed, keep_grads);
 #undef ADAMX_SWITCH_ARG
     };
     // Two calls: both checked before either writes.

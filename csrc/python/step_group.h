@@ -24,9 +24,10 @@ pybind11::tuple group_keys();
 
 // Runs adamx::adam_ (or, with check_only, adamx::adam_check) on one param group of an
 // adamx.Adam: `group` is the group dict, `state` the optimizer's state dict, grad_scale and
-// found_inf GradScaler's (or none). Returns the number of params stepped, or kNotHandled.
+// found_inf GradScaler's (or none), keep_grads the op's (the grads are not written back).
+// Returns the number of params stepped, or kNotHandled.
 int64_t step_group(pybind11::dict group, pybind11::dict state, bool check_only,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf);
+                   const std::optional<at::Tensor>& found_inf, bool keep_grads);
 
 }  // namespace adamx

@@ -195,7 +195,8 @@ constexpr int kPartsOf = kReducedFloat<P> || std::is_same_v<S, StochasticBf16> ?
 
 // Loads the param (and its master copy) and grad of one iteration's elements, updates them
 // with the moments m, v (and x, amsgrad's max) given in lanes, and stores the param
-// (rounded to nearest or stochastically), its master copy and the unscaled grad. The
+// (rounded to nearest or stochastically), its master copy and the unscaled grad (unless
+// the step keeps the grads: s.store_grad). The
 // caller loads and stores the moments in their own storage.
 template <class Var, class P, bool kPartial, int kParts>
 inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
@@ -223,7 +224,9 @@ inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint
     store_lanes<P, kPartial>(p, b.param, i, count);
   }
   if constexpr (Var::master_weights) store_lanes<float, kPartial>(p, b.master_param, i, count);
-  if constexpr (Var::unscale_grad) store_lanes<P, kPartial>(g, b.grad, i, count);
+  if constexpr (Var::unscale_grad) {
+    if (s.store_grad) store_lanes<P, kPartial>(g, b.grad, i, count);
+  }
 }
 
 // One iteration's elements (`count` < kElems only at the end of a range, kPartial):

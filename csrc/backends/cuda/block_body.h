@@ -205,7 +205,7 @@ ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
   adam_update<Var>(pc, gc, mc, vc, xc, s);
   store_param<Var>(p, master, pc, keys.param, index);
-  if (Var::unscale_grad) g = static_cast<P>(gc);
+  if (Var::unscale_grad && s.store_grad) g = static_cast<P>(gc);
   if constexpr (kCompact<S>) {
     const uint32_t r = moment_bits(keys.moments, index);
     m = round_bf16_stochastic(mc, moment_random(r, 0));
@@ -267,7 +267,7 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
                               start + i + k);
       store_pack(p + i, pp);
       if (Var::master_weights) store_pack(w + i, wp);
-      if (Var::unscale_grad) store_pack(g + i, gp);
+      if (Var::unscale_grad && s.store_grad) store_pack(g + i, gp);
       store_pack(m + i, mp);
       store_pack(v + i, vp);
       if (Var::amsgrad) store_pack(x + i, xp);
@@ -392,7 +392,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
     C m = decode_code<true>(mp.v[k], ms), v = decode_code<false>(vp.v[k], vs), unused = 0;
     adam_update<Var>(pc, gc, m, v, unused, c.s);
     store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys.param, e0 + k);
-    if (Var::unscale_grad) gp.v[k] = static_cast<P>(gc);
+    if (Var::unscale_grad && c.s.store_grad) gp.v[k] = static_cast<P>(gc);
     r.m[k] = m;
     r.v[k] = v;
     r.m_max = absmax_of(r.m_max, m);
@@ -400,7 +400,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
   }
   if (vec) {
     store_pack(p, pp);
-    if (Var::unscale_grad) store_pack(g, gp);
+    if (Var::unscale_grad && c.s.store_grad) store_pack(g, gp);
     if (Var::master_weights) {
       for (int h = 0; h < kLaneElems; h += 4) {
         Pack<float, 4> part;
@@ -411,7 +411,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
   } else {
     for (int k = 0; k < n; ++k) {
       p[k] = pp.v[k];
-      if (Var::unscale_grad) g[k] = gp.v[k];
+      if (Var::unscale_grad && c.s.store_grad) g[k] = gp.v[k];
       if (Var::master_weights) w[k] = wp.v[k];
     }
   }
