@@ -7,9 +7,9 @@ adamx keep_grads: the same with clip_grad_norm_(..., keep_grads=True) (no grad w
 
 Bytes per element the loop must move (float32): torch 4 (norm) + 8 (clip) + 28 (step) = 40,
 plus 8 for GradScaler's unscale = 48; adamx 4 (norm) + 28 (step) + 4 (the clipped grad
-written back by the step) = 36 with or without GradScaler, 32 with keep_grads. Each loop is timed from the grads
-as backward leaves them (copied in before each timed call, outside the timing), median of
---repeats after --warmup.
+written back by the step) = 36 with or without GradScaler, 32 with keep_grads. Each loop
+is timed from the grads as backward leaves them (copied in before each timed call, outside
+the timing), median of --repeats after --warmup; the loops take turns step by step.
 
     python benchmarks/clip_step.py --elements 25e6 --threads 2
 """
@@ -81,19 +81,21 @@ def main(argv=None):
         params = {k: [p0.clone().requires_grad_()] for k in keys}
         scaler = {k: (torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2**30)
                       if with_scaler else None) for k in keys}
-        times = {}
-        for name, key, fn in loops(params, grad, scaler):
-            p = params[key][0]
+        runs = loops(params, grad, scaler)
+        for _, key, _ in runs:
             if scaler[key] is not None:
                 scaler[key].scale(torch.ones(()))
-            ts = []
-            for k in range(args.warmup + args.repeats):
-                p.grad = grad * scale
+        # The loops take turns, step by step, so that a drift of the machine's speed
+        # reaches them all alike.
+        ts = {name: [] for name, _, _ in runs}
+        for k in range(args.warmup + args.repeats):
+            for name, key, fn in runs:
+                params[key][0].grad = grad * scale
                 t0 = time.perf_counter()
                 fn()
                 if k >= args.warmup:
-                    ts.append(time.perf_counter() - t0)
-            times[name] = statistics.median(ts)
+                    ts[name].append(time.perf_counter() - t0)
+        times = {name: statistics.median(t) for name, t in ts.items()}
         ref = times["torch clip + fused"]
         for name, t in times.items():
             rec = dict(case="grad-scaler" if with_scaler else "plain", loop=name,

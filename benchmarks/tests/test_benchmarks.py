@@ -390,3 +390,16 @@ def test_step_bench_clip_quick(tmp_path, scaler):
     torch_bytes = 48 if scaler else 40
     assert per_elem == {"torch-forloop": torch_bytes, "torch-foreach": torch_bytes,
                         "torch-fused": torch_bytes, "adamx": 36}
+
+
+def test_clip_step_quick(tmp_path):
+    """clip_step.py: torch's loop, adamx's and adamx's with keep_grads, with and without
+    GradScaler, each with its ratio to torch's loop of the same case."""
+    run_script("clip_step.py", "--elements", "2e4", "--repeats", "2", "--warmup", "1",
+               "--out", str(tmp_path))
+    res = json.loads((tmp_path / "clip_step.json").read_text())
+    loops = {(r["case"], r["loop"]): r["ratio"] for r in res["records"]}
+    assert set(loops) == {(case, loop) for case in ("plain", "grad-scaler")
+                          for loop in ("torch clip + fused", "adamx", "adamx keep_grads")}
+    assert loops[("plain", "torch clip + fused")] == 1.0
+    assert loops[("grad-scaler", "torch clip + fused")] == 1.0

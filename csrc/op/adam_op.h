@@ -45,8 +45,7 @@ inline bool grads_written(const AdamArgs& a) {
 }
 
 // The tensor lists a step writes, in this order, with their names; a list this step does
-// not write (the grads unless a grad_scale has them unscaled in place (grads_written), max_exp_avg_sqs
-// unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
+// not write (the grads unless grads_written, max_exp_avg_sqs unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
 // temporaries and their copy-back read.
 enum WrittenList {
   kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kMasterParams, kCodeScales, kStateSteps,
@@ -99,8 +98,9 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// code_scales, seed, keep_grads (as the schema), and the AdamArgs of a call. The operand switches are set
-// by the operands given: unscale_grad by a grad_scale, master_weights by master_params.
+// code_scales, seed, keep_grads (as the schema), and the AdamArgs of a call. The operand
+// switches are set by the operands given: unscale_grad by a grad_scale, master_weights by
+// master_params.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
 #define ADAMX_OP_PARAMS                                                                    \
