@@ -790,7 +790,7 @@ def torch_checkpoint_into_reduced_precision(ctx):
 
 # -- the lifecycle table's sharded rows (tests/test_lifecycle.py) ------------------------
 
-SHARDED_EVENTS = ("fresh", "dcp", "broadcast", "edit_in_place")
+SHARDED_EVENTS = ("fresh", "dcp", "broadcast", "edit_in_place", "amsgrad_for_one_step")
 
 
 def shard_layers(model):
@@ -814,7 +814,8 @@ def fixed_grads(model, k):
 
 def sharded_event(ctx, life, kind_name, event, model, opt):
     """The event of a sharded row: a DCP save and load into another model and optimizer,
-    a whole checkpoint broadcast from rank 0 into them, or an edit in place."""
+    a whole checkpoint broadcast from rank 0 into them, or an edit in place. (amsgrad on
+    for one step is test_lifecycle's own event, run by lifecycle_row.)"""
     import torch.distributed.checkpoint as dcp
     dsd = _dsd()
     kind = life.KINDS[kind_name]
@@ -847,13 +848,16 @@ def lifecycle_row(ctx, kind_name, event):
     unsharded run of tests/test_lifecycle.py (compare_step)."""
     import test_lifecycle as life
     kind = life.KINDS[kind_name]
-    plain_event = {"edit_in_place": life.edit_in_place}.get(event)
+    plain_event = {"edit_in_place": life.edit_in_place,
+                   "amsgrad_for_one_step": life.amsgrad_for_one_step}.get(event)
     want = life.run(kind, plain_event)[0]
     model = shard_layers(life.model_of(kind))
     opt = life.optimizer_of(kind, model)
     m = Mismatches()
     for k in range(life.STEPS):
-        if k == life.EVENT_AT and event != "fresh":
+        if event == "amsgrad_for_one_step" and k >= life.EVENT_AT:
+            model, opt = life.amsgrad_for_one_step(kind, model, opt, k)
+        elif k == life.EVENT_AT and event != "fresh":
             model, opt = sharded_event(ctx, life, kind_name, event, model, opt)
         fixed_grads(model, k)
         opt.step()

@@ -398,7 +398,8 @@ def test_a_load_refuses_a_state_with_moments_stored_two_ways(state_dtype):
 # resumed on 1 rank. The 2-rank broadcast and DCP loads across kinds of state, and their
 # refusals, are tests/test_distributed.py's loads2 job.)
 
-SHARDED_KINDS = ("fp32", "bf16", "master_bf16", "sr_bf16")  # (compact moments: no DTensor)
+SHARDED_KINDS = ("fp32", "fp16", "bf16", "master_bf16", "master_fp16",
+                 "sr_bf16")  # (compact moments: no DTensor)
 
 
 @pytest.fixture(scope="module")
