@@ -256,8 +256,10 @@ struct Hyper {
   int64_t seed;
   // With unscale_grad: leave the grads as they are (the step still divides each by
   // grad_scale as it reads it, but does not store the quotient back), a write of every
-  // grad saved. The op's keep_grads; runtime, not a switch (no kernel of its own).
-  bool keep_grads = false;
+  // grad saved. The op's keep_grads; runtime, not a switch (no kernel of its own). (No
+  // default member initializer: Hyper stays trivial, as LaunchTable's memset needs; an
+  // aggregate initializer that leaves it out sets it false.)
+  bool keep_grads;
 };
 
 // Counter-based random bits for stochastic rounding: a hash of (seed, tensor, step,

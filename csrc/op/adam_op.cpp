@@ -271,30 +271,6 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   check_no_shared_memory(a);
 }
 
-BoxedAdamArgs::BoxedAdamArgs(const c10::IValue* args) {
-  for (int k = 0; k < 6; ++k) lists_[k] = args[k].toTensorVector();
-  lr_tensor_ = args[7].toOptional<at::Tensor>();
-  Switches switches;
-  size_t next = 12;
-#define ADAMX_SWITCH_FROM_STACK(name) switches.name = args[next++].toBool();
-  ADAMX_SWITCHES(ADAMX_SWITCH_FROM_STACK)
-#undef ADAMX_SWITCH_FROM_STACK
-  grad_scale_ = args[next].toOptional<at::Tensor>();
-  found_inf_ = args[next + 1].toOptional<at::Tensor>();
-  if (!args[next + 2].isNone()) master_params_ = args[next + 2].toTensorVector();
-  if (!args[next + 3].isNone()) code_scales_ = args[next + 3].toTensorVector();
-  const int64_t seed = args[next + 4].toInt();
-  const bool keep_grads = args[next + 5].toBool();
-  switches.unscale_grad = grad_scale_.has_value();
-  switches.master_weights = master_params_.has_value();
-  args_ = AdamArgs{lists_[0], lists_[1], lists_[2], lists_[3], lists_[4], lists_[5],
-                   Hyper{args[6].toDouble(), args[8].toDouble(), args[9].toDouble(),
-                         args[11].toDouble(), args[10].toDouble(), 1.0, seed, keep_grads},
-                   or_null(lr_tensor_), switches, or_null(grad_scale_), or_null(found_inf_),
-                   master_params_ ? at::TensorList(*master_params_) : at::TensorList(),
-                   code_scales_ ? at::TensorList(*code_scales_) : at::TensorList()};
-}
-
 namespace {
 
 // adam_check's kernel where no backend registers its own: the checks of the params'

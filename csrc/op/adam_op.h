@@ -98,9 +98,10 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// code_scales, seed, keep_grads (as the schema), and the AdamArgs of a call. The operand
-// switches are set by the operands given: unscale_grad by a grad_scale, master_weights by
-// master_params.
+// code_scales, seed, keep_grads (as the schema; ADAMX_OP_ARGS names them in that order), and
+// the AdamArgs of a call. The operand switches are set by the operands given: unscale_grad
+// by a grad_scale, master_weights by master_params. A test op whose schema extends adam_'s
+// (csrc/backends/cuda/emulate.cpp) declares ADAMX_OP_PARAMS, then its own.
 #define ADAMX_SWITCH_PARAM(name) bool name,
 #define ADAMX_SWITCH_VALUE(name) name,
 #define ADAMX_OP_PARAMS                                                                    \
@@ -111,6 +112,10 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
       const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf, \
       const std::optional<at::TensorList>&master_params,                                  \
       const std::optional<at::TensorList>&code_scales, int64_t seed, bool keep_grads
+#define ADAMX_OP_ARGS                                                                       \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor, beta1,  \
+      beta2, weight_decay, eps, ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,    \
+      master_params, code_scales, seed, keep_grads
 
 inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
   Switches switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)};
@@ -125,13 +130,8 @@ inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
 
 template <void (*Backend)(const AdamArgs&)>
 void adam_op(ADAMX_OP_PARAMS) {
-  Backend(make_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                         lr, lr_tensor, beta1, beta2, weight_decay, eps,
-                         ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,
-                         master_params, code_scales, seed, keep_grads));
+  Backend(make_adam_args(ADAMX_OP_ARGS));
 }
-#undef ADAMX_SWITCH_PARAM
-#undef ADAMX_SWITCH_VALUE
 
 using AdamOpSignature = decltype(adam_op<nullptr>);
 
@@ -142,21 +142,5 @@ void register_backend(torch::Library& m) {
   m.impl("adam_", &adam_op<Step>);
   m.impl("adam_check", &adam_op<Check>);
 }
-
-// The op's arguments read from a boxed call's stack (for test ops whose schema extends
-// adam_'s): owns the tensor lists that the AdamArgs it makes refers to.
-class BoxedAdamArgs {
- public:
-  explicit BoxedAdamArgs(const c10::IValue* args);
-  const AdamArgs& args() const { return args_; }
-  // Number of stack entries the op's own arguments take.
-  static constexpr size_t kNumArgs = 18 + kNumSwitches;
-
- private:
-  std::vector<at::Tensor> lists_[6];
-  std::optional<at::Tensor> lr_tensor_, grad_scale_, found_inf_;
-  std::optional<std::vector<at::Tensor>> master_params_, code_scales_;
-  AdamArgs args_;
-};
 
 }  // namespace adamx

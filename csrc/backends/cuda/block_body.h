@@ -172,11 +172,11 @@ ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
   using M = MomentStorage<S>;
   constexpr int W = kVecElems<Var, P, S>;
   const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
-  const TensorPointers& x = tab.tensors[tab.block_tensor[block]];
-  bool ok = aligned<P, W>(x.param, start) && aligned<P, W>(x.grad, start) &&
-            aligned<M, W>(x.exp_avg, start) && aligned<M, W>(x.exp_avg_sq, start);
-  if (Var::amsgrad) ok = ok && aligned<M, W>(x.max_exp_avg_sq, start);
-  if (Var::master_weights) ok = ok && aligned<float, W>(x.master_param, start);
+  const TensorPointers& tensor = tab.tensors[tab.block_tensor[block]];
+  bool ok = aligned<P, W>(tensor.param, start) && aligned<P, W>(tensor.grad, start) &&
+            aligned<M, W>(tensor.exp_avg, start) && aligned<M, W>(tensor.exp_avg_sq, start);
+  if (Var::amsgrad) ok = ok && aligned<M, W>(tensor.max_exp_avg_sq, start);
+  if (Var::master_weights) ok = ok && aligned<float, W>(tensor.master_param, start);
   return ok;
   }
 }
@@ -330,8 +330,8 @@ ADAMX_HD CodeChunk<P> code_chunk(const LaunchTable& tab, int block) {
 ADAMX_HD int64_t lane_start(int64_t q, int lane) {
   return q * kCodeBlock + int64_t(lane) * kLaneElems;
 }
-ADAMX_HD int lane_elems(const TensorPointers& x, int64_t e0) {
-  const int64_t left = x.numel - e0;
+ADAMX_HD int lane_elems(const TensorPointers& tensor, int64_t e0) {
+  const int64_t left = tensor.numel - e0;
   return left <= 0 ? 0 : left < kLaneElems ? int(left) : kLaneElems;
 }
 
@@ -340,23 +340,24 @@ ADAMX_HD int lane_elems(const TensorPointers& x, int64_t e0) {
 template <class Var, class P>
 ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeLane& r) {
   using C = ComputeType<P>;
-  const TensorPointers& x = *c.tensor;
+  const TensorPointers& tensor = *c.tensor;
   const int64_t e0 = lane_start(q, lane);
-  const int n = lane_elems(x, e0);
-  const float ms = x.code_scales[q], vs = x.code_scales[code_blocks(x.numel) + q];
-  P* p = static_cast<P*>(x.param) + e0;
-  P* g = static_cast<P*>(x.grad) + e0;
-  const uint8_t* mc = static_cast<const uint8_t*>(x.exp_avg) + e0;
-  const uint8_t* vc = static_cast<const uint8_t*>(x.exp_avg_sq) + e0;
-  float* w = Var::master_weights ? static_cast<float*>(x.master_param) + e0 : nullptr;
+  const int n = lane_elems(tensor, e0);
+  const float m_scale = tensor.code_scales[q];
+  const float v_scale = tensor.code_scales[code_blocks(tensor.numel) + q];
+  P* p = static_cast<P*>(tensor.param) + e0;
+  P* g = static_cast<P*>(tensor.grad) + e0;
+  const uint8_t* m_codes = static_cast<const uint8_t*>(tensor.exp_avg) + e0;
+  const uint8_t* v_codes = static_cast<const uint8_t*>(tensor.exp_avg_sq) + e0;
+  float* w = Var::master_weights ? static_cast<float*>(tensor.master_param) + e0 : nullptr;
   r.m_max = r.v_max = 0.0f;
   // Whole lanes load and store vectors where the pointers allow, else element by element.
   using PP = Pack<P, kLaneElems>;
   using CP = Pack<uint8_t, kLaneElems>;
   using FP = Pack<float, kLaneElems>;
   const bool vec = n == kLaneElems && aligned<P, kLaneElems>(p, 0) &&
-                   aligned<P, kLaneElems>(g, 0) && aligned<uint8_t, kLaneElems>(mc, 0) &&
-                   aligned<uint8_t, kLaneElems>(vc, 0) &&
+                   aligned<P, kLaneElems>(g, 0) && aligned<uint8_t, kLaneElems>(m_codes, 0) &&
+                   aligned<uint8_t, kLaneElems>(v_codes, 0) &&
                    (!Var::master_weights || aligned<float, 4>(w, 0));
   PP pp{}, gp{};
   CP mp{}, vp{};
@@ -364,8 +365,8 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
   if (vec) {
     pp = load_pack<PP>(p);
     gp = load_pack<PP>(g);
-    mp = load_pack<CP>(mc);
-    vp = load_pack<CP>(vc);
+    mp = load_pack<CP>(m_codes);
+    vp = load_pack<CP>(v_codes);
     if (Var::master_weights) {
       for (int h = 0; h < kLaneElems; h += 4) {
         const auto part = load_pack<Pack<float, 4>>(w + h);
@@ -376,8 +377,8 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
     for (int k = 0; k < n; ++k) {
       pp.v[k] = p[k];
       gp.v[k] = g[k];
-      mp.v[k] = mc[k];
-      vp.v[k] = vc[k];
+      mp.v[k] = m_codes[k];
+      vp.v[k] = v_codes[k];
       if (Var::master_weights) wp.v[k] = w[k];
     }
   }
@@ -389,7 +390,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
     if constexpr (Var::master_weights) pc = master_to_update(wp.v[k], pp.v[k]);
     else pc = static_cast<C>(pp.v[k]);
     C gc = static_cast<C>(gp.v[k]);
-    C m = decode_code<true>(mp.v[k], ms), v = decode_code<false>(vp.v[k], vs), unused = 0;
+    C m = decode_code<true>(mp.v[k], m_scale), v = decode_code<false>(vp.v[k], v_scale), unused = 0;
     adam_update<Var>(pc, gc, m, v, unused, c.s);
     store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys.param, e0 + k);
     if (Var::unscale_grad && c.s.store_grad) gp.v[k] = static_cast<P>(gc);
@@ -422,32 +423,32 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
 template <class P>
 ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const CodeLane& r,
                               float m_max, float v_max) {
-  const TensorPointers& x = *c.tensor;
+  const TensorPointers& tensor = *c.tensor;
   const int64_t e0 = lane_start(q, lane);
-  const int n = lane_elems(x, e0);
-  const CodeScale ms = code_scale(m_max), vs = code_scale(v_max);
-  uint8_t* mc = static_cast<uint8_t*>(x.exp_avg) + e0;
-  uint8_t* vc = static_cast<uint8_t*>(x.exp_avg_sq) + e0;
+  const int n = lane_elems(tensor, e0);
+  const CodeScale m_scale = code_scale(m_max), v_scale = code_scale(v_max);
+  uint8_t* m_codes = static_cast<uint8_t*>(tensor.exp_avg) + e0;
+  uint8_t* v_codes = static_cast<uint8_t*>(tensor.exp_avg_sq) + e0;
   Pack<uint8_t, kLaneElems> mp{}, vp{};
   ADAMX_UNROLL
   for (int k = 0; k < kLaneElems; ++k) {
     const uint32_t bits = moment_bits(c.keys.moments, e0 + k);
-    mp.v[k] = encode_code<true>(r.m[k], ms.inv, moment_random(bits, 0));
-    vp.v[k] = encode_code<false>(r.v[k], vs.inv, moment_random(bits, 1));
+    mp.v[k] = encode_code<true>(r.m[k], m_scale.inv, moment_random(bits, 0));
+    vp.v[k] = encode_code<false>(r.v[k], v_scale.inv, moment_random(bits, 1));
   }
-  if (n == kLaneElems && aligned<uint8_t, kLaneElems>(mc, 0) &&
-      aligned<uint8_t, kLaneElems>(vc, 0)) {
-    store_pack(mc, mp);
-    store_pack(vc, vp);
+  if (n == kLaneElems && aligned<uint8_t, kLaneElems>(m_codes, 0) &&
+      aligned<uint8_t, kLaneElems>(v_codes, 0)) {
+    store_pack(m_codes, mp);
+    store_pack(v_codes, vp);
   } else {
     for (int k = 0; k < n; ++k) {
-      mc[k] = mp.v[k];
-      vc[k] = vp.v[k];
+      m_codes[k] = mp.v[k];
+      v_codes[k] = vp.v[k];
     }
   }
   if (lane == 0) {
-    x.code_scales[q] = ms.scale;
-    x.code_scales[code_blocks(x.numel) + q] = vs.scale;
+    tensor.code_scales[q] = m_scale.scale;
+    tensor.code_scales[code_blocks(tensor.numel) + q] = v_scale.scale;
   }
 }
 

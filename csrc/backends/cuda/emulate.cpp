@@ -12,8 +12,6 @@
 //
 // adamx::_cuda_launch_plan(numels, ...) returns the plan alone, for tensors of any size
 // (nothing is allocated): per block, (launch, tensor index, chunk index).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -65,25 +63,18 @@ void run_tables(const std::vector<LaunchTable>& tables, int block_dim, bool edge
   }
 }
 
-// A boxed kernel: it reads adam_'s arguments with BoxedAdamArgs and its own by name.
-void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const c10::FunctionSchema& schema = op.schema();
-  const size_t num_args = schema.arguments().size();
-  const c10::IValue* args = stack->data() + stack->size() - num_args;
-  auto arg = [&](const char* name) -> const c10::IValue& {
-    return args[*schema.argumentIndexWithName(name)];
-  };
-  const BoxedAdamArgs boxed(args);
-  const AdamArgs& a = boxed.args();
+// adam_'s arguments, then the emulation's own, in the order of its schema (adamx/_ops.py).
+std::vector<int64_t> adam_emulated_cuda(ADAMX_OP_PARAMS, bool steps_in_kernel,
+                                        bool lr_in_kernel, bool scaler_in_kernel,
+                                        int64_t chunk_size, int64_t max_tensors,
+                                        int64_t max_blocks, int64_t block_dim,
+                                        int64_t max_scalar_sets, bool edge_blocks_only) {
+  const AdamArgs a = make_adam_args(ADAMX_OP_ARGS);
   check_args(a, CheckContext{c10::DeviceType::CPU});
-  const int64_t block_dim = arg("block_dim").toInt();
   TORCH_CHECK(block_dim >= 1, "adamx: block_dim must be positive");
-  const PlanOptions options{arg("chunk_size").toInt(), int(arg("max_tensors").toInt()),
-                            int(arg("max_blocks").toInt()), int(arg("max_scalar_sets").toInt())};
-  const bool edge_blocks_only = arg("edge_blocks_only").toBool();
-  const StepOperands operands(a, InKernel{arg("steps_in_kernel").toBool(),
-                                          arg("lr_in_kernel").toBool(),
-                                          arg("scaler_in_kernel").toBool()});
+  const PlanOptions options{chunk_size, int(max_tensors), int(max_blocks),
+                            int(max_scalar_sets)};
+  const StepOperands operands(a, InKernel{steps_in_kernel, lr_in_kernel, scaler_in_kernel});
   const std::vector<LaunchGroup> groups = plan_launches(operands, a, options);
   operands.increment_steps();
   int64_t counts[3] = {0, 0, 0};
@@ -92,8 +83,7 @@ void adam_emulated_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack)
       run_tables<Var, P, S>(group.tables, int(block_dim), edge_blocks_only, counts);
     });
   operands.finish();
-  torch::jit::drop(*stack, num_args);
-  torch::jit::push(*stack, std::vector<int64_t>{counts[0], counts[1], counts[2]});
+  return {counts[0], counts[1], counts[2]};
 }
 
 std::vector<int64_t> cuda_launch_plan(c10::IntArrayRef numels, int64_t chunk_size,
@@ -124,8 +114,7 @@ std::vector<int64_t> cuda_launch_plan(c10::IntArrayRef numels, int64_t chunk_siz
 // Any key, so that an empty list (no tensor to dispatch on) works too; check_args
 // refuses tensors that are not on the CPU.
 TORCH_LIBRARY_IMPL(adamx, CompositeExplicitAutograd, m) {
-  m.impl("_adam_emulated_cuda_",
-         torch::CppFunction::makeFromBoxedFunction<&adam_emulated_cuda>());
+  m.impl("_adam_emulated_cuda_", &adam_emulated_cuda);
   m.impl("_cuda_launch_plan", &cuda_launch_plan);
 }
 

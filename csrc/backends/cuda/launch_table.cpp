@@ -13,22 +13,22 @@ namespace {
 
 class TableBuilder {
  public:
-  TableBuilder(const LaunchScalars& ls, const PlanOptions& o,
+  TableBuilder(const LaunchScalars& scalars, const PlanOptions& options,
                std::vector<std::vector<int64_t>>* ids)
-      : ls_(ls), o_(o), ids_(ids) {
+      : scalars_(scalars), options_(options), ids_(ids) {
     reset();
   }
 
   void add(const TensorSlot& s, int64_t id) {
     const int64_t numel = s.pointers.numel;
     if (numel == 0) return;
-    const int64_t chunks = (numel - 1) / o_.chunk_size + 1;
+    const int64_t chunks = (numel - 1) / options_.chunk_size + 1;
     TORCH_CHECK(chunks - 1 <= std::numeric_limits<int32_t>::max(), "adamx: a tensor of ",
-                numel, " elements has more chunks of ", o_.chunk_size,
+                numel, " elements has more chunks of ", options_.chunk_size,
                 " elements than a launch table can index");
     int local = -1;
     for (int64_t c = 0; c < chunks; ++c) {
-      if (tab_.num_blocks == o_.max_blocks) {
+      if (tab_.num_blocks == options_.max_blocks) {
         flush();
         local = -1;
       }
@@ -49,7 +49,7 @@ class TableBuilder {
   // the tensor or its scalar set) and returns its index there.
   int place(const TensorSlot& s, int64_t id) {
     int set = s.step_source == kHostScalars ? find_set(s.host_step) : 0;
-    if (tab_.num_tensors == o_.max_tensors || set < 0) {
+    if (tab_.num_tensors == options_.max_tensors || set < 0) {
       flush();
       set = s.step_source == kHostScalars ? find_set(s.host_step) : 0;
     }
@@ -68,9 +68,10 @@ class TableBuilder {
   int find_set(double step) {
     for (int i = 0; i < num_sets_; ++i)
       if (set_steps_[i] == step) return i;
-    if (num_sets_ == o_.max_scalar_sets) return -1;
+    if (num_sets_ == options_.max_scalar_sets) return -1;
     set_steps_[num_sets_] = step;
-    tab_.sets[num_sets_] = step_scalars(step, ls_.hyper.lr, ls_.hyper, ls_.switches);
+    tab_.sets[num_sets_] =
+        step_scalars(step, scalars_.hyper.lr, scalars_.hyper, scalars_.switches);
     return num_sets_++;
   }
 
@@ -84,18 +85,18 @@ class TableBuilder {
 
   void reset() {
     std::memset(&tab_, 0, sizeof(tab_));
-    tab_.hyper = ls_.hyper;
-    tab_.lr_ptr = ls_.lr_ptr;
-    tab_.lr_dtype = ls_.lr_dtype;
-    tab_.grad_scale = ls_.grad_scale;
-    tab_.found_inf = ls_.found_inf;
-    tab_.chunk_size = o_.chunk_size;
+    tab_.hyper = scalars_.hyper;
+    tab_.lr_ptr = scalars_.lr_ptr;
+    tab_.lr_dtype = scalars_.lr_dtype;
+    tab_.grad_scale = scalars_.grad_scale;
+    tab_.found_inf = scalars_.found_inf;
+    tab_.chunk_size = options_.chunk_size;
     num_sets_ = 0;
     ids_now_.clear();
   }
 
-  const LaunchScalars& ls_;
-  const PlanOptions& o_;
+  const LaunchScalars& scalars_;
+  const PlanOptions& options_;
   std::vector<std::vector<int64_t>>* ids_;
   std::vector<LaunchTable> tables_;
   std::vector<int64_t> ids_now_;
