@@ -44,6 +44,14 @@ def _steps(opt, params, count=2, seed=1):
         opt.step()
 
 
+def _stepped(shape=BIG, **options):
+    """A param and an adamx.Adam(``options``) that has taken two steps on it."""
+    p = _param(shape)
+    opt = adamx.Adam([p], **options)
+    _steps(opt, [p])
+    return p, opt
+
+
 def _snapshot(opt):
     """Everything load_state_dict, add_param_group or a step may change."""
     return ([dict(copy.deepcopy({k: v for k, v in g.items() if k != "params"}),
@@ -91,9 +99,7 @@ def test_checkpoint_moments_of_another_shape_are_refused(state_dtype):
     _steps(torch_opt, [small])
     checkpoint = torch_opt.state_dict()
 
-    p = _param()
-    opt = adamx.Adam([p], state_dtype=state_dtype)
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype=state_dtype)
     with _refused(opt, r"param 0 has exp_avg as a torch.float32 tensor of "
                        r"shape \(1, 4096\).*shape \(4, 4096\)"):
         opt.load_state_dict(checkpoint)
@@ -167,9 +173,7 @@ def test_checkpoint_with_other_strides_is_relaid(state_dtype):
 # Options changed between steps.
 
 def test_unknown_state_dtype_set_on_a_group_is_refused_at_the_next_step():
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped()
     opt.param_groups[0]["state_dtype"] = "int4"
     param_before = p.detach().clone()
     p.grad = _grad(p)
@@ -182,9 +186,7 @@ def test_unknown_state_dtype_set_on_a_group_is_refused_at_the_next_step():
                                            (torch.bfloat16, torch.bfloat16),
                                            (torch.float32, torch.float32)])
 def test_state_dtype_aliases_set_on_a_group(alias, stored):
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped()
     opt.param_groups[0]["state_dtype"] = alias
     _steps(opt, [p])
     state = opt.state[p]
@@ -194,9 +196,7 @@ def test_state_dtype_aliases_set_on_a_group(alias, stored):
 
 
 def test_amsgrad_switched_on_with_compact_state_is_refused():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     opt.param_groups[0]["amsgrad"] = True
     p.grad = _grad(p)
     with _refused(opt, "does not combine with amsgrad=True"):
@@ -207,9 +207,7 @@ def test_amsgrad_switched_on_with_compact_state_is_refused():
 # 8-bit codes under their own keys.
 
 def test_torch_cannot_step_8bit_codes_as_moments():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     saved = opt.state_dict()
     assert {"exp_avg_codes", "exp_avg_sq_codes", "code_scales"} <= saved["state"][0].keys()
     assert "exp_avg" not in saved["state"][0]
@@ -227,9 +225,7 @@ def test_torch_cannot_step_8bit_codes_as_moments():
 
 
 def test_older_checkpoint_with_codes_under_the_moments_names_loads():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     saved = copy.deepcopy(opt.state_dict())
     old = copy.deepcopy(saved)
     s = old["state"][0]
@@ -258,9 +254,7 @@ def test_state_bytes_counts_the_codes():
 
 @pytest.mark.parametrize("missing", ["exp_avg", "exp_avg_sq"])
 def test_checkpoint_without_a_moment_is_refused(missing):
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     saved = copy.deepcopy(opt.state_dict())
     del saved["state"][0][missing]
     with _refused(opt, f"param 0 has no '{missing}'"):
@@ -270,9 +264,7 @@ def test_checkpoint_without_a_moment_is_refused(missing):
 
 
 def test_state_without_a_moment_is_refused_by_the_step():
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     del opt.state[p]["exp_avg_sq"]
     p.grad = _grad(p)
     with _refused(opt, "param 0.0 has no 'exp_avg_sq'"):
@@ -322,9 +314,7 @@ def test_meta_device_step_counts_advance_as_in_torch(kwargs):
 def test_add_param_group_that_is_refused_changes_nothing(group):
     group = dict(group)
     dtype = group.pop("dtype", torch.float32)
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped()
     with _refused(opt):
         opt.add_param_group(dict(group, params=[_param(dtype=dtype, seed=5)]))
 
@@ -496,9 +486,7 @@ TestOptimizerEvents.settings = settings(max_examples=50, stateful_step_count=15,
 
 
 def test_moments_in_another_float_dtype_are_widened_not_narrowed():
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     state = opt.state[p]
     for key in ("exp_avg", "exp_avg_sq"):
         state[key] = state[key].half()  # widened exactly
