@@ -3,14 +3,13 @@ torch.optim in both directions (through torch.save/torch.load) and continue trai
 nothing had changed."""
 
 import copy
-import io
 
 import pytest
 import torch
 
 import adamx
 from conftest import (LR, TOL, assert_close, assert_same_state, make_grad_seq,
-                      make_tensors, needs_build)
+                      make_tensors, needs_build, save_and_load)
 
 pytestmark = needs_build
 
@@ -22,13 +21,6 @@ def _feed(opt, params, grads):
     for p, g in zip(params, grads):
         p.grad = g.clone()
     opt.step()
-
-
-def _roundtrip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _make(kind, params, amsgrad, decoupled, **extra):
@@ -96,7 +88,7 @@ def test_checkpoint_interchange_continues_training(direction, decoupled, amsgrad
     opt_a = _make(src, a, amsgrad, decoupled)
     for grads in first:
         _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    sd = save_and_load(opt_a.state_dict())
     b = [p.detach().clone() for p in a]  # the "model checkpoint"
     opt_b = _make(dst, b, amsgrad, decoupled, **({"lr": 0.5} if dst == "adamx" else {}))
     opt_b.load_state_dict(sd)
@@ -147,7 +139,7 @@ def test_cpu_step_is_accepted_wherever_loaded(options):
     opt_a = torch.optim.Adam(a, lr=LR, foreach=False)
     for grads in grad_seq[:3]:
         _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    sd = save_and_load(opt_a.state_dict())
     assert all(st["step"].device.type == "cpu" for st in sd["state"].values())
     b = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(b, lr=LR, **options)
@@ -170,7 +162,7 @@ def test_checkpoint_loads_into_other_param_dtype():
     opt_a = adamx.Adam(a, lr=LR, amsgrad=True)
     for grads in grad_seq[:3]:
         _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    sd = save_and_load(opt_a.state_dict())
     ours = [p.detach().to(torch.bfloat16) for p in a]
     theirs = [p.clone() for p in ours]
     opt_ours = adamx.Adam(ours, lr=LR, amsgrad=True)
@@ -198,7 +190,7 @@ def test_checkpoint_with_several_groups_and_tensor_lr():
     opt_a = adamx.Adam(groups(a))
     for grads in grad_seq[:4]:
         _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    sd = save_and_load(opt_a.state_dict())
     b = [p.detach().clone() for p in a]
     t = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(groups(b))
@@ -224,7 +216,7 @@ def test_scheduler_state_round_trip():
     for grads in grad_seq[:5]:
         _feed(opt_a, a, grads)
         sched_a.step()
-    ckpt = _roundtrip({"opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
+    ckpt = save_and_load({"opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
     b = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(b, lr=0.05)
     sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=2, gamma=0.5)
