@@ -1,11 +1,12 @@
 """Shared helpers for adamx's CPU tests: tolerances, a float64 reference of the update,
-deterministic inputs, and snapshot/compare utilities.
+deterministic inputs, snapshot/compare utilities, and a checkpoint's save and load.
 
 Everything numeric that the tests compare against lives here, so that the tolerances are
 written down (and justified) in one place; so do the option grid and the op-level state
 helper that the CPU, emulated-CUDA and CUDA tests share.
 """
 
+import io
 import itertools
 import math
 
@@ -315,3 +316,15 @@ def assert_unchanged(opt, params, snap):
                 assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"state {k} changed"
             else:
                 assert now[k] == v
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+def save_and_load(obj):
+    """``obj`` written by torch.save and read back by torch.load(weights_only=True), as a
+    checkpoint on disk comes back (so only what a weights-only load accepts survives)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

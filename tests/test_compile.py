@@ -131,15 +131,20 @@ def test_training_step_with_optimizer_inside_compiled_function(backend):
         assert st["step"].dtype == torch.float32
 
 
-def test_compiled_optimizer_step_alone_matches_eager():
-    p0 = make_tensors(SHAPES, torch.float32, seed=520)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 4, seed=521)
+def _assert_compiled_step_matches_eager(make_opt, seed, keys, compile_at=0, **compile_kw):
+    """Two optimizers (``make_opt(params)``) from the same params take the same 4 steps,
+    one eager, the other's opt.step compiled (aot_eager, ``compile_kw``) from step
+    ``compile_at`` on: the params and the state ``keys`` match bitwise."""
+    p0 = make_tensors(SHAPES, torch.float32, seed=seed)
+    grad_seq = make_grad_seq(SHAPES, torch.float32, 4, seed=seed + 1)
     runs = []
     for compiled in (False, True):
         params = [p.clone() for p in p0]
-        opt = adamx.Adam(params, lr=torch.tensor(LR), weight_decay=0.1)
-        fn = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
-        for grads in grad_seq:
+        opt = make_opt(params)
+        fn = opt.step
+        for k, grads in enumerate(grad_seq):
+            if compiled and k == compile_at:
+                fn = torch.compile(opt.step, backend="aot_eager", **compile_kw)
             for p, g in zip(params, grads):
                 p.grad = g
             fn()
@@ -147,28 +152,19 @@ def test_compiled_optimizer_step_alone_matches_eager():
     (pe, oe), (pc, oc) = runs
     for a, b in zip(pe, pc):
         assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(oe.state[a][key], oc.state[b][key])
+        for key in keys:
+            assert torch.equal(oe.state[a][key], oc.state[b][key]), key
+
+
+def test_compiled_optimizer_step_alone_matches_eager():
+    _assert_compiled_step_matches_eager(
+        lambda params: adamx.Adam(params, lr=torch.tensor(LR), weight_decay=0.1), seed=520,
+        keys=("exp_avg", "exp_avg_sq", "step"))
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["first_step_compiled", "state_exists"])
 def test_optimizer_step_fullgraph_matches_eager(warm):
-    p0 = make_tensors(SHAPES, torch.float32, seed=530)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 4, seed=531)
-    runs = []
-    for compiled in (False, True):
-        params = [p.clone() for p in p0]
-        opt = adamx.AdamW(params, lr=LR, amsgrad=True)
-        fn = opt.step
-        for k, grads in enumerate(grad_seq):
-            if compiled and k == (1 if warm else 0):
-                fn = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
-            for p, g in zip(params, grads):
-                p.grad = g
-            fn()
-        runs.append((params, opt))
-    (pe, oe), (pc, oc) = runs
-    for a, b in zip(pe, pc):
-        assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
-            assert torch.equal(oe.state[a][key], oc.state[b][key]), key
+    _assert_compiled_step_matches_eager(
+        lambda params: adamx.AdamW(params, lr=LR, amsgrad=True), seed=530,
+        keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+        compile_at=1 if warm else 0, fullgraph=True)

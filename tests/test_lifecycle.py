@@ -139,15 +139,21 @@ def once(event):
     return at
 
 
-def adamx_to_adamx(order):
+def resumed_in_adamx(make_checkpoint, order):
+    """The event: ``make_checkpoint(model, opt)`` loaded, in ``order``, into another
+    initialisation of the model and a new adamx optimizer, which go on."""
     @once
     def event(kind, model, opt):
-        state = checkpoint(model, opt)
+        state = make_checkpoint(model, opt)
         resumed = model_of(kind, seed=1)  # another initialisation
         resumed_opt = optimizer_of(kind, resumed)
         load(resumed, resumed_opt, state, order)
         return resumed, resumed_opt
     return event
+
+
+def adamx_to_adamx(order):
+    return resumed_in_adamx(checkpoint, order)
 
 
 def torch_checkpoint(model, opt):
@@ -161,14 +167,7 @@ def torch_checkpoint(model, opt):
 
 
 def torch_to_adamx(order):
-    @once
-    def event(kind, model, opt):
-        state = torch_checkpoint(model, opt)
-        resumed = model_of(kind, seed=1)
-        resumed_opt = optimizer_of(kind, resumed)
-        load(resumed, resumed_opt, state, order)
-        return resumed, resumed_opt
-    return event
+    return resumed_in_adamx(torch_checkpoint, order)
 
 
 def adamx_to_torch(order):

@@ -196,6 +196,23 @@ def set_grads(model, k, dtype=None):
         p.grad = torch.randn(p.shape, generator=g).to(dtype or p.dtype)
 
 
+def take_steps(model, opt, ks):
+    """`opt` steps `model` once on set_grads' grads for each step number k in `ks`."""
+    for k in ks:
+        set_grads(model, k)
+        opt.step()
+
+
+def step_with_fp32_twin(model, opt, twin, twin_opt, k):
+    """One step of `model` on set_grads' grads for step k, and one of its float32 `twin` on
+    the same grads, widened."""
+    set_grads(model, k)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.float()
+    opt.step()
+    twin_opt.step()
+
+
 def test_optimizer_master_weights_follow_fp32_and_fp32_params_step_as_usual():
     """A model whose Linear layers are bfloat16 and LayerNorm float32, master_weights=True:
     bfloat16 params get master copies (fp32 state), the float32 LayerNorm does not; the
@@ -210,11 +227,7 @@ def test_optimizer_master_weights_follow_fp32_and_fp32_params_step_as_usual():
     opt32 = adamx.AdamW(fp32.parameters(), lr=LR)
     opt = adamx.AdamW(ours.parameters(), lr=LR, master_weights=True)
     for k in range(4):
-        set_grads(ours, k)
-        for p32, p in zip(fp32.parameters(), ours.parameters()):
-            p32.grad = p.grad.float()
-        opt32.step()
-        opt.step()
+        step_with_fp32_twin(ours, opt, fp32, opt32, k)
         for p32, p in zip(fp32.parameters(), ours.parameters()):
             state = opt.state[p]
             if p.dtype == torch.bfloat16:
@@ -230,9 +243,7 @@ def test_optimizer_master_weights_follow_fp32_and_fp32_params_step_as_usual():
 def test_master_weights_state_dict_round_trips_and_moves_to_and_from_torch():
     model = bf16_model().to(torch.bfloat16)
     opt = adamx.Adam(model.parameters(), lr=LR, master_weights=True)
-    for k in range(2):
-        set_grads(model, k)
-        opt.step()
+    take_steps(model, opt, range(2))
     sd = opt.state_dict()
     p0 = next(iter(model.parameters()))
     assert sd["state"][0]["master_param"].dtype == torch.float32
@@ -440,9 +451,7 @@ def test_resuming_in_either_load_order_is_the_uninterrupted_run(order, dtype):
     kw = dict(lr=LR, weight_decay=0.1, master_weights=True)
     model = bf16_model().to(dtype)
     opt = adamx.AdamW(model.parameters(), **kw)
-    for k in range(3):
-        set_grads(model, k)
-        opt.step()
+    take_steps(model, opt, range(3))
     ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
                           "dcp_opt": get_state_dict(model, opt)[1]})
     resumed = bf16_model(seed=1).to(dtype)  # another initialisation
@@ -466,14 +475,10 @@ def test_a_param_cast_to_float32_and_back_steps_from_its_own_value():
     the cast."""
     model = bf16_model().to(torch.bfloat16)
     opt = adamx.AdamW(model.parameters(), lr=LR, master_weights=True)
-    for k in range(2):
-        set_grads(model, k)
-        opt.step()
+    take_steps(model, opt, range(2))
     model.float()
     opt.param_groups[0]["lr"] = 0.05  # steps that move every param past its bfloat16 gap
-    for k in range(2, 4):
-        set_grads(model, k)
-        opt.step()
+    take_steps(model, opt, range(2, 4))
     opt.param_groups[0]["lr"] = LR
     model.to(torch.bfloat16)
     params = [p.data for p in model.parameters()]
@@ -484,11 +489,7 @@ def test_a_param_cast_to_float32_and_back_steps_from_its_own_value():
     kept = [p.float() if m is None else m for p, m in zip(params, kept)]
     twin, twin_opt = fp32_optimizer_twin(model, opt, restarted_masters(params, kept))
     for k in range(4, 6):
-        set_grads(model, k)
-        for p, q in zip(model.parameters(), twin.parameters()):
-            q.grad = p.grad.float()
-        opt.step()
-        twin_opt.step()
+        step_with_fp32_twin(model, opt, twin, twin_opt, k)
         for p, q in zip(model.parameters(), twin.parameters()):
             assert_same(opt.state[p]["master_param"], q.data, f"master after step {k}")
             assert_same(p.data, q.data.bfloat16(), f"param after step {k}")

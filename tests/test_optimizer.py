@@ -33,11 +33,15 @@ def _ref_for(p0, dtype, hyper):
                    betas=hyper.get("betas", (0.9, 0.999)), eps=hyper.get("eps", 1e-8))
 
 
-def _run(opt, params, grad_seq):
+def _run(opt, params, grad_seq, *refs):
+    """Steps ``opt`` on each grads of ``grad_seq`` (copies: the step must only read them),
+    and the float64 references ``refs`` on the same grads."""
     for grads in grad_seq:
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
+        for ref in refs:
+            ref.step(grads)
 
 
 # --------------------------------------------------------------------------------------
@@ -103,11 +107,7 @@ def test_grid_matches_float64_reference(dtype, options, weight_decay, tensor_lr)
     params = [p.clone() for p in p0]
     opt = adamx.Adam(params, **hyper)
     ref = _ref_for(p0, dtype, hyper)
-    for grads in grad_seq:
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads)
+    _run(opt, params, grad_seq, ref)
     assert_opt_matches_ref(opt, params, ref, dtype)
     # Not vacuous: every non-empty param moved (in bfloat16 too, see LR).
     for p, before in zip(params, p0):
@@ -229,12 +229,7 @@ def test_reference_tolerances_catch_a_wrong_hyperparameter(dtype, wrong):
     opt = adamx.Adam(params, **hyper)
     ref = RefAdam(p0, dtype, **dict(hyper, **wrong))
     good = RefAdam(p0, dtype, **hyper)
-    for grads in grad_seq:
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads)
-        good.step(grads)
+    _run(opt, params, grad_seq, ref, good)
     assert_opt_matches_ref(opt, params, good, dtype)
     with pytest.raises(AssertionError):
         assert_opt_matches_ref(opt, params, ref, dtype)
@@ -652,11 +647,7 @@ def test_more_than_a_million_elements(dtype):
     ours = [p.clone() for p in p0]
     opt = adamx.AdamW(ours, **hyper)
     ref = RefAdam(p0, dtype, decoupled=True, **hyper)
-    for grads in grad_seq:
-        for p, g in zip(ours, grads):
-            p.grad = g
-        opt.step()
-        ref.step(grads)
+    _run(opt, ours, grad_seq, ref)
     assert_opt_matches_ref(opt, ours, ref, dtype)
     # every element was updated (a missed tail chunk would stay at its initial value)
     # (bfloat16: an element > ~2 in size may not move in 3 steps of lr 0.03)
@@ -691,14 +682,10 @@ def test_amsgrad_switched_on_between_steps():
     params = [p.clone() for p in p0]
     opt = adamx.Adam(params, lr=LR)
     ref = RefAdam(p0, dtype, lr=LR)
-    for k, grads in enumerate(grad_seq):
-        if k == 5:
-            opt.param_groups[0]["amsgrad"] = True
-            ref.amsgrad = True  # its max buffers are zeros until now
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads)
+    _run(opt, params, grad_seq[:5], ref)
+    opt.param_groups[0]["amsgrad"] = True
+    ref.amsgrad = True  # its max buffers are zeros until now
+    _run(opt, params, grad_seq[5:], ref)
     assert_opt_matches_ref(opt, params, ref, dtype)
 
 
@@ -847,10 +834,7 @@ def test_group_params_as_a_tuple_steps_like_a_list():
         params = [p.clone() for p in p0]
         opt = adamx.Adam(params, lr=LR)
         opt.param_groups[0]["params"] = container(params)
-        for grads in grad_seq:
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
+        _run(opt, params, grad_seq)
         runs.append(params)
     for a, b, before in zip(*runs, p0):
         assert torch.equal(a, b) and not torch.equal(a, before)

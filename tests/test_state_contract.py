@@ -4,6 +4,7 @@ steps) checks it against one definition, converts what converts exactly or by th
 documented re-encoding, refuses the rest with a clear error before anything changes, and
 never starts a state that is not empty over from zero."""
 
+import contextlib
 import copy
 
 import pytest
@@ -43,6 +44,14 @@ def _steps(opt, params, count=2, seed=1):
         opt.step()
 
 
+def _stepped(shape=BIG, **options):
+    """A param and an adamx.Adam(``options``) that has taken two steps on it."""
+    p = _param(shape)
+    opt = adamx.Adam([p], **options)
+    _steps(opt, [p])
+    return p, opt
+
+
 def _snapshot(opt):
     """Everything load_state_dict, add_param_group or a step may change."""
     return ([dict(copy.deepcopy({k: v for k, v in g.items() if k != "params"}),
@@ -70,6 +79,16 @@ def _assert_unchanged(opt, snapshot):
                 assert value.stride() == state[id(p)][key].stride(), key
 
 
+@contextlib.contextmanager
+def _refused(opt, match=None):
+    """The block raises ValueError (matching ``match``) and leaves ``opt``'s groups and
+    state as they were."""
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        yield
+    _assert_unchanged(opt, before)
+
+
 # --------------------------------------------------------------------------------------
 # Shapes: a checkpoint's [1, 4096] moments are not broadcast into a [4, 4096] param.
 
@@ -80,14 +99,10 @@ def test_checkpoint_moments_of_another_shape_are_refused(state_dtype):
     _steps(torch_opt, [small])
     checkpoint = torch_opt.state_dict()
 
-    p = _param()
-    opt = adamx.Adam([p], state_dtype=state_dtype)
-    _steps(opt, [p])
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"param 0 has exp_avg as a torch.float32 tensor of "
-                                         r"shape \(1, 4096\).*shape \(4, 4096\)"):
+    p, opt = _stepped(state_dtype=state_dtype)
+    with _refused(opt, r"param 0 has exp_avg as a torch.float32 tensor of "
+                       r"shape \(1, 4096\).*shape \(4, 4096\)"):
         opt.load_state_dict(checkpoint)
-    _assert_unchanged(opt, before)
     # torch.optim.Adam loads it too, but its step refuses the broadcast: adamx refuses at
     # once, before the optimizer changes.
     _assert_torch_step_refuses(p, checkpoint, RuntimeError)
@@ -158,16 +173,12 @@ def test_checkpoint_with_other_strides_is_relaid(state_dtype):
 # Options changed between steps.
 
 def test_unknown_state_dtype_set_on_a_group_is_refused_at_the_next_step():
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped()
     opt.param_groups[0]["state_dtype"] = "int4"
-    before = _snapshot(opt)
     param_before = p.detach().clone()
     p.grad = _grad(p)
-    with pytest.raises(ValueError, match="state_dtype must be one of"):
+    with _refused(opt, "state_dtype must be one of"):
         opt.step()
-    _assert_unchanged(opt, before)
     assert torch.equal(p.detach(), param_before)
 
 
@@ -175,9 +186,7 @@ def test_unknown_state_dtype_set_on_a_group_is_refused_at_the_next_step():
                                            (torch.bfloat16, torch.bfloat16),
                                            (torch.float32, torch.float32)])
 def test_state_dtype_aliases_set_on_a_group(alias, stored):
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped()
     opt.param_groups[0]["state_dtype"] = alias
     _steps(opt, [p])
     state = opt.state[p]
@@ -187,24 +196,18 @@ def test_state_dtype_aliases_set_on_a_group(alias, stored):
 
 
 def test_amsgrad_switched_on_with_compact_state_is_refused():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     opt.param_groups[0]["amsgrad"] = True
-    before = _snapshot(opt)
     p.grad = _grad(p)
-    with pytest.raises(ValueError, match="does not combine with amsgrad=True"):
+    with _refused(opt, "does not combine with amsgrad=True"):
         opt.step()
-    _assert_unchanged(opt, before)
 
 
 # --------------------------------------------------------------------------------------
 # 8-bit codes under their own keys.
 
 def test_torch_cannot_step_8bit_codes_as_moments():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     saved = opt.state_dict()
     assert {"exp_avg_codes", "exp_avg_sq_codes", "code_scales"} <= saved["state"][0].keys()
     assert "exp_avg" not in saved["state"][0]
@@ -222,9 +225,7 @@ def test_torch_cannot_step_8bit_codes_as_moments():
 
 
 def test_older_checkpoint_with_codes_under_the_moments_names_loads():
-    p = _param()
-    opt = adamx.Adam([p], state_dtype="int8")
-    _steps(opt, [p])
+    p, opt = _stepped(state_dtype="int8")
     saved = copy.deepcopy(opt.state_dict())
     old = copy.deepcopy(saved)
     s = old["state"][0]
@@ -253,29 +254,21 @@ def test_state_bytes_counts_the_codes():
 
 @pytest.mark.parametrize("missing", ["exp_avg", "exp_avg_sq"])
 def test_checkpoint_without_a_moment_is_refused(missing):
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     saved = copy.deepcopy(opt.state_dict())
     del saved["state"][0][missing]
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match=f"param 0 has no '{missing}'"):
+    with _refused(opt, f"param 0 has no '{missing}'"):
         opt.load_state_dict(saved)
-    _assert_unchanged(opt, before)
     # torch.optim.Adam refuses such a state too (at its step).
     _assert_torch_step_refuses(p, saved, KeyError)
 
 
 def test_state_without_a_moment_is_refused_by_the_step():
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     del opt.state[p]["exp_avg_sq"]
-    before = _snapshot(opt)
     p.grad = _grad(p)
-    with pytest.raises(ValueError, match="param 0.0 has no 'exp_avg_sq'"):
+    with _refused(opt, "param 0.0 has no 'exp_avg_sq'"):
         opt.step()
-    _assert_unchanged(opt, before)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,13 +314,9 @@ def test_meta_device_step_counts_advance_as_in_torch(kwargs):
 def test_add_param_group_that_is_refused_changes_nothing(group):
     group = dict(group)
     dtype = group.pop("dtype", torch.float32)
-    p = _param()
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
-    before = _snapshot(opt)
-    with pytest.raises(ValueError):
+    p, opt = _stepped()
+    with _refused(opt):
         opt.add_param_group(dict(group, params=[_param(dtype=dtype, seed=5)]))
-    _assert_unchanged(opt, before)
 
 
 def test_add_param_group_reads_an_iterator_once():
@@ -347,10 +336,8 @@ def test_load_state_dict_that_is_refused_changes_nothing():
     saved["param_groups"][0]["lr"] = 0.5
     saved["state"][0]["exp_avg"].fill_(3.0)
     saved["param_groups"][1]["state_dtype"] = "int4"
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match="state_dtype must be one of"):
+    with _refused(opt, "state_dtype must be one of"):
         opt.load_state_dict(saved)
-    _assert_unchanged(opt, before)
 
 
 # --------------------------------------------------------------------------------------
@@ -442,11 +429,9 @@ class OptimizerEvents(RuleBasedStateMachine):
         group = self.opt.param_groups[0]
         previous = group["state_dtype"]
         group["state_dtype"] = value
-        before = _snapshot(self.opt)
         self.big.grad, self.small.grad = _grad(self.big), _grad(self.small)
-        with pytest.raises(ValueError, match="state_dtype must be one of"):
+        with _refused(self.opt, "state_dtype must be one of"):
             self.opt.step()
-        _assert_unchanged(self.opt, before)
         group["state_dtype"] = previous
 
     @rule()
@@ -475,18 +460,14 @@ class OptimizerEvents(RuleBasedStateMachine):
             state["code_scales"] = state["code_scales"][:, :1]
         else:
             saved["param_groups"][1]["state_dtype"] = "int4"
-        before = _snapshot(self.opt)
-        with pytest.raises(ValueError):
+        with _refused(self.opt):
             self.opt.load_state_dict(saved)
-        _assert_unchanged(self.opt, before)
 
     @rule(group=st.sampled_from([dict(state_dtype="int4"),
                                  dict(state_dtype="int8", amsgrad=True)]))
     def refused_group(self, group):
-        before = _snapshot(self.opt)
-        with pytest.raises(ValueError):
+        with _refused(self.opt):
             self.opt.add_param_group(dict(group, params=[_param((3,), seed=13)]))
-        _assert_unchanged(self.opt, before)
 
     @invariant()
     def state_fits_after_a_step(self):
@@ -505,9 +486,7 @@ TestOptimizerEvents.settings = settings(max_examples=50, stateful_step_count=15,
 
 
 def test_moments_in_another_float_dtype_are_widened_not_narrowed():
-    p = _param((5, 7))
-    opt = adamx.Adam([p])
-    _steps(opt, [p])
+    p, opt = _stepped((5, 7))
     state = opt.state[p]
     for key in ("exp_avg", "exp_avg_sq"):
         state[key] = state[key].half()  # widened exactly
@@ -515,8 +494,6 @@ def test_moments_in_another_float_dtype_are_widened_not_narrowed():
     assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
     for key in ("exp_avg", "exp_avg_sq"):
         opt.state[p][key] = opt.state[p][key].double()
-    before = _snapshot(opt)
     p.grad = _grad(p)
-    with pytest.raises(ValueError, match="exp_avg in torch.float64"):
+    with _refused(opt, "exp_avg in torch.float64"):
         opt.step()
-    _assert_unchanged(opt, before)

@@ -3,14 +3,13 @@ torch.optim in both directions (through torch.save/torch.load) and continue trai
 nothing had changed."""
 
 import copy
-import io
 
 import pytest
 import torch
 
 import adamx
 from conftest import (LR, TOL, assert_close, assert_same_state, make_grad_seq,
-                      make_tensors, needs_build)
+                      make_tensors, needs_build, save_and_load)
 
 pytestmark = needs_build
 
@@ -24,11 +23,21 @@ def _feed(opt, params, grads):
     opt.step()
 
 
-def _roundtrip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def _run(opt, params, grad_seq):
+    for grads in grad_seq:
+        _feed(opt, params, grads)
+
+
+def _trained_halfway(make_opt, seed, steps):
+    """Params (``seed``) and an optimizer on them (``make_opt(params)``) that has taken
+    the first half of ``steps`` steps' grads (``seed + 1``): where a checkpoint is taken.
+    Returns them and the second half of the grads, for the steps after it."""
+    p0 = make_tensors(SHAPES, torch.float32, seed=seed)
+    grad_seq = make_grad_seq(SHAPES, torch.float32, steps, seed=seed + 1)
+    params = [p.clone() for p in p0]
+    opt = make_opt(params)
+    _run(opt, params, grad_seq[:steps // 2])
+    return params, opt, grad_seq[steps // 2:]
 
 
 def _make(kind, params, amsgrad, decoupled, **extra):
@@ -47,9 +56,8 @@ def test_state_dict_layout_is_torchs(amsgrad, decoupled):
     ours, theirs = [p.clone() for p in p0], [p.clone() for p in p0]
     opt_ours = _make("adamx", ours, amsgrad, decoupled)
     opt_theirs = _make("torch", theirs, amsgrad, decoupled)
-    for grads in grad_seq:
-        _feed(opt_ours, ours, grads)
-        _feed(opt_theirs, theirs, grads)
+    _run(opt_ours, ours, grad_seq)
+    _run(opt_theirs, theirs, grad_seq)
     sd_ours, sd_theirs = opt_ours.state_dict(), opt_theirs.state_dict()
     assert sd_ours.keys() == sd_theirs.keys() == {"state", "param_groups"}
     assert sd_ours["state"].keys() == sd_theirs["state"].keys() == set(range(len(SHAPES)))
@@ -88,23 +96,20 @@ def test_checkpoint_interchange_continues_training(direction, decoupled, amsgrad
     # never switching: the destination optimizer all along
     straight = [p.clone() for p in p0]
     opt_straight = _make(dst, straight, amsgrad, decoupled)
-    for grads in grad_seq:
-        _feed(opt_straight, straight, grads)
+    _run(opt_straight, straight, grad_seq)
 
     # the source for 6 steps, then a checkpoint, then the destination for 6 more
     a = [p.clone() for p in p0]
     opt_a = _make(src, a, amsgrad, decoupled)
-    for grads in first:
-        _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    _run(opt_a, a, first)
+    sd = save_and_load(opt_a.state_dict())
     b = [p.detach().clone() for p in a]  # the "model checkpoint"
     opt_b = _make(dst, b, amsgrad, decoupled, **({"lr": 0.5} if dst == "adamx" else {}))
     opt_b.load_state_dict(sd)
     assert opt_b.param_groups[0]["lr"] == LR  # hyper-parameters come from the checkpoint
     for i, p in enumerate(b):
         assert float(opt_b.state[p]["step"]) == 6
-    for grads in second:
-        _feed(opt_b, b, grads)
+    _run(opt_b, b, second)
 
     exact = src == dst == "adamx"
     assert_same_state(opt_b, b, opt_straight, straight, tol=F32, exact=exact)
@@ -112,28 +117,21 @@ def test_checkpoint_interchange_continues_training(direction, decoupled, amsgrad
     # same params gives different numbers.
     c = [p.detach().clone() for p in a]
     opt_c = _make(dst, c, amsgrad, decoupled)
-    for grads in second:
-        _feed(opt_c, c, grads)
+    _run(opt_c, c, second)
     assert (c[0] - b[0]).abs().max() > 1e-4
 
 
 def test_old_checkpoint_with_number_steps():
     """Old torch checkpoints kept ``step`` as a Python number."""
-    p0 = make_tensors(SHAPES, torch.float32, seed=404)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 6, seed=405)
-    a = [p.clone() for p in p0]
-    opt_a = adamx.Adam(a, lr=LR)
-    for grads in grad_seq[:3]:
-        _feed(opt_a, a, grads)
+    a, opt_a, rest = _trained_halfway(lambda ps: adamx.Adam(ps, lr=LR), seed=404, steps=6)
     sd = copy.deepcopy(opt_a.state_dict())
     for st in sd["state"].values():
         st["step"] = float(st["step"])
     b = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(b, lr=LR)
     opt_b.load_state_dict(sd)
-    for grads in grad_seq[3:]:
-        _feed(opt_a, a, grads)
-        _feed(opt_b, b, grads)
+    _run(opt_a, a, rest)
+    _run(opt_b, b, rest)
     assert_same_state(opt_a, a, opt_b, b, exact=True)
     assert opt_b.state[b[0]]["step"].dtype == torch.float32
 
@@ -141,20 +139,15 @@ def test_old_checkpoint_with_number_steps():
 @pytest.mark.parametrize("options", [dict(capturable=True, fused=True), dict(fused=True),
                                      dict(foreach=True)], ids=str)
 def test_cpu_step_is_accepted_wherever_loaded(options):
-    p0 = make_tensors(SHAPES, torch.float32, seed=406)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 6, seed=407)
-    a = [p.clone() for p in p0]
-    opt_a = torch.optim.Adam(a, lr=LR, foreach=False)
-    for grads in grad_seq[:3]:
-        _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    a, opt_a, rest = _trained_halfway(lambda ps: torch.optim.Adam(ps, lr=LR, foreach=False),
+                                      seed=406, steps=6)
+    sd = save_and_load(opt_a.state_dict())
     assert all(st["step"].device.type == "cpu" for st in sd["state"].values())
     b = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(b, lr=LR, **options)
     opt_b.load_state_dict(sd)
-    for grads in grad_seq[3:]:
-        _feed(opt_a, a, grads)
-        _feed(opt_b, b, grads)
+    _run(opt_a, a, rest)
+    _run(opt_b, b, rest)
     assert_same_state(opt_b, b, opt_a, a, tol=F32)
     for p in b:
         st = opt_b.state[p]["step"]
@@ -164,13 +157,9 @@ def test_cpu_step_is_accepted_wherever_loaded(options):
 def test_checkpoint_loads_into_other_param_dtype():
     """torch's load_state_dict casts moment buffers to the param dtype (the step stays
     float32); a float32 checkpoint continues on bfloat16 params like torch fused does."""
-    p0 = make_tensors(SHAPES, torch.float32, seed=408)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 6, seed=409)
-    a = [p.clone() for p in p0]
-    opt_a = adamx.Adam(a, lr=LR, amsgrad=True)
-    for grads in grad_seq[:3]:
-        _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    a, opt_a, rest = _trained_halfway(lambda ps: adamx.Adam(ps, lr=LR, amsgrad=True),
+                                      seed=408, steps=6)
+    sd = save_and_load(opt_a.state_dict())
     ours = [p.detach().to(torch.bfloat16) for p in a]
     theirs = [p.clone() for p in ours]
     opt_ours = adamx.Adam(ours, lr=LR, amsgrad=True)
@@ -178,7 +167,7 @@ def test_checkpoint_loads_into_other_param_dtype():
     opt_ours.load_state_dict(copy.deepcopy(sd))
     opt_theirs.load_state_dict(copy.deepcopy(sd))
     assert opt_ours.state[ours[0]]["exp_avg"].dtype == torch.bfloat16
-    for grads in grad_seq[3:]:
+    for grads in rest:
         g16 = [g.to(torch.bfloat16) for g in grads]
         _feed(opt_ours, ours, g16)
         _feed(opt_theirs, theirs, g16)
@@ -186,19 +175,13 @@ def test_checkpoint_loads_into_other_param_dtype():
 
 
 def test_checkpoint_with_several_groups_and_tensor_lr():
-    p0 = make_tensors(SHAPES, torch.float32, seed=410)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 8, seed=411)
-
     def groups(ps):
         return [dict(params=ps[:2], lr=torch.tensor(0.02)),
                 dict(params=ps[2:], lr=0.05, betas=(0.8, 0.99), amsgrad=True,
                      weight_decay=0.1)]
 
-    a = [p.clone() for p in p0]
-    opt_a = adamx.Adam(groups(a))
-    for grads in grad_seq[:4]:
-        _feed(opt_a, a, grads)
-    sd = _roundtrip(opt_a.state_dict())
+    a, opt_a, rest = _trained_halfway(lambda ps: adamx.Adam(groups(ps)), seed=410, steps=8)
+    sd = save_and_load(opt_a.state_dict())
     b = [p.detach().clone() for p in a]
     t = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(groups(b))
@@ -207,10 +190,9 @@ def test_checkpoint_with_several_groups_and_tensor_lr():
     opt_b.load_state_dict(copy.deepcopy(sd))
     opt_t.load_state_dict(copy.deepcopy(sd))
     assert torch.is_tensor(opt_b.param_groups[0]["lr"])
-    for grads in grad_seq[4:]:
-        _feed(opt_a, a, grads)
-        _feed(opt_b, b, grads)
-        _feed(opt_t, t, grads)
+    _run(opt_a, a, rest)
+    _run(opt_b, b, rest)
+    _run(opt_t, t, rest)
     assert_same_state(opt_a, a, opt_b, b, exact=True)
     assert_same_state(opt_b, b, opt_t, t, tol=F32)
 
@@ -224,7 +206,7 @@ def test_scheduler_state_round_trip():
     for grads in grad_seq[:5]:
         _feed(opt_a, a, grads)
         sched_a.step()
-    ckpt = _roundtrip({"opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
+    ckpt = save_and_load({"opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
     b = [p.detach().clone() for p in a]
     opt_b = adamx.Adam(b, lr=0.05)
     sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=2, gamma=0.5)
@@ -240,16 +222,11 @@ def test_scheduler_state_round_trip():
 
 
 def test_deepcopy_of_optimizer_steps_the_same():
-    p0 = make_tensors(SHAPES, torch.float32, seed=414)
-    grad_seq = make_grad_seq(SHAPES, torch.float32, 6, seed=415)
-    a = [p.clone() for p in p0]
-    opt_a = adamx.AdamW(a, lr=LR, amsgrad=True)
-    for grads in grad_seq[:3]:
-        _feed(opt_a, a, grads)
+    a, opt_a, rest = _trained_halfway(lambda ps: adamx.AdamW(ps, lr=LR, amsgrad=True),
+                                      seed=414, steps=6)
     opt_b = copy.deepcopy(opt_a)
     b = opt_b.param_groups[0]["params"]
     assert b[0] is not a[0]
-    for grads in grad_seq[3:]:
-        _feed(opt_a, a, grads)
-        _feed(opt_b, b, grads)
+    _run(opt_a, a, rest)
+    _run(opt_b, b, rest)
     assert_same_state(opt_a, a, opt_b, b, exact=True)

@@ -16,14 +16,13 @@ adamx's documented differences, and nothing else, are left out:
 """
 
 import copy
-import io
 import warnings
 
 import pytest
 import torch
 
 import adamx
-from conftest import TOL, needs_build
+from conftest import TOL, needs_build, save_and_load
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers")
 
@@ -123,13 +122,6 @@ def test_steps_match_torch(torch_cls, dtype, kwargs, layout):
     _assert_same(ours, ours_params, theirs, theirs_params, dtype)
 
 
-def _roundtrip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("torch_cls, dtype, kwargs", CONFIGS)
 def test_state_dict_is_torchs_and_loads_both_ways(torch_cls, dtype, kwargs):
     ours, ours_params, theirs, theirs_params = _make(torch_cls, dtype, kwargs, "two groups")
@@ -153,7 +145,7 @@ def test_state_dict_is_torchs_and_loads_both_ways(torch_cls, dtype, kwargs):
         params = [p.detach().clone().requires_grad_() for p in ours_params]
         cls_kwargs = _reference_kwargs(kwargs) if target_cls is torch_cls else kwargs
         target = target_cls(_groups(params, "two groups"), **copy.deepcopy(cls_kwargs))
-        loaded = _roundtrip(source)
+        loaded = save_and_load(source)
         if target_cls is torch_cls:
             # The flags adamx ignores are the user's, kept in its groups; torch would honour
             # them (its fused step takes no complex params): the reference's instead.
@@ -163,7 +155,7 @@ def test_state_dict_is_torchs_and_loads_both_ways(torch_cls, dtype, kwargs):
         _run(target, params, range(3, 5))
         straight = [p.detach().clone().requires_grad_() for p in ours_params]
         continued = torch_cls(_groups(straight, "two groups"), **_reference_kwargs(kwargs))
-        continued.load_state_dict(_roundtrip(sd_theirs))
+        continued.load_state_dict(save_and_load(sd_theirs))
         _run(continued, straight, range(3, 5))
         for p, q in zip(params, straight):
             torch.testing.assert_close(p, q, **_tol(dtype), msg=direction)
