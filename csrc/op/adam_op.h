@@ -45,8 +45,9 @@ inline bool grads_written(const AdamArgs& a) {
 }
 
 // The tensor lists a step writes, in this order, with their names; a list this step does
-// not write (the grads unless grads_written, max_exp_avg_sqs unless amsgrad) is empty. The one table the shared-memory check, the operand layer's
-// temporaries and their copy-back read.
+// not write (the grads unless grads_written, max_exp_avg_sqs unless amsgrad) is empty. The
+// one table the shared-memory check, the operand layer's temporaries and their copy-back
+// read.
 enum WrittenList {
   kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kMasterParams, kCodeScales, kStateSteps,
   kNumWritten

@@ -393,7 +393,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
     C m = decode_code<true>(mp.v[k], m_scale), v = decode_code<false>(vp.v[k], v_scale), unused = 0;
     adam_update<Var>(pc, gc, m, v, unused, c.s);
     store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys.param, e0 + k);
-    if (Var::unscale_grad && c.s.store_grad) gp.v[k] = static_cast<P>(gc);
+    if (Var::unscale_grad) gp.v[k] = static_cast<P>(gc);  // stored below unless kept
     r.m[k] = m;
     r.v[k] = v;
     r.m_max = absmax_of(r.m_max, m);
