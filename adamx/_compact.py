@@ -1,8 +1,8 @@
-"""The compact optimizer-state encodings of csrc/adam_math.h, in vectorized torch.
+"""The compact optimizer-state encodings of csrc/math/ (codes8.h, random.h), in torch.
 
 Bitwise equal to the C++ (the kernels' stochastic rounding and 8-bit codes), without the
 compiled module: a reference for tests, and a way to read or write compact state on any
-device torch runs on. Each function names the one of adam_math.h it mirrors.
+device torch runs on. Each function names the one of those headers it mirrors.
 
 Conventions:
   * 64-bit hashes of per-tensor keys (``mix64``, ``rounding_key``, ``moment_key``) are

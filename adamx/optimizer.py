@@ -400,7 +400,7 @@ class Adam(Optimizer):
                     # holds now: the model may be loaded next (torch's set_state_dict loads
                     # it after the optimizer), and the step restarts the copy from the
                     # param wherever the param is not its rounding then (master_to_update
-                    # in csrc/adam_math.h). Any other (one that torch.optim.Adam carried
+                    # in csrc/math/update.h). Any other (one that torch.optim.Adam carried
                     # along and cast) starts from the param.
                     master = original.get("master_param")
                     if not (torch.is_tensor(master) and master.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""adamx._compact: the compact state encodings of csrc/adam_math.h in torch.
+"""adamx._compact: the compact state encodings of csrc/math/ (codes8.h, random.h) in torch.
 
 Pure Python (no compiled module). The vectorized functions are checked against a scalar
 transliteration of the C++ written here with Python ints and floats (float32 rounding by
@@ -25,7 +25,7 @@ SIGNED = [True, False]
 
 
 # --------------------------------------------------------------------------------------
-# A scalar transliteration of adam_math.h.
+# A scalar transliteration of csrc/math/codes8.h and random.h.
 
 def f32(v: float) -> float:
     """v rounded to float32."""

@@ -15,7 +15,9 @@
 #include <optional>
 #include <vector>
 
-#include "../adam_math.h"
+#include "../math/codes8.h"
+#include "../math/pointers.h"
+#include "../math/switches.h"
 
 namespace adamx {
 

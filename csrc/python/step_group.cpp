@@ -145,7 +145,7 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
   const Keys& key = keys();
-  Switches switches;
+  Switches switches{};
 #define ADAMX_SWITCH_READ(name) switches.name = group_flag(group, key.switches.name);
   ADAMX_SWITCHES(ADAMX_SWITCH_READ)
 #undef ADAMX_SWITCH_READ

@@ -5,7 +5,9 @@
 
 #include <cstdint>
 
-#include "../../adam_math.h"
+#include "../../math/codes8.h"
+#include "../../math/random.h"
+#include "../../math/update.h"
 
 namespace adamx::cpu {
 

@@ -19,7 +19,9 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../../adam_math.h"
+#include "../../math/codes8.h"
+#include "../../math/random.h"
+#include "../../math/update.h"
 
 #if defined(__CUDACC__)
 #define ADAMX_UNROLL _Pragma("unroll")
@@ -67,6 +69,7 @@ struct LaunchTable {
   // Per launch.
   StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
   Hyper hyper;                               // for scalars computed in the kernel
+  Switches switches;                         // the same
   const void* lr_ptr;                        // a tensor lr in device memory, or null
   ScalarRef grad_scale;                      // read by the kernel (else hyper.grad_scale)
   ScalarRef found_inf;                       // non-zero: every block returns at entry
@@ -154,7 +157,7 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
     s = tab.sets[tab.scalar_set[t]];
   } else {
     const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
-    s = step_scalars(tensor_step(tab, t), lr, tab.hyper, Var::on());
+    s = step_scalars(tensor_step(tab, t), lr, tab.hyper, tab.switches);
   }
   if (Var::unscale_grad && tab.grad_scale.ptr)
     s.grad_scale = read_scalar(tab.grad_scale.ptr, tab.grad_scale.dtype);
@@ -279,7 +282,7 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
                           keys, start + i);
 }
 
-// Blocks of 8-bit codes (Codes8; see "8-bit codes" in adam_math.h). A block's new scales
+// Blocks of 8-bit codes (Codes8; see math/codes8.h). A block's new scales
 // need the largest magnitude of its new moments, so a warp (kWarpSize lanes) updates one
 // block of codes at a time: lane `lane` updates its kLaneElems consecutive elements, keeping
 // their new moments in registers (`CodeLane`, code_lane_update), then the warp takes the

@@ -86,6 +86,7 @@ class TableBuilder {
   void reset() {
     std::memset(&tab_, 0, sizeof(tab_));
     tab_.hyper = scalars_.hyper;
+    tab_.switches = scalars_.switches;
     tab_.lr_ptr = scalars_.lr_ptr;
     tab_.lr_dtype = scalars_.lr_dtype;
     tab_.grad_scale = scalars_.grad_scale;

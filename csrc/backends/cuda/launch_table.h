@@ -34,7 +34,7 @@ struct LaunchScalars {
   Dtype lr_dtype = Dtype::Float32;
   ScalarRef grad_scale{nullptr, Dtype::Float32};  // in memory; else hyper.grad_scale
   ScalarRef found_inf{nullptr, Dtype::Float32};
-  Switches switches;
+  Switches switches{};
 };
 
 // The launch tables for `slots` (all of one param dtype), in order: each tensor's chunks go to
