@@ -134,6 +134,19 @@ def op_hyper(lr=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, **swit
                                       weight_decay=weight_decay, eps=eps, **switches)
 
 
+def op_backends(chunk_size, block_dim):
+    """The op on each backend, as functions of (*lists, **op keywords): the CPU kernel, and
+    the CUDA body run on the CPU by the emulation in chunks of `chunk_size` elements and
+    blocks of `block_dim` threads (small, so that tensors span several blocks)."""
+    def cpu(*lists, **hyper):
+        torch.ops.adamx.adam_(*lists, **hyper)
+
+    def emulated(*lists, **hyper):
+        torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, chunk_size=chunk_size,
+                                             block_dim=block_dim)
+    return {"cpu": cpu, "emulated_cuda": emulated}
+
+
 class OpState:
     """Params and Adam state kept by hand, as lists for the op (the way a user of the
     functional API keeps them)."""

@@ -20,7 +20,12 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 import adamx
 from conftest import TOL
@@ -360,12 +365,6 @@ def dcp_save_load(ctx):
     """torch.distributed.checkpoint: adamx's sharded state saved under FSDP2 and loaded
     into torch.optim.Adam, and the other way; the adamx checkpoint is also kept, with its
     whole state and one more step, for the 1-rank job (2 ranks -> 1)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
     m = Mismatches()
     config = CONFIGS["adamw-amsgrad"]
 
@@ -439,12 +438,6 @@ def dcp_reshard(ctx):
     """The 2-rank adamx checkpoint (after the first STEPS + 2) loaded on 1 rank: into
     FSDP2 with adamx, and into torch.optim.Adam; state equal to the saved whole state,
     and one more step equal to the 2-rank run's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
     m = Mismatches()
     ref = torch.load(os.path.join(ctx.out, "dcp-adamx-reference.pt"), weights_only=False)
     for cls in (adamx.Adam, torch.optim.Adam):
@@ -719,7 +712,6 @@ def torch_checkpoint_into_reduced_precision(ctx):
     and master copies the checkpoint lacks unless told allow_partial_load=True, and then
     loads) and by a whole state dict broadcast from rank 0; the next step is the unsharded
     run's (the same checkpoint loaded by set_optimizer_state_dict), bit for bit."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
     dsd = _dsd()
@@ -816,7 +808,6 @@ def sharded_event(ctx, life, kind_name, event, model, opt):
     """The event of a sharded row that test_lifecycle.py has no sharded form of: a DCP
     save and load into another model and optimizer, or a whole checkpoint broadcast from
     rank 0 into them."""
-    import torch.distributed.checkpoint as dcp
     dsd = _dsd()
     kind = life.KINDS[kind_name]
     resumed = shard_layers(life.model_of(kind, seed=1))
@@ -893,7 +884,6 @@ def lifecycle_sharded(kind_name):
 def lifecycle_reshard(ctx):
     """The 2-rank run's DCP checkpoint (taken at the event) of each kind loaded on 1 rank:
     the steps after it are the unsharded run's (2 -> 1)."""
-    import torch.distributed.checkpoint as dcp
     import test_lifecycle as life
     dsd = _dsd()
     m = Mismatches()

@@ -9,7 +9,7 @@ import torch
 import adamx
 import adamx.functional as F
 from conftest import (LR, OpState, assert_bitwise, assert_unchanged, make_tensors, needs_build,
-                      op_hyper, snapshot)
+                      op_backends, op_hyper, snapshot)
 
 pytestmark = needs_build
 
@@ -386,15 +386,8 @@ def test_second_group_goes_bad_after_every_param_has_state(kind):
 # emulation, which shares the CUDA backend's checks and operand preparation), and
 # hyper-parameters of the wrong type
 # --------------------------------------------------------------------------------------
-def cpu_step(*lists, **hyper):
-    torch.ops.adamx.adam_(*lists, **hyper)
-
-
-def emulated_step(*lists, **hyper):
-    torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, chunk_size=64, block_dim=8)
-
-
-BACKENDS = {"cpu": cpu_step, "emulated_cuda": emulated_step}
+BACKENDS = op_backends(chunk_size=64, block_dim=8)
+cpu_step = BACKENDS["cpu"]
 
 
 def small_state(amsgrad=True, seed=600):

@@ -9,21 +9,13 @@ import pytest
 import torch
 
 from conftest import (DTYPES, OpState, assert_bitwise, make_grad_seq, make_tensors,
-                      needs_build, op_hyper)
+                      needs_build, op_backends, op_hyper)
 
 pytestmark = needs_build
 
 
-def cpu_step(*lists, **hyper):
-    torch.ops.adamx.adam_(*lists, **hyper)
-
-
-def emulated_step(*lists, **hyper):
-    torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, chunk_size=32, block_dim=4)
-
-
-BACKENDS = {"cpu": cpu_step, "emulated_cuda": emulated_step}
-OTHER = {"cpu": emulated_step, "emulated_cuda": cpu_step}
+BACKENDS = op_backends(chunk_size=32, block_dim=4)
+OTHER = {"cpu": BACKENDS["emulated_cuda"], "emulated_cuda": BACKENDS["cpu"]}
 
 
 def contiguous_copy(st):
