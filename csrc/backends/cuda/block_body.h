@@ -164,6 +164,27 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
   return s;
 }
 
+// The preamble of every block: its chunk of its tensor, elements [start, start + len).
+// False when the step writes nothing (GradScaler found an inf or NaN: found_inf, read once
+// per thread, at entry).
+struct Chunk {
+  int t;  // the tensor's slot in the table
+  const TensorPointers* tensor;
+  int64_t start, len;
+};
+ADAMX_HD int64_t chunk_start(const LaunchTable& tab, int block) {
+  return int64_t(tab.block_chunk[block]) * tab.chunk_size;
+}
+ADAMX_HD bool chunk_of(const LaunchTable& tab, int block, Chunk& c) {
+  if (tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0) return false;
+  c.t = tab.block_tensor[block];
+  c.tensor = &tab.tensors[c.t];
+  c.start = chunk_start(tab, block);
+  const int64_t rest = c.tensor->numel - c.start;
+  c.len = rest < tab.chunk_size ? rest : tab.chunk_size;
+  return true;
+}
+
 // Whether block `block` takes the vector path: every pointer it touches, at its chunk's
 // start, is aligned to a W-element vector of its type (which also makes the start a whole
 // vector).
@@ -174,7 +195,7 @@ ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
   } else {
   using M = MomentStorage<S>;
   constexpr int W = kVecElems<Var, P, S>;
-  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
+  const int64_t start = chunk_start(tab, block);
   const TensorPointers& tensor = tab.tensors[tab.block_tensor[block]];
   bool ok = aligned<P, W>(tensor.param, start) && aligned<P, W>(tensor.grad, start) &&
             aligned<M, W>(tensor.exp_avg, start) && aligned<M, W>(tensor.exp_avg_sq, start);
@@ -233,13 +254,11 @@ ADAMX_HD void adam_block_body(int block, int thread, int block_dim, const Launch
   using C = ComputeType<P>;
   using M = MomentStorage<S>;
   constexpr int W = kVecElems<Var, P, S>;
-  // GradScaler found an inf or NaN: the step writes nothing (read once per thread, at entry).
-  if (tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0) return;
-  const int t = tab.block_tensor[block];
-  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
-  const TensorPointers& tensor = tab.tensors[t];
-  const int64_t rest = tensor.numel - start;
-  const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
+  Chunk chunk;
+  if (!chunk_of(tab, block, chunk)) return;
+  const int t = chunk.t;
+  const TensorPointers& tensor = *chunk.tensor;
+  const int64_t start = chunk.start, len = chunk.len;
   // Round the scalars to the math type first, as torch (and the CPU kernel) do.
   const StepScalars<C> s = tensor_scalars<Var>(tab, t).template as<C>();
   const RoundingKeys keys = tensor_keys<Var, S>(tab, t);
@@ -314,17 +333,14 @@ struct CodeChunk {
 template <class Var, class P>
 ADAMX_HD CodeChunk<P> code_chunk(const LaunchTable& tab, int block) {
   CodeChunk<P> c{};
-  c.skip = tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0;
+  Chunk chunk;
+  c.skip = !chunk_of(tab, block, chunk);
   if (c.skip) return c;
-  const int t = tab.block_tensor[block];
-  c.tensor = &tab.tensors[t];
-  const int64_t start = int64_t(tab.block_chunk[block]) * tab.chunk_size;
-  const int64_t rest = c.tensor->numel - start;
-  const int64_t len = rest < tab.chunk_size ? rest : tab.chunk_size;
-  c.first = start / kCodeBlock;
-  c.count = (len + kCodeBlock - 1) / kCodeBlock;
-  c.s = tensor_scalars<Var>(tab, t).template as<ComputeType<P>>();
-  c.keys = tensor_keys<Var, Codes8>(tab, t);
+  c.tensor = chunk.tensor;
+  c.first = chunk.start / kCodeBlock;
+  c.count = (chunk.len + kCodeBlock - 1) / kCodeBlock;
+  c.s = tensor_scalars<Var>(tab, chunk.t).template as<ComputeType<P>>();
+  c.keys = tensor_keys<Var, Codes8>(tab, chunk.t);
   return c;
 }
 
