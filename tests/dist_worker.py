@@ -22,10 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint import state_dict as dsd
 
 import adamx
 from conftest import TOL
@@ -378,17 +375,17 @@ def dcp_save_load(ctx):
         return model, opt
 
     def save(model, opt, path):
-        dcp.save({"model": get_model_state_dict(model),
-                  "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+        dcp.save({"model": dsd.get_model_state_dict(model),
+                  "optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
 
     def load(cls, path):
         model = shard(mlp().to(ctx.device))
         opt = make_opt(cls, model, dict(config, lr=1.0))  # the checkpoint's lr must win
-        sd = {"model": get_model_state_dict(model),
-              "optim": get_optimizer_state_dict(model, opt)}
+        sd = {"model": dsd.get_model_state_dict(model),
+              "optim": dsd.get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=path)
-        set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, opt, sd["optim"])
+        dsd.set_model_state_dict(model, sd["model"])
+        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
         return model, opt
 
     def continue_both(model_a, opt_a, model_b, opt_b, what):
@@ -411,8 +408,8 @@ def dcp_save_load(ctx):
         m.check(all(isinstance(s["exp_avg"], type(p)) for p, s in loaded_opt.state.items()),
                 f"{what}: loaded state not DTensors")
         if src is adamx.Adam:  # the reference for the 1-rank job, from a third copy
-            full_state = get_optimizer_state_dict(
-                model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full_state = dsd.get_optimizer_state_dict(
+                model, opt, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
             next_params = one_more_step(*load(adamx.Adam, path))
             if ctx.rank == 0:
                 torch.save(dict(state=full_state, params=next_params),
@@ -443,12 +440,12 @@ def dcp_reshard(ctx):
     for cls in (adamx.Adam, torch.optim.Adam):
         model = shard(mlp().to(ctx.device))
         opt = make_opt(cls, model, dict(CONFIGS["adamw-amsgrad"], lr=1.0))
-        sd = {"model": get_model_state_dict(model),
-              "optim": get_optimizer_state_dict(model, opt)}
+        sd = {"model": dsd.get_model_state_dict(model),
+              "optim": dsd.get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=os.path.join(ctx.out, "dcp-adamx"))
-        set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, opt, sd["optim"])
-        got = get_optimizer_state_dict(model, opt, options=StateDictOptions(
+        dsd.set_model_state_dict(model, sd["model"])
+        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        got = dsd.get_optimizer_state_dict(model, opt, options=dsd.StateDictOptions(
             full_state_dict=True, cpu_offload=True))
         what = f"2 -> 1 ranks, {cls.__module__.split('.')[0]}"
         for name, want in ref["state"]["state"].items():
@@ -506,13 +503,9 @@ def clip_sharded(ctx):
 
 # -- loading whole checkpoints into sharded params (issue #20) --------------------------
 
-def _dsd():
-    from torch.distributed.checkpoint import state_dict
-    return state_dict
-
 
 def broadcast_options():
-    return _dsd().StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def wide():
@@ -533,7 +526,7 @@ def train(model, opt, dtype=torch.float32, steps=STEPS):
 def load_broadcast(ctx, model, opt, full_model, full_optim):
     """Whole state dicts read on rank 0 alone and broadcast (the others pass {}; copies:
     torch's loaders take over and change what they are given)."""
-    dsd, options = _dsd(), broadcast_options()
+    options = broadcast_options()
     dsd.set_model_state_dict(model, copy.deepcopy(full_model) if ctx.rank == 0 else {},
                              options=options)
     dsd.set_optimizer_state_dict(model, opt, copy.deepcopy(full_optim) if ctx.rank == 0
@@ -585,7 +578,7 @@ def broadcast_group_settings(ctx):
     source_opt = make_opt(adamx.Adam, source, config)
     train(source, source_opt)
     # (copies: a load takes a checkpoint's tensors as they are, as torch's does)
-    full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+    full_optim = copy.deepcopy(dsd.get_optimizer_state_dict(source, source_opt))
     destination = dict(CONFIGS["adamw-amsgrad"], lr=1.0)  # the checkpoint's lr must win
     ref = mlp().to(ctx.device)
     ref.load_state_dict(source.state_dict())
@@ -615,10 +608,10 @@ def broadcast_compact_checkpoint(ctx):
         source = wide().to(ctx.device)
         source_opt = adamx.Adam(source.parameters(), lr=LR, state_dtype=state_dtype)
         train(source, source_opt)
-        full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+        full_optim = copy.deepcopy(dsd.get_optimizer_state_dict(source, source_opt))
         model = shard(wide().to(ctx.device))
         opt = adamx.Adam(model.parameters(), lr=1.0)
-        _dsd().get_optimizer_state_dict(model, opt)  # (makes the state, as torch's load)
+        dsd.get_optimizer_state_dict(model, opt)  # (makes the state, as torch's load)
         before = local_snapshot(opt)
         try:
             load_broadcast(ctx, model, opt, source.state_dict(), full_optim)
@@ -668,7 +661,7 @@ def broadcast_master_copies(ctx):
     source = mlp().to(ctx.device, torch.bfloat16)
     source_opt = adamx.Adam(source.parameters(), lr=LR, master_weights=True)
     train(source, source_opt, torch.bfloat16)
-    full_optim = copy.deepcopy(_dsd().get_optimizer_state_dict(source, source_opt))
+    full_optim = copy.deepcopy(dsd.get_optimizer_state_dict(source, source_opt))
     # The unsharded load of the checkpoint as the broadcast delivers it: torch writes the
     # moments into the loading optimizer's state, bfloat16 without master copies.
     without = copy.deepcopy(source_opt.state_dict())
@@ -714,7 +707,6 @@ def torch_checkpoint_into_reduced_precision(ctx):
     run's (the same checkpoint loaded by set_optimizer_state_dict), bit for bit."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
-    dsd = _dsd()
     m = Mismatches()
     source = shard(mlp().to(ctx.device, torch.bfloat16))
     source_opt = torch.optim.Adam(source.parameters(), lr=LR, foreach=False)
@@ -808,7 +800,6 @@ def sharded_event(ctx, life, kind_name, event, model, opt):
     """The event of a sharded row that test_lifecycle.py has no sharded form of: a DCP
     save and load into another model and optimizer, or a whole checkpoint broadcast from
     rank 0 into them."""
-    dsd = _dsd()
     kind = life.KINDS[kind_name]
     resumed = shard_layers(life.model_of(kind, seed=1))
     resumed_opt = life.optimizer_of(kind, resumed)
@@ -885,7 +876,6 @@ def lifecycle_reshard(ctx):
     """The 2-rank run's DCP checkpoint (taken at the event) of each kind loaded on 1 rank:
     the steps after it are the unsharded run's (2 -> 1)."""
     import test_lifecycle as life
-    dsd = _dsd()
     m = Mismatches()
     for kind_name in SHARDED_KINDS:
         kind = life.KINDS[kind_name]
