@@ -19,8 +19,9 @@
 // every kernel reads from its step scalars (R: no kernel of its own). A switch is compiled
 // in only where a measurement says the flag would cost more than ~2% per element
 // (docs/DEVELOPING.md, "Compile-time switches"). Adding one here and using it in
-// adam_update (Var::name for K, the StepScalars field step_scalars sets for R) is all the
-// kernels need: everything else is generated from it.
+// adam_update (Var::name for K, s.name for R: StepFlags' field and its setting in
+// step_scalars are generated) is all the kernels need: everything else is generated from
+// it, and the tests run it (conftest.KERNEL_CASES, from _C.KERNEL_CASES).
 #define ADAMX_SWITCH_LIST(K, R)                                                       \
   K(amsgrad)                                                                          \
   R(maximize)                                                                         \
@@ -205,6 +206,21 @@ constexpr unsigned kNumKernels = [] {
   return detail::count_kernels<float>(all) + detail::count_kernels<double>(all) +
          detail::count_kernels<c10::Half>(all) + detail::count_kernels<c10::BFloat16>(all);
 }();
+
+// Calls f(param dtype, state kind, switches) once for every kernel that exists, the
+// switches those of the kernel (the run-time ones false): what the tests enumerate, so that
+// a new switch, dtype or kind is tested without editing them (_C.KERNEL_CASES).
+template <class F>
+void for_each_kernel(F&& f) {
+  for (Dtype d : {Dtype::Float32, Dtype::Float64, Dtype::Float16, Dtype::BFloat16})
+    for (StateKind kind : {StateKind::Plain, StateKind::Bf16, StateKind::Codes8})
+      for (unsigned bits = 0; bits < kNumVariants; ++bits)
+        dispatch_kernel(d, kind, switches_from_bits(bits), [&]<class Var, class P, class S>() {
+          // (the dispatch maps stochastic_rounding of non-bfloat16 params to the kernel
+          // without it: count that kernel once)
+          if (switch_bits(Var::on()) == bits) f(d, kind, Var::on());
+        });
+}
 
 // How compact moments of kind S are stored: bfloat16 for StochasticBf16, uint8 codes for
 // Codes8, S itself for the plain kinds.

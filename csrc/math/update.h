@@ -44,34 +44,46 @@
 
 namespace adamx {
 
-// Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD
-// vector of them). Built once per tensor per step by `step_scalars`.
-template <class T>
-struct StepScalars {
-  T lerp_coeff;      // m = fma(lerp_coeff, g - m, lerp_from_grad ? g : m)
-  T beta2;
-  T one_minus_beta2;
-  T neg_step_size;   // -lr / bc1
-  T inv_bc2_term;    // 1/sqrt(bc2) (torch placement) or 1/bc2 (eps inside the sqrt)
-  T eps;
-  T weight_decay;    // L2 coefficient (0: no penalty)
-  T decay_factor;    // 1 - lr * wd (decoupled decay)
-  T grad_scale;      // the divisor of the grad (unscale_grad)
-  bool lerp_from_grad;
+// The flags of a step: uniform across a kernel's elements, the same for every compute type.
+struct StepFlags {
+  bool lerp_from_grad;    // m = fma(lerp_coeff, g - m, lerp_from_grad ? g : m)
   bool has_weight_decay;
-  bool store_grad;   // unscale_grad: the quotient is stored back (not Hyper::keep_grads)
-  // The run-time switches (ADAMX_SWITCH_LIST's R): uniform across a kernel's elements.
-  bool maximize;
-  bool decoupled_weight_decay;
-  bool eps_inside_sqrt;
+  bool store_grad;        // unscale_grad: the quotient is stored back (not Hyper::keep_grads)
+  // The run-time switches (ADAMX_SWITCH_LIST's R), generated from the list.
+#define ADAMX_RUNTIME_SWITCH_FIELD(name) bool name;
+  ADAMX_SWITCH_LIST(ADAMX_SKIP_SWITCH, ADAMX_RUNTIME_SWITCH_FIELD)
+#undef ADAMX_RUNTIME_SWITCH_FIELD
+};
 
-  // Broadcast to another compute type (e.g. a SIMD vector of T).
+// The values of a step, in the compute type.
+#define ADAMX_STEP_VALUES(X)                                                               \
+  X(lerp_coeff)                                                                            \
+  X(beta2)                                                                                 \
+  X(one_minus_beta2)                                                                       \
+  X(neg_step_size)   /* -lr / bc1 */                                                       \
+  X(inv_bc2_term)    /* 1/sqrt(bc2) (torch placement) or 1/bc2 (eps inside the sqrt) */    \
+  X(eps)                                                                                   \
+  X(weight_decay)    /* L2 coefficient (0: no penalty) */                                  \
+  X(decay_factor)    /* 1 - lr * wd (decoupled decay) */                                   \
+  X(grad_scale)      /* the divisor of the grad (unscale_grad) */
+
+// Per-tensor, per-step scalars in the compute type T (float, double, or a SIMD vector of
+// them), and the step's flags. Built once per tensor per step by `step_scalars`.
+template <class T>
+struct StepScalars : StepFlags {
+#define ADAMX_STEP_VALUE_FIELD(name) T name;
+  ADAMX_STEP_VALUES(ADAMX_STEP_VALUE_FIELD)
+#undef ADAMX_STEP_VALUE_FIELD
+
+  // Broadcast to another compute type (e.g. a SIMD vector of T); the flags are copied.
   template <class U>
   ADAMX_HD StepScalars<U> as() const {
-    return {U(lerp_coeff), U(beta2), U(one_minus_beta2), U(neg_step_size), U(inv_bc2_term),
-            U(eps), U(weight_decay), U(decay_factor), U(grad_scale), lerp_from_grad,
-            has_weight_decay, store_grad, maximize, decoupled_weight_decay,
-            eps_inside_sqrt};
+    StepScalars<U> r;
+    static_cast<StepFlags&>(r) = *this;
+#define ADAMX_STEP_VALUE_AS(name) r.name = U(name);
+    ADAMX_STEP_VALUES(ADAMX_STEP_VALUE_AS)
+#undef ADAMX_STEP_VALUE_AS
+    return r;
   }
 };
 
@@ -97,9 +109,9 @@ ADAMX_HD StepScalars<double> step_scalars(double step, double lr, const Hyper& h
   s.grad_scale = h.grad_scale;
   s.has_weight_decay = h.weight_decay != 0;
   s.store_grad = on.unscale_grad && !h.keep_grads;
-  s.maximize = on.maximize;
-  s.decoupled_weight_decay = on.decoupled_weight_decay;
-  s.eps_inside_sqrt = on.eps_inside_sqrt;
+#define ADAMX_RUNTIME_SWITCH_SET(name) s.name = on.name;
+  ADAMX_SWITCH_LIST(ADAMX_SKIP_SWITCH, ADAMX_RUNTIME_SWITCH_SET)
+#undef ADAMX_RUNTIME_SWITCH_SET
   return s;
 }
 

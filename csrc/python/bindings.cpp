@@ -45,8 +45,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ADAMX_SWITCHES(ADAMX_SWITCH_NAME)
 #undef ADAMX_SWITCH_NAME
   m.attr("SWITCHES") = pybind11::tuple(pybind11::cast(switches));
+  std::vector<std::string> runtime_switches;
+#define ADAMX_RUNTIME_SWITCH_NAME(name) runtime_switches.push_back(#name);
+  ADAMX_SWITCH_LIST(ADAMX_SKIP_SWITCH, ADAMX_RUNTIME_SWITCH_NAME)
+#undef ADAMX_RUNTIME_SWITCH_NAME
+  // The switches every kernel reads at run time (no kernel of their own).
+  m.attr("RUNTIME_SWITCHES") = pybind11::tuple(pybind11::cast(runtime_switches));
   // Kernels compiled per CPU instruction set and per CUDA architecture.
   m.attr("NUM_KERNELS") = adamx::kNumKernels;
+  // Every kernel that exists, as a dict: param_dtype (a torch dtype name), state_dtype
+  // (how its moments are stored, as a group's state_dtype names it: "float32" for torch's
+  // layout), and its compile-time switches (the run-time ones are every kernel's).
+  pybind11::list kernels;
+  adamx::for_each_kernel([&](adamx::Dtype d, adamx::StateKind kind, const adamx::Switches& s) {
+    static const char* const kDtypes[] = {"float32", "float64", "float16", "bfloat16"};
+    static const char* const kKinds[] = {"float32", "bfloat16", "int8"};
+    pybind11::dict k;
+    k["param_dtype"] = kDtypes[int(d)];
+    k["state_dtype"] = kKinds[int(kind)];
+#define ADAMX_KERNEL_SWITCH_ITEM(name) k[#name] = bool(s.name);
+    ADAMX_KERNEL_SWITCHES(ADAMX_KERNEL_SWITCH_ITEM)
+#undef ADAMX_KERNEL_SWITCH_ITEM
+    kernels.append(k);
+  });
+  m.attr("KERNEL_CASES") = pybind11::tuple(kernels);
   // The CUDA launch geometry, the defaults of the emulation's arguments.
   m.attr("CUDA_CHUNK_SIZE") = cuda::kDefaultChunkSize;
   m.attr("CUDA_BLOCK_DIM") = cuda::kBlockDim;
