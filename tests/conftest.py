@@ -134,43 +134,127 @@ def op_hyper(lr=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, **swit
                                       weight_decay=weight_decay, eps=eps, **switches)
 
 
-def op_backends(chunk_size, block_dim):
+def op_backends(**geometry):
     """The op on each backend, as functions of (*lists, **op keywords): the CPU kernel, and
-    the CUDA body run on the CPU by the emulation in chunks of `chunk_size` elements and
-    blocks of `block_dim` threads (small, so that tensors span several blocks)."""
+    the CUDA body run on the CPU by the emulation with `geometry`: its launch geometry
+    (chunk_size, block_dim, max_tensors, max_blocks; small ones make tensors span several
+    chunks, blocks and launches) and where it reads scalars (steps_in_kernel, lr_in_kernel,
+    scaler_in_kernel: as device memory, as a GPU reads device tensors)."""
     def cpu(*lists, **hyper):
         torch.ops.adamx.adam_(*lists, **hyper)
 
     def emulated(*lists, **hyper):
-        torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, chunk_size=chunk_size,
-                                             block_dim=block_dim)
+        torch.ops.adamx._adam_emulated_cuda_(*lists, **hyper, **geometry)
     return {"cpu": cpu, "emulated_cuda": emulated}
+
+
+def _on_cuda(*lists, **hyper):
+    """The op on the GPU: every tensor operand copied there, and the results copied back
+    into the CPU tensors given (so a test reads them as it reads the CPU op's)."""
+    def there(x):
+        if torch.is_tensor(x):
+            return x.cuda()
+        return [t.cuda() for t in x] if isinstance(x, (list, tuple)) else x
+    moved = [there(x) for x in lists]
+    kwargs = {k: there(v) for k, v in hyper.items()}
+    torch.ops.adamx.adam_(*moved, **kwargs)
+    for given, used in list(zip(lists, moved)) + [(hyper[k], kwargs[k]) for k in hyper]:
+        if torch.is_tensor(given):
+            given.copy_(used)
+        elif isinstance(given, (list, tuple)):
+            for a, b in zip(given, used):
+                a.copy_(b)
+
+
+SMALL_GEOMETRY = dict(chunk_size=64, block_dim=8, max_tensors=3, max_blocks=5)
+# The ways to run the op, one table for every test that runs it: the CPU kernel; the CUDA
+# body emulated on the CPU with the GPU's geometry, with a small one (several chunks,
+# blocks and launches), and with every scalar read as device memory; the GPU when there is
+# one (tensors copied there and back).
+BACKENDS = dict(
+    cpu=op_backends()["cpu"],
+    emulated_cuda=op_backends()["emulated_cuda"],
+    emulated_cuda_small=op_backends(**SMALL_GEOMETRY)["emulated_cuda"],
+    emulated_cuda_in_kernel=op_backends(**SMALL_GEOMETRY, steps_in_kernel=True,
+                                        lr_in_kernel=True,
+                                        scaler_in_kernel=True)["emulated_cuda"])
+HAS_GPU = adamx.is_compiled() and adamx._ops._C.built_with_cuda() and torch.cuda.is_available()
+if HAS_GPU:
+    BACKENDS["cuda"] = _on_cuda
+
+
+# --------------------------------------------------------------------------------------
+# The kernel cases: every kernel the module has (adamx._C.KERNEL_CASES: param dtype, how
+# the moments are stored, the compile-time switches), each to be run with every
+# combination of the run-time switches (adamx._C.RUNTIME_SWITCHES). A switch, dtype or
+# state kind added to the C++ list is in these tables without a test edit.
+# --------------------------------------------------------------------------------------
+KERNEL_CASES = [dict(k) for k in adamx._ops._C.KERNEL_CASES] if adamx.is_compiled() else []
+RUNTIME_SWITCHES = tuple(adamx._ops._C.RUNTIME_SWITCHES) if adamx.is_compiled() else ()
+RUNTIME_GRID = [dict(zip(RUNTIME_SWITCHES, bits))
+                for bits in itertools.product([False, True], repeat=len(RUNTIME_SWITCHES))]
+
+
+def case_id(case):
+    on = [k for k, v in case.items() if v is True]
+    return "-".join([case["param_dtype"], "state_" + case["state_dtype"]] + on)
 
 
 class OpState:
     """Params and Adam state kept by hand, as lists for the op (the way a user of the
-    functional API keeps them)."""
+    functional API keeps them): moments stored as `state_dtype` names them ("float32":
+    torch's layout, in the param's dtype, or float32 beside master copies; "bfloat16";
+    "int8": codes with per-block scales), fp32 master copies of the params when
+    `master_weights`, and max_exp_avg_sq when `amsgrad`."""
 
-    def __init__(self, params, amsgrad, step_dtype=torch.float32, steps=None):
+    def __init__(self, params, amsgrad, step_dtype=torch.float32, steps=None, *,
+                 master_weights=False, state_dtype="float32"):
         self.params = params
-        self.exp_avgs = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
-        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in params] if amsgrad else []
+        self.master_params = [p.float() for p in params] if master_weights else []
+        self.state_dtype = state_dtype
+        like = self.master_params or params
+        self.code_scales = []
+        if state_dtype == "int8":
+            self.exp_avgs = [torch.zeros(p.shape, dtype=torch.uint8) for p in params]
+            self.exp_avg_sqs = [torch.zeros(p.shape, dtype=torch.uint8) for p in params]
+            self.code_scales = [torch.zeros(2, adamx._compact.num_code_blocks(p.numel()))
+                                for p in params]
+        else:
+            dtype = torch.bfloat16 if state_dtype == "bfloat16" else None
+            self.exp_avgs = [torch.zeros_like(p, dtype=dtype) for p in like]
+            self.exp_avg_sqs = [torch.zeros_like(p, dtype=dtype) for p in like]
+        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in like] if amsgrad else []
         steps = steps if steps is not None else [0.0] * len(params)
         self.steps = [torch.tensor(float(s), dtype=step_dtype) for s in steps]
+
+    @classmethod
+    def of_case(cls, case, shapes, seed):
+        """The state of a kernel case (a KERNEL_CASES entry) for params of `shapes`."""
+        dtype = getattr(torch, case["param_dtype"])
+        return cls(make_tensors(shapes, dtype, seed), case["amsgrad"],
+                   master_weights=case["master_weights"], state_dtype=case["state_dtype"])
 
     def lists(self, grads):
         return (self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                 self.steps)
 
+    def operands(self):
+        """The op's keyword operands of this state (master copies, code scales)."""
+        return dict(master_params=self.master_params or None,
+                    code_scales=self.code_scales or None)
+
+    _LISTS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
+              "master_params", "code_scales")
+
     def clone(self):
-        other = OpState.__new__(OpState)
-        for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        for name in self._LISTS:
             setattr(other, name, [t.clone() for t in getattr(self, name)])
         return other
 
     def tensors(self):
-        return self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs + self.steps
+        return [t for name in self._LISTS for t in getattr(self, name)]
 
 
 def assert_bitwise(state_a, state_b, what=""):
