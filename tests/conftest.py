@@ -62,13 +62,18 @@ TOL = {
 }
 
 # --------------------------------------------------------------------------------------
-# The option grid: every combination of the switches of the formula (adamx._C.SWITCHES:
-# amsgrad, maximize, decoupled_weight_decay, eps_inside_sqrt; not stochastic_rounding, which
+# The option grid: every combination of the switches of the formula that the float64
+# reference implements (REFERENCE_SWITCHES: adamx._C.SWITCHES but stochastic_rounding, which
 # changes how bfloat16 params round, not the formula: test_mixed_precision.py tests it), as
-# keyword dicts. Ids name the switches that are on ("-" for none).
+# keyword dicts. Ids name the switches that are on ("-" for none). A switch the module has
+# beyond these is run on every kernel and backend by test_kernel_cases.py (from
+# adamx._C), and joins this grid when RefAdam learns its formula.
 # --------------------------------------------------------------------------------------
 SWITCHES = tuple(adamx._ops._C.SWITCHES) if adamx.is_compiled() else ()
-FORMULA_SWITCHES = tuple(s for s in SWITCHES if s != "stochastic_rounding")
+# Each switch of the formula that RefAdam implements, and RefAdam's keyword for it.
+REFERENCE_SWITCHES = dict(amsgrad="amsgrad", maximize="maximize",
+                          decoupled_weight_decay="decoupled", eps_inside_sqrt="eps_inside_sqrt")
+FORMULA_SWITCHES = tuple(s for s in SWITCHES if s in REFERENCE_SWITCHES)
 OPTION_GRID = [dict(zip(FORMULA_SWITCHES, bits))
                for bits in itertools.product([False, True], repeat=len(FORMULA_SWITCHES))]
 OPTION_IDS = ["+".join(k for k, on in o.items() if on) or "-" for o in OPTION_GRID]

@@ -10,14 +10,16 @@ backend, without a test edit. For each case:
   step counts;
 - each run-time switch changes the step (a flag that the kernels never read fails);
 - the CPU kernel follows the float64 reference (conftest.RefAdam), where the case's state
-  is torch's layout (compact moments have their own bitwise checks, test_lean_state.py).
+  is torch's layout (compact moments have their own bitwise checks, test_lean_state.py),
+  for the switches RefAdam implements (conftest.REFERENCE_SWITCHES: a new switch is
+  compared with it once RefAdam learns its formula).
 """
 
 import pytest
 import torch
 
-from conftest import (BACKENDS, KERNEL_CASES, LR, RUNTIME_GRID, RUNTIME_SWITCHES, TOL,
-                      OpState, RefAdam, assert_bitwise, assert_close, case_id,
+from conftest import (BACKENDS, KERNEL_CASES, LR, REFERENCE_SWITCHES, RUNTIME_GRID,
+                      RUNTIME_SWITCHES, TOL, OpState, RefAdam, assert_bitwise, assert_close, case_id,
                       make_grad_seq, needs_build, op_hyper, same_bits)
 
 pytestmark = needs_build
@@ -28,9 +30,6 @@ SHAPES = [(), (0,), (7,), (1031,), (17, 33)]
 STEPS = 3
 GRAD_SCALE = 4.0  # a power of two: scaled grads are exact, so the unscaled step is too
 CASE_IDS = [case_id(c) for c in KERNEL_CASES]
-# The run-time switches RefAdam implements, under its own argument names.
-REFERENCE_NAMES = dict(maximize="maximize", decoupled_weight_decay="decoupled",
-                       eps_inside_sqrt="eps_inside_sqrt")
 
 
 def _grads(case, k):
@@ -84,14 +83,14 @@ def test_cpu_kernel_follows_the_float64_reference(case):
     """Plain and master-copy cases (the moments in torch's layout), rounded to nearest;
     the reference runs on the master copy, in float32, where there is one."""
     dtype = getattr(torch, case["param_dtype"])
-    known = [f for f in RUNTIME_GRID if all(k in REFERENCE_NAMES for k, on in f.items() if on)]
+    known = [f for f in RUNTIME_GRID if all(k in REFERENCE_SWITCHES for k, on in f.items() if on)]
     for flags in known:
         state, _ = _run("cpu", case, flags)
         start = OpState.of_case(case, SHAPES, seed=3)
         stored = torch.float32 if case["master_weights"] else dtype
         ref = RefAdam(start.master_params or start.params, stored, lr=LR, weight_decay=0.1,
                       amsgrad=case["amsgrad"],
-                      **{REFERENCE_NAMES[k]: on for k, on in flags.items()})
+                      **{REFERENCE_SWITCHES[k]: on for k, on in flags.items() if on})
         for k in range(STEPS):
             ref.step(_grads(case, k), grad_scale=GRAD_SCALE if case["unscale_grad"] else None)
         updated = state.master_params or state.params
@@ -103,3 +102,4 @@ def test_cpu_kernel_follows_the_float64_reference(case):
                 assert_close(mine, value, TOL[stored], f"{flags} {key} {i}")
         for p, master in zip(state.params, state.master_params):
             assert same_bits(p, master.to(dtype)), "a param is not its master copy's rounding"
+
