@@ -31,20 +31,6 @@ namespace adamx {
 
 Dtype dtype_of(at::ScalarType t);  // float32, float64, float16 or bfloat16
 
-// A param's step count as its kernel gets it.
-struct StepCount {
-  double next;         // the count after this step's increment (host counts only)
-  const void* memory;  // the count in memory the kernel reads, after its increment; or null
-  Dtype dtype;         // the count's dtype: Float32 or Float64
-};
-
-// A per-step scalar (the lr, grad_scale, found_inf) as the kernels get it.
-struct ScalarOperand {
-  double value;         // the value (or its default when absent), unless `memory` is set
-  const void* memory;   // a tensor the kernel reads (on the device); or null
-  Dtype dtype;
-};
-
 // Which CPU scalars to hand to the kernel as memory to read, as device tensors are (the
 // CUDA emulation's stand-in for device memory). Otherwise CPU ones are read on the host.
 struct InKernel {

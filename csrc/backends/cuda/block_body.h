@@ -50,12 +50,6 @@ enum StepSource : uint8_t {
   kStepValue = 3,    // step[t].value, with a device lr (computed in the kernel)
 };
 
-// A per-step scalar in device memory (null: none, or read on the host).
-struct ScalarRef {
-  const void* ptr;
-  Dtype dtype;
-};
-
 union StepRef {
   const void* ptr;  // kStepFloat / kStepDouble: the step count (already incremented)
   double value;     // kHostScalars / kStepValue: the step count
@@ -70,9 +64,9 @@ struct LaunchTable {
   StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
   Hyper hyper;                               // for scalars computed in the kernel
   Switches switches;                         // the same
-  const void* lr_ptr;                        // a tensor lr in device memory, or null
-  ScalarRef grad_scale;                      // read by the kernel (else hyper.grad_scale)
-  ScalarRef found_inf;                       // non-zero: every block returns at entry
+  ScalarOperand lr;                          // the lr (a value, or device memory)
+  ScalarOperand grad_scale;                  // the divisor of the grads (unscale_grad)
+  ScalarOperand found_inf;                   // non-zero: every block returns at entry
   int64_t chunk_size;
   int32_t num_tensors;
   int32_t num_blocks;
@@ -82,7 +76,6 @@ struct LaunchTable {
   // Per tensor, small.
   uint8_t step_source[kMaxTensors];
   uint8_t scalar_set[kMaxTensors];
-  Dtype lr_dtype;
 };
 
 static_assert(sizeof(LaunchTable) <= 4000, "the launch table must fit in 4 KiB of kernel parameters");
@@ -128,16 +121,6 @@ ADAMX_HD bool aligned(const void* base, int64_t start) {
   return reinterpret_cast<uintptr_t>(static_cast<const T*>(base) + start) % (sizeof(T) * W) == 0;
 }
 
-ADAMX_HD double read_scalar(const void* ptr, Dtype dtype) {
-  switch (dtype) {
-    case Dtype::Float64: return *static_cast<const double*>(ptr);
-    case Dtype::Float16: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
-    case Dtype::BFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
-    case Dtype::Float32: break;
-  }
-  return *static_cast<const float*>(ptr);
-}
-
 // The step count of tensor `t`, after its increment.
 ADAMX_HD double tensor_step(const LaunchTable& tab, int t) {
   switch (tab.step_source[t]) {
@@ -156,11 +139,9 @@ ADAMX_HD StepScalars<double> tensor_scalars(const LaunchTable& tab, int t) {
   if (tab.step_source[t] == kHostScalars) {
     s = tab.sets[tab.scalar_set[t]];
   } else {
-    const double lr = tab.lr_ptr ? read_scalar(tab.lr_ptr, tab.lr_dtype) : tab.hyper.lr;
-    s = step_scalars(tensor_step(tab, t), lr, tab.hyper, tab.switches);
+    s = step_scalars(tensor_step(tab, t), value_of(tab.lr), tab.hyper, tab.switches);
   }
-  if (Var::unscale_grad && tab.grad_scale.ptr)
-    s.grad_scale = read_scalar(tab.grad_scale.ptr, tab.grad_scale.dtype);
+  if (Var::unscale_grad && tab.grad_scale.memory) s.grad_scale = value_of(tab.grad_scale);
   return s;
 }
 
@@ -176,7 +157,7 @@ ADAMX_HD int64_t chunk_start(const LaunchTable& tab, int block) {
   return int64_t(tab.block_chunk[block]) * tab.chunk_size;
 }
 ADAMX_HD bool chunk_of(const LaunchTable& tab, int block, Chunk& c) {
-  if (tab.found_inf.ptr && read_scalar(tab.found_inf.ptr, tab.found_inf.dtype) != 0) return false;
+  if (tab.found_inf.memory && value_of(tab.found_inf) != 0) return false;
   c.t = tab.block_tensor[block];
   c.tensor = &tab.tensors[c.t];
   c.start = chunk_start(tab, block);

@@ -92,7 +92,7 @@ std::vector<int64_t> cuda_launch_plan(c10::IntArrayRef numels, int64_t chunk_siz
   for (size_t i = 0; i < numels.size(); ++i) {
     TORCH_CHECK(numels[i] >= 0, "adamx: numels must not be negative");
     slots[i].pointers.numel = numels[i];
-    slots[i].host_step = 1;
+    slots[i].step = {1.0, nullptr, Dtype::Float32};
   }
   const PlanOptions options{chunk_size, static_cast<int>(max_tensors),
                             static_cast<int>(max_blocks), kMaxScalarSets};

@@ -48,15 +48,22 @@ class TableBuilder {
   // Puts tensor `s` into the current table (opening a new one when it has no room for
   // the tensor or its scalar set) and returns its index there.
   int place(const TensorSlot& s, int64_t id) {
-    int set = s.step_source == kHostScalars ? find_set(s.host_step) : 0;
+    // Where the kernel gets the tensor's step scalars: a count in memory, read there; a
+    // host count with an lr in memory, computed there; else computed here, once per count.
+    const StepSource source = s.step.memory ? (s.step.dtype == Dtype::Float64 ? kStepDouble
+                                                                              : kStepFloat)
+                              : scalars_.lr.memory ? kStepValue
+                                                   : kHostScalars;
+    int set = source == kHostScalars ? find_set(s.step.next) : 0;
     if (tab_.num_tensors == options_.max_tensors || set < 0) {
       flush();
-      set = s.step_source == kHostScalars ? find_set(s.host_step) : 0;
+      set = source == kHostScalars ? find_set(s.step.next) : 0;
     }
     const int t = tab_.num_tensors++;
     tab_.tensors[t] = s.pointers;
-    tab_.step[t] = s.step;
-    tab_.step_source[t] = s.step_source;
+    if (s.step.memory) tab_.step[t].ptr = s.step.memory;
+    else tab_.step[t].value = s.step.next;
+    tab_.step_source[t] = source;
     tab_.tensor_index[t] = s.index;
     tab_.scalar_set[t] = static_cast<uint8_t>(set);
     ids_now_.push_back(id);
@@ -71,7 +78,7 @@ class TableBuilder {
     if (num_sets_ == options_.max_scalar_sets) return -1;
     set_steps_[num_sets_] = step;
     tab_.sets[num_sets_] =
-        step_scalars(step, scalars_.hyper.lr, scalars_.hyper, scalars_.switches);
+        step_scalars(step, scalars_.lr.value, scalars_.hyper, scalars_.switches);
     return num_sets_++;
   }
 
@@ -87,8 +94,7 @@ class TableBuilder {
     std::memset(&tab_, 0, sizeof(tab_));
     tab_.hyper = scalars_.hyper;
     tab_.switches = scalars_.switches;
-    tab_.lr_ptr = scalars_.lr_ptr;
-    tab_.lr_dtype = scalars_.lr_dtype;
+    tab_.lr = scalars_.lr;
     tab_.grad_scale = scalars_.grad_scale;
     tab_.found_inf = scalars_.found_inf;
     tab_.chunk_size = options_.chunk_size;
@@ -128,30 +134,16 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
                                        const PlanOptions& options) {
   LaunchScalars ls;
   ls.hyper = operands.hyper();
-  ls.lr_ptr = operands.lr().memory;
-  ls.lr_dtype = operands.lr().dtype;
-  ls.grad_scale = {operands.grad_scale().memory, operands.grad_scale().dtype};
-  ls.found_inf = {operands.found_inf().memory, operands.found_inf().dtype};
+  ls.lr = operands.lr();
+  ls.grad_scale = operands.grad_scale();
+  ls.found_inf = operands.found_inf();
   ls.switches = a.switches;
 
   // Slots, grouped by dtype and kind of moments in order of first appearance.
   std::vector<LaunchGroup> groups;
   std::vector<std::vector<TensorSlot>> slots;
   for (size_t i = 0; i < operands.size(); ++i) {
-    const StepCount& step = operands.step(i);
-    TensorSlot s{};
-    s.pointers = operands.pointers(i);
-    if (step.memory) {  // the kernel reads the count (incremented before it runs)
-      s.step_source = step.dtype == Dtype::Float64 ? kStepDouble : kStepFloat;
-      s.step.ptr = step.memory;
-    } else if (ls.lr_ptr) {  // a host count, but the lr lives on the device
-      s.step_source = kStepValue;
-      s.step.value = step.next;
-    } else {
-      s.step_source = kHostScalars;
-      s.step.value = s.host_step = step.next;
-    }
-    s.index = static_cast<uint32_t>(i);
+    const TensorSlot s{operands.pointers(i), operands.step(i), static_cast<uint32_t>(i)};
     auto it = std::find_if(groups.begin(), groups.end(), [&](const LaunchGroup& g) {
       return g.dtype == operands.dtype(i) && g.kind == operands.kind(i);
     });

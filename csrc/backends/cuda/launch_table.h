@@ -21,19 +21,16 @@ struct PlanOptions {
 // One tensor as the planner sees it.
 struct TensorSlot {
   TensorPointers pointers;
-  uint8_t step_source;  // StepSource
-  StepRef step;
-  double host_step;     // kHostScalars: the step count, after its increment
-  uint32_t index;       // the tensor's position in the op's lists
+  StepCount step;
+  uint32_t index;  // the tensor's position in the op's lists
 };
 
 // Launch-wide inputs of the planner.
 struct LaunchScalars {
-  Hyper hyper;                // hyper.lr: the lr, unless lr_ptr is set
-  const void* lr_ptr = nullptr;
-  Dtype lr_dtype = Dtype::Float32;
-  ScalarRef grad_scale{nullptr, Dtype::Float32};  // in memory; else hyper.grad_scale
-  ScalarRef found_inf{nullptr, Dtype::Float32};
+  Hyper hyper;
+  ScalarOperand lr{hyper.lr, nullptr, Dtype::Float32};
+  ScalarOperand grad_scale{1.0, nullptr, Dtype::Float32};
+  ScalarOperand found_inf{0.0, nullptr, Dtype::Float32};
   Switches switches{};
 };
 
