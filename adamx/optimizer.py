@@ -215,6 +215,10 @@ class Adam(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding,
             seed=seed, state_dtype=_state.state_dtype_name(state_dtype),
         )
+        # A switch of the module that has no keyword above yet (one being added) is a group
+        # key too, False by default (a group may set it: add_param_group, param_groups).
+        for name in _ops._C.SWITCHES if _ops._C else ():
+            defaults.setdefault(name, False)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):

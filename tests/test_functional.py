@@ -130,11 +130,14 @@ def test_op_is_registered_with_its_schema():
     op = torch.ops.adamx.adam_.default
     schema = op._schema
     names = [a.name for a in schema.arguments]
+    # the switches in the order of the C++ list (adamx._C.SWITCHES: amsgrad, maximize,
+    # decoupled_weight_decay, eps_inside_sqrt, stochastic_rounding)
     assert names == ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                      "state_steps", "lr", "lr_tensor", "beta1", "beta2", "weight_decay",
-                     "eps", "amsgrad", "maximize", "decoupled_weight_decay",
-                     "eps_inside_sqrt", "stochastic_rounding", "grad_scale", "found_inf",
+                     "eps", *adamx._ops._C.SWITCHES, "grad_scale", "found_inf",
                      "master_params", "code_scales", "seed", "keep_grads"]
+    assert {"amsgrad", "maximize", "decoupled_weight_decay", "eps_inside_sqrt",
+            "stochastic_rounding"} <= set(adamx._ops._C.SWITCHES)
     mutated = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
     # grads: unscaled in place when grad_scale is given and keep_grads is not (marked as
     # torch._fused_adam_ marks them)
