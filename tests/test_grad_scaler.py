@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import adamx
-from conftest import (LR, OPTION_GRID, OPTION_IDS, REDUCED, TOL, OpState, RefAdam,
-                      assert_bitwise, assert_close, make_grad_seq, make_tensors, needs_build,
-                      op_hyper, same_bits)
+from conftest import (BACKENDS, LR, OPTION_GRID, OPTION_IDS, REDUCED, SMALL_GEOMETRY, TOL,
+                      OpState, RefAdam, assert_bitwise, assert_close, make_grad_seq,
+                      make_tensors, needs_build, op_backends, op_hyper, same_bits)
 
 pytestmark = needs_build
 
@@ -30,6 +30,10 @@ STEPS = 8
 # (step, param index, value) forced into the grads: GradScaler must skip those steps.
 OVERFLOWS = {2: (3, float("inf")), 5: (0, float("nan")), 6: (5, float("-inf"))}
 MODES = ["step", "unscale_", "unscale_+clip"]
+# Optimizer settings compared with torch's fused Adam/AdamW. Not conftest.OPTION_GRID: torch
+# has no eps_inside_sqrt (half the grid), the grid sets no weight decay, and each setting is
+# 7 tests (dtypes x modes) of two GradScaler'd runs, so the grid's 16 settings would make
+# 112 tests of these 21. The op tests below run the whole grid.
 OPTIMIZER_OPTIONS = [dict(), dict(amsgrad=True, maximize=True, weight_decay=0.1),
                      dict(decoupled=True, weight_decay=0.1)]
 OPTIMIZER_IDS = ["adam", "amsgrad+maximize+wd", "adamw"]
@@ -182,17 +186,15 @@ def scaler_tensors(scale, found=None):
                 found_inf=None if found is None else torch.tensor(found))
 
 
-KERNELS = {
-    "cpu": lambda lists, hyper: torch.ops.adamx.adam_(*lists, **hyper),
-    "emulated": lambda lists, hyper: torch.ops.adamx._adam_emulated_cuda_(
-        *lists, **hyper, chunk_size=96, block_dim=8, max_blocks=5),
-    "emulated-in-kernel": lambda lists, hyper: torch.ops.adamx._adam_emulated_cuda_(
-        *lists, **hyper, chunk_size=96, block_dim=8, steps_in_kernel=True,
-        lr_in_kernel=True, scaler_in_kernel=True),
-}
+# conftest.BACKENDS: the CPU kernel, the emulated CUDA kernel with a small geometry (scalars
+# on the host), and the same reading step counts, lr and the scaler in the kernel.
+BACKEND_NAMES = ["cpu", "emulated_cuda_small", "emulated_cuda_in_kernel"]
+# The emulated CUDA kernel reading found_inf and grad_scale in the kernel ("on the device")
+# and the step counts on the host, a mix that no BACKENDS entry has.
+HOST_STEPS = op_backends(**SMALL_GEOMETRY, scaler_in_kernel=True)["emulated_cuda"]
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", BACKEND_NAMES)
 @pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
                                    torch.bfloat16], ids=str)
@@ -211,7 +213,7 @@ def test_op_unscales_before_maximize_and_weight_decay(dtype, options, kernel):
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         quotients = [(g.to(compute) / scale).to(dtype) for g in scaled]
         expected_grads = ref.step([g.double() for g in scaled], grad_scale=scale)
-        KERNELS[kernel](state.lists(scaled), hyper)
+        BACKENDS[kernel](*state.lists(scaled), **hyper)
         for i, (p, g) in enumerate(zip(state.params, scaled)):
             assert_close(p, ref.p[i], TOL[dtype], f"param {i}")
             assert_close(g, expected_grads[i], TOL[dtype], f"grad {i}")
@@ -219,7 +221,7 @@ def test_op_unscales_before_maximize_and_weight_decay(dtype, options, kernel):
         assert all(float(s) == ref.t for s in state.steps)
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_op_scaled_kernels_agree_bitwise(dtype, kernel):
     """The CPU kernel and the emulated CUDA kernel (scalars on the host or read in the
@@ -229,14 +231,14 @@ def test_op_scaled_kernels_agree_bitwise(dtype, kernel):
     a, b = OpState(params, True), OpState([p.clone() for p in params], True)
     ga, gb = [g.clone() for g in grads], [g.clone() for g in grads]
     hyper = dict(op_hyper(weight_decay=0.1, amsgrad=True), **scaler_tensors(512.0, 0.0))
-    KERNELS["cpu"](a.lists(ga), hyper)
-    KERNELS[kernel](b.lists(gb), hyper)
+    BACKENDS["cpu"](*a.lists(ga), **hyper)
+    BACKENDS[kernel](*b.lists(gb), **hyper)
     assert_bitwise(a, b, kernel)
     assert all(same_bits(x, y) for x, y in zip(ga, gb))
 
 
 @pytest.mark.parametrize("found", [1.0, 2.0, float("inf"), -1.0])
-@pytest.mark.parametrize("kernel", list(KERNELS) + ["emulated-host-steps"])
+@pytest.mark.parametrize("kernel", BACKEND_NAMES + ["emulated_cuda_host_steps"])
 def test_op_found_inf_writes_nothing(kernel, found):
     """Any non-zero found_inf (2.0: summed over two devices) skips the step: params,
     state, step counts and grads keep their bits."""
@@ -245,25 +247,22 @@ def test_op_found_inf_writes_nothing(kernel, found):
     grads = make_tensors(SHAPES, torch.float32, seed=10, scale=100.0)
     before, grads_before = state.clone(), [g.clone() for g in grads]
     hyper = dict(op_hyper(amsgrad=True), **scaler_tensors(100.0, found))
-    if kernel == "emulated-host-steps":  # found_inf "on the device", step counts on the host
-        torch.ops.adamx._adam_emulated_cuda_(*state.lists(grads), **hyper,
-                                             scaler_in_kernel=True, chunk_size=96)
-    else:
-        KERNELS[kernel](state.lists(grads), hyper)
+    run = HOST_STEPS if kernel == "emulated_cuda_host_steps" else BACKENDS[kernel]
+    run(*state.lists(grads), **hyper)
     assert_bitwise(state, before, kernel)
     assert all(same_bits(a, b) for a, b in zip(grads, grads_before))
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", BACKEND_NAMES)
 def test_op_zero_found_inf_and_no_grad_scale(kernel):
     """found_inf=0 steps as without it; found_inf alone (no grad_scale) leaves the grads
     unwritten and steps as an unscaled step does."""
     params = make_tensors(SHAPES, torch.float32, seed=11)
     grads = make_tensors(SHAPES, torch.float32, seed=12)
     plain, with_zero = OpState(params, False), OpState([p.clone() for p in params], False)
-    KERNELS[kernel](plain.lists(grads), op_hyper())
+    BACKENDS[kernel](*plain.lists(grads), **op_hyper())
     g = [x.clone() for x in grads]
-    KERNELS[kernel](with_zero.lists(g), dict(op_hyper(), **scaler_tensors(None, 0.0)))
+    BACKENDS[kernel](*with_zero.lists(g), **op_hyper(), **scaler_tensors(None, 0.0))
     assert_bitwise(plain, with_zero, kernel)
     assert all(same_bits(a, b) for a, b in zip(g, grads))
 

@@ -16,6 +16,7 @@ import torch
 
 import adamx
 from adamx import _compact
+from conftest import BACKENDS
 
 pytestmark = pytest.mark.skipif(not adamx.is_compiled(), reason="needs the compiled kernels")
 
@@ -132,7 +133,7 @@ def _assert_same(got, want):
 
 
 def _run_cpu(case, seed, switches, grad_scale=None):
-    torch.ops.adamx.adam_(*case.lists(), **_op_kwargs(case, seed, switches, grad_scale))
+    BACKENDS["cpu"](*case.lists(), **_op_kwargs(case, seed, switches, grad_scale))
 
 
 def _op_kwargs(case, seed, switches, grad_scale=None):
@@ -141,25 +142,21 @@ def _op_kwargs(case, seed, switches, grad_scale=None):
     return dict(kwargs, lr=kwargs.pop("lr"), weight_decay=wd)
 
 
-def _run_emulated(chunk_size):
-    def run(case, seed, switches, grad_scale=None):
-        torch.ops.adamx._adam_emulated_cuda_(*case.lists(),
-                                             **_op_kwargs(case, seed, switches, grad_scale),
-                                             chunk_size=chunk_size)
-    return run
-
-
-RUNNERS = {"cpu": _run_cpu, "emulated": _run_emulated(65536),
-           "emulated-small-chunks": _run_emulated(700)}
+# The op on the CPU kernel and on the emulated CUDA kernel (conftest.BACKENDS): with the
+# GPU's chunks (70001 elements span two of them, of many blocks of codes each) and with
+# small ones (64 elements; for 8-bit states rounded up to one block of 256 codes): tensors
+# span many chunks and launches. Each SIZES tensor with a partial last block of codes
+# ends with it on every one of them.
+BACKEND_NAMES = ["cpu", "emulated_cuda", "emulated_cuda_small"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("runner", list(RUNNERS))
-def test_step_is_the_plain_step_with_encoded_moments(config, runner):
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_step_is_the_plain_step_with_encoded_moments(config, backend):
     for k, switches in enumerate(SWITCH_GRID):
         case = LeanCase(config, seed=k)
         want = case.expected(seed=7 + k, switches=switches)
-        RUNNERS[runner](case, 7 + k, switches)
+        BACKENDS[backend](*case.lists(), **_op_kwargs(case, 7 + k, switches))
         _assert_same(case, want)
 
 
@@ -184,9 +181,9 @@ def test_every_isa_and_thread_count_agrees(config):
 
 
 @pytest.mark.parametrize("keep_grads", [False, True])
-@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_grad_scaler_unscales_in_the_same_pass(config, runner, keep_grads):
+def test_grad_scaler_unscales_in_the_same_pass(config, backend, keep_grads):
     """The grads divided by grad_scale as they are read, and written back unless
     keep_grads (then left as they were)."""
     grad_scale = torch.tensor(1024.0)
@@ -196,7 +193,8 @@ def test_grad_scaler_unscales_in_the_same_pass(config, runner, keep_grads):
     want = case.expected(seed=2, switches={}, grad_scale=grad_scale)
     if keep_grads:
         want.grads = [g.clone() for g in case.grads]
-    RUNNERS[runner](case, 2, dict(keep_grads=True) if keep_grads else {}, grad_scale=grad_scale)
+    switches = dict(keep_grads=True) if keep_grads else {}
+    BACKENDS[backend](*case.lists(), **_op_kwargs(case, 2, switches, grad_scale))
     _assert_same(case, want)
 
 

@@ -19,44 +19,16 @@ import pytest
 import torch
 
 import adamx
-from conftest import (LR, OPTION_GRID, OPTION_IDS, OpState, make_grad_seq, make_tensors,
-                      needs_build, op_hyper, same_bits)
+from conftest import (BACKENDS, LR, OPTION_GRID, OPTION_IDS, OpState, make_grad_seq,
+                      make_tensors, needs_build, op_hyper, same_bits)
 
 pytestmark = needs_build
 
 REDUCED = [torch.float16, torch.bfloat16]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (17, 33), (1031,), (4, 250)]
-# A geometry that makes the emulated CUDA kernel run several chunks, blocks and launches.
-SMALL_GEOMETRY = dict(chunk_size=64, max_tensors=3, max_blocks=5, block_dim=8)
-
-
-class MasterState(OpState):
-    """OpState for params with fp32 master copies: fp32 state, and master_params."""
-
-    def __init__(self, params, amsgrad):
-        super().__init__(params, amsgrad)
-        self.master_params = [p.float() for p in params]
-        for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-            setattr(self, name, [t.float() for t in getattr(self, name)])
-
-    def clone(self):
-        other = super().clone()
-        other.master_params = [t.clone() for t in self.master_params]
-        return other
-
-    def tensors(self):
-        return super().tensors() + self.master_params
-
-
-def step_cpu(state, grads, **hyper):
-    torch.ops.adamx.adam_(*state.lists(grads), **hyper)
-
-
-def step_emulated(state, grads, **hyper):
-    torch.ops.adamx._adam_emulated_cuda_(*state.lists(grads), **hyper, **SMALL_GEOMETRY)
-
-
-STEPPERS = {"cpu": step_cpu, "emulated_cuda": step_emulated}
+# The CPU kernel and the emulated CUDA body, the latter with a small geometry that makes it
+# run several chunks, blocks and launches (conftest.BACKENDS).
+BACKEND_NAMES = ["cpu", "emulated_cuda_small"]
 
 
 def assert_same(a, b, what):
@@ -67,22 +39,22 @@ def assert_same(a, b, what):
 # --------------------------------------------------------------------------------------
 # Master weights
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", REDUCED, ids=str)
 @pytest.mark.parametrize("options", OPTION_GRID, ids=OPTION_IDS)
 def test_master_weights_follow_the_fp32_trajectory(options, dtype, backend):
     """Same grads in (the reduced-precision grads, widened for the fp32 run): after every
     step the master copies and state are the fp32 run's bits; each param is its master's
     rounding to nearest."""
-    step = STEPPERS[backend]
+    step = BACKENDS[backend]
     amsgrad = options.get("amsgrad", False)
     params = make_tensors(SHAPES, dtype, seed=1)
-    ours = MasterState([p.clone() for p in params], amsgrad)
+    ours = OpState([p.clone() for p in params], amsgrad, master_weights=True)
     fp32 = OpState([p.float() for p in params], amsgrad)
     hyper = op_hyper(weight_decay=0.1, **options)
     for grads in make_grad_seq(SHAPES, dtype, 4, seed=2):
-        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
-        step(fp32, [g.float() for g in grads], **hyper)
+        step(*ours.lists([g.clone() for g in grads]), **ours.operands(), **hyper)
+        step(*fp32.lists([g.float() for g in grads]), **hyper)
         for i in range(len(SHAPES)):
             assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
             assert_same(ours.exp_avgs[i], fp32.exp_avgs[i], f"exp_avg {i}")
@@ -98,15 +70,16 @@ def test_master_weights_with_a_grad_scale(dtype):
     """GradScaler's division in the same pass: the master copy still follows the fp32 run
     given the same scaled grads, and the grads are written back unscaled in their dtype."""
     params = make_tensors(SHAPES, dtype, seed=3)
-    ours = MasterState([p.clone() for p in params], amsgrad=False)
+    ours = OpState([p.clone() for p in params], amsgrad=False, master_weights=True)
     fp32 = OpState([p.float() for p in params], amsgrad=False)
     scale = torch.tensor(1024.0)
     for grads in make_grad_seq(SHAPES, dtype, 3, seed=4, scale=64.0):
         ours_grads = [g.clone() for g in grads]
         fp32_grads = [g.float() for g in grads]
-        step_cpu(ours, ours_grads, master_params=ours.master_params, grad_scale=scale,
-                 found_inf=torch.tensor(0.0), **op_hyper())
-        step_cpu(fp32, fp32_grads, grad_scale=scale, found_inf=torch.tensor(0.0), **op_hyper())
+        BACKENDS["cpu"](*ours.lists(ours_grads), **ours.operands(), grad_scale=scale,
+                        found_inf=torch.tensor(0.0), **op_hyper())
+        BACKENDS["cpu"](*fp32.lists(fp32_grads), grad_scale=scale, found_inf=torch.tensor(0.0),
+                        **op_hyper())
         for i in range(len(SHAPES)):
             assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
             assert_same(ours_grads[i], fp32_grads[i].to(dtype), f"grad {i}")
@@ -115,28 +88,26 @@ def test_master_weights_with_a_grad_scale(dtype):
 def test_master_weights_emulated_cuda_equals_cpu_with_device_scalars():
     """Step counts, lr and the scaler read by the kernel body (the capturable path)."""
     params = make_tensors(SHAPES, torch.bfloat16, seed=5)
-    a = MasterState([p.clone() for p in params], amsgrad=True)
+    a = OpState([p.clone() for p in params], amsgrad=True, master_weights=True)
     b = a.clone()
     hyper = op_hyper(lr=torch.tensor(LR), amsgrad=True, decoupled_weight_decay=True,
                      weight_decay=0.01)
     for grads in make_grad_seq(SHAPES, torch.bfloat16, 3, seed=6):
         scaler = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
-        step_cpu(a, [g.clone() for g in grads], master_params=a.master_params, **scaler, **hyper)
-        torch.ops.adamx._adam_emulated_cuda_(
-            *b.lists([g.clone() for g in grads]), master_params=b.master_params, **scaler,
-            **hyper, steps_in_kernel=True, lr_in_kernel=True, scaler_in_kernel=True,
-            **SMALL_GEOMETRY)
+        for state, backend in ((a, "cpu"), (b, "emulated_cuda_in_kernel")):
+            BACKENDS[backend](*state.lists([g.clone() for g in grads]), **state.operands(),
+                              **scaler, **hyper)
     for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
         assert_same(x, y, f"tensor {i}")
 
 
 def test_master_weights_skip_on_found_inf():
     params = make_tensors(SHAPES, torch.bfloat16, seed=7)
-    st = MasterState([p.clone() for p in params], amsgrad=False)
+    st = OpState([p.clone() for p in params], amsgrad=False, master_weights=True)
     before = st.clone()
     grads = make_grad_seq(SHAPES, torch.bfloat16, 1, seed=8)[0]
-    step_cpu(st, grads, master_params=st.master_params, grad_scale=torch.tensor(2.0),
-             found_inf=torch.tensor(1.0), **op_hyper())
+    BACKENDS["cpu"](*st.lists(grads), **st.operands(), grad_scale=torch.tensor(2.0),
+                    found_inf=torch.tensor(1.0), **op_hyper())
     for i, (x, y) in enumerate(zip(st.tensors(), before.tensors())):
         assert_same(x, y, f"tensor {i}")
 
@@ -154,7 +125,7 @@ def test_master_weights_skip_on_found_inf():
 ])
 def test_master_weights_bad_input_changes_nothing(case, error, match):
     params = [torch.randn(5).bfloat16(), torch.randn(3, 4).bfloat16()]
-    st = MasterState(params, amsgrad=False)
+    st = OpState(params, amsgrad=False, master_weights=True)
     grads = [torch.randn_like(p) for p in params]
     hyper = op_hyper()
     if case == "fp32 param":
@@ -177,9 +148,9 @@ def test_master_weights_bad_input_changes_nothing(case, error, match):
     elif case == "with stochastic rounding":
         hyper = op_hyper(stochastic_rounding=True)
     before = st.clone()
-    for step in STEPPERS.values():
+    for backend in BACKEND_NAMES:
         with pytest.raises(error, match=match):
-            step(st, grads, master_params=st.master_params, **hyper)
+            BACKENDS[backend](*st.lists(grads), master_params=st.master_params, **hyper)
         for i, (x, y) in enumerate(zip(st.tensors(), before.tensors())):
             assert same_bits(x, y), f"{case}: tensor {i} changed"
 
@@ -338,20 +309,20 @@ PARAM_EDITS = {
 }
 
 
-@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", REDUCED, ids=str)
 @pytest.mark.parametrize("edit", list(PARAM_EDITS))
 def test_master_copy_restarts_where_its_param_was_edited(edit, dtype, backend):
     """After an in-place edit of the params, the next steps follow the fp32 run that starts
     from the edited params where the edit changed them (and from the master copies
     elsewhere), bit for bit, as the trajectory test above does."""
-    step = STEPPERS[backend]
+    step = BACKENDS[backend]
     params = make_tensors(SHAPES, dtype, seed=30)
-    ours = MasterState([p.clone() for p in params], amsgrad=True)
+    ours = OpState([p.clone() for p in params], amsgrad=True, master_weights=True)
     hyper = op_hyper(weight_decay=0.1, amsgrad=True)
     grad_seq = make_grad_seq(SHAPES, dtype, 4, seed=31)
     for grads in grad_seq[:2]:
-        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
+        step(*ours.lists([g.clone() for g in grads]), **ours.operands(), **hyper)
     before = [p.clone() for p in ours.params]
     for k, p in enumerate(ours.params):
         PARAM_EDITS[edit](p, k)
@@ -359,8 +330,8 @@ def test_master_copy_restarts_where_its_param_was_edited(edit, dtype, backend):
     assert changed > 100  # the edit changed many elements (and left others alone)
     fp32 = fp32_twin(ours, restarted_masters(ours.params, ours.master_params))
     for grads in grad_seq[2:]:
-        step(ours, [g.clone() for g in grads], master_params=ours.master_params, **hyper)
-        step(fp32, [g.float() for g in grads], **hyper)
+        step(*ours.lists([g.clone() for g in grads]), **ours.operands(), **hyper)
+        step(*fp32.lists([g.float() for g in grads]), **hyper)
         for i in range(len(SHAPES)):
             assert_same(ours.master_params[i], fp32.params[i], f"master {i}")
             assert_same(ours.params[i], fp32.params[i].to(dtype), f"param {i}")
@@ -387,7 +358,7 @@ def special_masters(dtype):
     return param.to(dtype).repeat(40), master.repeat(40), after.repeat(40)
 
 
-@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", REDUCED, ids=str)
 def test_master_copy_restart_of_special_values(dtype, backend, restore_cpu_capability):
     """NaNs, infinities and signed zeros on either side: what the step starts from (seen
@@ -398,10 +369,10 @@ def test_master_copy_restart_of_special_values(dtype, backend, restore_cpu_capab
     for isa in adamx.supported_cpu_capabilities() if backend == "cpu" else [None]:
         if isa is not None:
             adamx.set_cpu_capability(isa)
-        st = MasterState([param.clone()], amsgrad=False)
+        st = OpState([param.clone()], amsgrad=False, master_weights=True)
         st.master_params = [master.clone()]
         for _ in range(2):
-            STEPPERS[backend](st, [torch.ones_like(param)], master_params=st.master_params,
+            BACKENDS[backend](*st.lists([torch.ones_like(param)]), **st.operands(),
                               **op_hyper(lr=0.0))
             got = st.master_params[0]
             assert torch.equal(got.isnan(), after.isnan()), isa
@@ -519,16 +490,16 @@ def bf16_neighbours(x):
     return as_bf16(toward), as_bf16(away), low.double() / 2**16
 
 
-def sr_step(params, grads, seed=0, step=STEPPERS["cpu"], steps=None, **hyper):
+def sr_step(params, grads, seed=0, backend="cpu", steps=None, **hyper):
     st = OpState([p.clone() for p in params], amsgrad=False, steps=steps)
-    step(st, [g.clone() for g in grads], seed=seed,
-         **op_hyper(stochastic_rounding=True, **hyper))
+    BACKENDS[backend](*st.lists([g.clone() for g in grads]), seed=seed,
+                      **op_hyper(stochastic_rounding=True, **hyper))
     return st
 
 
 def fp32_result(params, grads, steps=None, **hyper):
     st = OpState([p.float() for p in params], amsgrad=False, steps=steps)
-    step_cpu(st, [g.float() for g in grads], **op_hyper(**hyper))
+    BACKENDS["cpu"](*st.lists([g.float() for g in grads]), **op_hyper(**hyper))
     return st
 
 
@@ -574,9 +545,9 @@ def test_round_to_nearest_stalls_and_stochastic_rounding_does_not():
     rounding = OpState([params[0].clone()], amsgrad=False)
     fp32 = OpState([params[0].float()], amsgrad=False)
     for _ in range(steps):
-        step_cpu(nearest, grads, **op_hyper(lr=1e-4))
-        step_cpu(rounding, grads, **op_hyper(lr=1e-4, stochastic_rounding=True))
-        step_cpu(fp32, [grads[0].float()], **op_hyper(lr=1e-4))
+        BACKENDS["cpu"](*nearest.lists(grads), **op_hyper(lr=1e-4))
+        BACKENDS["cpu"](*rounding.lists(grads), **op_hyper(lr=1e-4, stochastic_rounding=True))
+        BACKENDS["cpu"](*fp32.lists([grads[0].float()]), **op_hyper(lr=1e-4))
     moved = 1 - fp32.params[0].double().mean().item()
     assert moved > 0.02
     assert (nearest.params[0] == 1).all()
@@ -592,10 +563,10 @@ def test_stochastic_rounding_is_the_same_on_every_isa_thread_count_and_the_emula
     amsgrad = options.get("amsgrad", False)
     hyper = op_hyper(stochastic_rounding=True, weight_decay=0.1, **options)
 
-    def run(step):
+    def run(backend):
         st = OpState([p.clone() for p in params], amsgrad)
         for grads in grad_seq:
-            step(st, [g.clone() for g in grads], seed=1234, **hyper)
+            BACKENDS[backend](*st.lists([g.clone() for g in grads]), seed=1234, **hyper)
         return st
 
     runs = {}
@@ -603,8 +574,8 @@ def test_stochastic_rounding_is_the_same_on_every_isa_thread_count_and_the_emula
         adamx.set_cpu_capability(isa)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs[f"{isa}/{threads}"] = run(step_cpu)
-    runs["emulated_cuda"] = run(step_emulated)
+            runs[f"{isa}/{threads}"] = run("cpu")
+    runs["emulated_cuda"] = run("emulated_cuda_small")
     first_name, first = next(iter(runs.items()))
     for name, st in runs.items():
         for i, (a, b) in enumerate(zip(first.tensors(), st.tensors())):
@@ -616,10 +587,8 @@ def test_stochastic_rounding_emulated_cuda_reads_the_step_in_the_kernel():
     params = make_tensors(SHAPES, torch.bfloat16, seed=12)
     grads = make_grad_seq(SHAPES, torch.bfloat16, 1, seed=13)[0]
     a = sr_step(params, grads, seed=5, steps=[3.0] * len(SHAPES))
-    b = OpState([p.clone() for p in params], amsgrad=False, steps=[3.0] * len(SHAPES))
-    torch.ops.adamx._adam_emulated_cuda_(*b.lists([g.clone() for g in grads]), seed=5,
-                                         **op_hyper(stochastic_rounding=True),
-                                         steps_in_kernel=True, **SMALL_GEOMETRY)
+    b = sr_step(params, grads, seed=5, backend="emulated_cuda_in_kernel",
+                steps=[3.0] * len(SHAPES))
     for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
         assert same_bits(x, y), f"tensor {i}"
 
@@ -659,7 +628,8 @@ def test_stochastic_rounding_leaves_float32_params_alone_and_refuses_float16():
     half = [p.half() for p in params]
     st = OpState([p.clone() for p in half], amsgrad=False)
     with pytest.raises(TypeError, match="stochastic_rounding is implemented for bfloat16"):
-        step_cpu(st, [g.half() for g in grads], **op_hyper(stochastic_rounding=True))
+        BACKENDS["cpu"](*st.lists([g.half() for g in grads]),
+                        **op_hyper(stochastic_rounding=True))
     assert all(same_bits(x, y) for x, y in zip(st.params, half))
 
 
@@ -676,8 +646,8 @@ def test_optimizer_stochastic_rounding_matches_the_functional_step_on_both_paths
         set_grads(model, k)
         set_grads(ref, k)
         opt.step()
-        step_cpu(st, [p.grad for p in ref.parameters()], seed=77,
-                 **op_hyper(stochastic_rounding=True))
+        BACKENDS["cpu"](*st.lists([p.grad for p in ref.parameters()]), seed=77,
+                        **op_hyper(stochastic_rounding=True))
         for p, q in zip(model.parameters(), ref.parameters()):
             assert same_bits(p.data, q.data)
     sd = opt.state_dict()
@@ -772,7 +742,7 @@ def test_stochastic_rounding_of_special_values():
                            dtype=torch.bfloat16)
     params = [special.repeat(50)]
     grads = [torch.ones_like(params[0])]
-    results = [sr_step(params, grads, lr=0.0, step=step) for step in STEPPERS.values()]
+    results = [sr_step(params, grads, lr=0.0, backend=b) for b in BACKEND_NAMES]
     for st in results:
         out = st.params[0]
         assert same_bits(out[~out.isnan()], params[0][~params[0].isnan()])
@@ -793,21 +763,19 @@ def test_cuda_kernel_equals_the_cpu_kernel(mode, capturable):
     dtype = torch.bfloat16
     params = make_tensors(SHAPES, dtype, seed=20)
     grad_seq = make_grad_seq(SHAPES, dtype, 3, seed=21)
-    cpu = MasterState([p.clone() for p in params], amsgrad=True) if mode == "master" \
-        else OpState([p.clone() for p in params], amsgrad=True)
+    cpu = OpState([p.clone() for p in params], amsgrad=True, master_weights=mode == "master")
     gpu = cpu.clone()
     for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"):
-        if hasattr(gpu, name):
-            setattr(gpu, name, [t.cuda() for t in getattr(gpu, name)])
+        setattr(gpu, name, [t.cuda() for t in getattr(gpu, name)])
     if capturable:
         gpu.steps = [s.cuda() for s in gpu.steps]
     extra = dict(stochastic_rounding=True) if mode == "stochastic" else {}
     hyper = op_hyper(amsgrad=True, weight_decay=0.1, **extra)
-    for grads in grad_seq:
-        kw = dict(master_params=cpu.master_params) if mode == "master" else dict(seed=3)
-        step_cpu(cpu, [g.clone() for g in grads], **kw, **hyper)
-        kw = dict(master_params=gpu.master_params) if mode == "master" else dict(seed=3)
-        step_cpu(gpu, [g.cuda() for g in grads], **kw, **hyper)
+    for grads in grad_seq:  # the op runs where its tensors are
+        torch.ops.adamx.adam_(*cpu.lists([g.clone() for g in grads]), **cpu.operands(),
+                              seed=3, **hyper)
+        torch.ops.adamx.adam_(*gpu.lists([g.cuda() for g in grads]), **gpu.operands(),
+                              seed=3, **hyper)
     for i, (a, b) in enumerate(zip(cpu.tensors(), gpu.tensors())):
         assert same_bits(a, b.cpu()), f"tensor {i}"
 
@@ -837,7 +805,7 @@ def test_compiled_step_equals_eager(option):
 # --------------------------------------------------------------------------------------
 # keep_grads: the unscaled grads are not written back
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", list(STEPPERS))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype,kind", [
     (torch.float32, "plain"), (torch.float64, "plain"), (torch.float16, "plain"),
     (torch.bfloat16, "plain"), (torch.float16, "master"), (torch.bfloat16, "master"),
@@ -848,22 +816,18 @@ def test_keep_grads_steps_as_the_written_back_step_and_leaves_grads(dtype, kind,
     """With a grad_scale, keep_grads=True gives the params and state of the step that
     writes the unscaled grads back, bit for bit, and leaves every grad as it was (also
     grads laid out unlike their params, which the step reads through temporaries)."""
-    step = STEPPERS[backend]
+    step = BACKENDS[backend]
     params = make_tensors(SHAPES, dtype, seed=11)
-    make = MasterState if kind == "master" else OpState
-    kept = make([p.clone() for p in params], False)
+    kept = OpState([p.clone() for p in params], False, master_weights=kind == "master")
     written = kept.clone()
     hyper = op_hyper(weight_decay=0.1, stochastic_rounding=kind == "stochastic_rounding")
-    if kind == "master":
-        hyper["master_params"] = kept.master_params
     scale = torch.tensor(1024.0)
     for grads in make_grad_seq(SHAPES, dtype, 3, seed=12, scale=1024.0):
         if layout == "transposed_grads":
             grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
         mine, theirs = [g.clone() for g in grads], [g.clone() for g in grads]  # (strides kept)
-        step(kept, mine, grad_scale=scale, keep_grads=True, **hyper)
-        other = dict(hyper, master_params=written.master_params) if kind == "master" else hyper
-        step(written, theirs, grad_scale=scale, **other)
+        step(*kept.lists(mine), **kept.operands(), grad_scale=scale, keep_grads=True, **hyper)
+        step(*written.lists(theirs), **written.operands(), grad_scale=scale, **hyper)
         for i, (a, b) in enumerate(zip(kept.tensors(), written.tensors())):
             assert same_bits(a, b), f"tensor {i}"
         for i, (g, g0, gw) in enumerate(zip(mine, grads, theirs)):
