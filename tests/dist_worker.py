@@ -358,6 +358,24 @@ def zero_ddp(ctx):
     m.raise_if_any()
 
 
+def dcp_state(model, opt):
+    """The model's and the optimizer's state dicts as DCP saves and loads them."""
+    return {"model": dsd.get_model_state_dict(model),
+            "optim": dsd.get_optimizer_state_dict(model, opt)}
+
+
+def dcp_save(model, opt, path):
+    dcp.save(dcp_state(model, opt), checkpoint_id=path)
+
+
+def dcp_load(model, opt, path, **load_options):
+    """Loads a DCP checkpoint into the model and its optimizer, as torch documents it."""
+    sd = dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=path, **load_options)
+    dsd.set_model_state_dict(model, sd["model"])
+    dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+
+
 def dcp_save_load(ctx):
     """torch.distributed.checkpoint: adamx's sharded state saved under FSDP2 and loaded
     into torch.optim.Adam, and the other way; the adamx checkpoint is also kept, with its
@@ -374,18 +392,10 @@ def dcp_save_load(ctx):
             opt.zero_grad()
         return model, opt
 
-    def save(model, opt, path):
-        dcp.save({"model": dsd.get_model_state_dict(model),
-                  "optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
-
     def load(cls, path):
         model = shard(mlp().to(ctx.device))
         opt = make_opt(cls, model, dict(config, lr=1.0))  # the checkpoint's lr must win
-        sd = {"model": dsd.get_model_state_dict(model),
-              "optim": dsd.get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=path)
-        dsd.set_model_state_dict(model, sd["model"])
-        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        dcp_load(model, opt, path)
         return model, opt
 
     def continue_both(model_a, opt_a, model_b, opt_b, what):
@@ -401,7 +411,7 @@ def dcp_save_load(ctx):
         what = f"{src.__module__.split('.')[0]} -> {dst.__module__.split('.')[0]}"
         path = os.path.join(ctx.out, f"dcp-{src.__module__.split('.')[0]}")
         model, opt = trained(src)
-        save(model, opt, path)
+        dcp_save(model, opt, path)
         loaded_model, loaded_opt = load(dst, path)
         compare_states(m, what, named_state(loaded_model, loaded_opt), named_state(model, opt))
         m.check(loaded_opt.param_groups[0]["lr"] == LR, f"{what}: lr not loaded")
@@ -440,11 +450,7 @@ def dcp_reshard(ctx):
     for cls in (adamx.Adam, torch.optim.Adam):
         model = shard(mlp().to(ctx.device))
         opt = make_opt(cls, model, dict(CONFIGS["adamw-amsgrad"], lr=1.0))
-        sd = {"model": dsd.get_model_state_dict(model),
-              "optim": dsd.get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=os.path.join(ctx.out, "dcp-adamx"))
-        dsd.set_model_state_dict(model, sd["model"])
-        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        dcp_load(model, opt, os.path.join(ctx.out, "dcp-adamx"))
         got = dsd.get_optimizer_state_dict(model, opt, options=dsd.StateDictOptions(
             full_state_dict=True, cpu_offload=True))
         what = f"2 -> 1 ranks, {cls.__module__.split('.')[0]}"
@@ -467,9 +473,10 @@ def clip_sharded(ctx):
     m = Mismatches()
     for with_scaler in (False, True):
         base = mlp().to(ctx.device)
-        ref_model, torch_model = copy.deepcopy(base), copy.deepcopy(base)
+        ref_model = copy.deepcopy(base)
         model = shard(base)
-        opt, ref_opt = adamx.Adam(model.parameters(), lr=LR), adamx.Adam(ref_model.parameters(), lr=LR)
+        opt = adamx.Adam(model.parameters(), lr=LR)
+        ref_opt = adamx.Adam(ref_model.parameters(), lr=LR)
         scalers = [torch.amp.GradScaler(ctx.device_type, init_scale=2.0 ** 10) if with_scaler
                    else None for _ in range(2)]
         if with_scaler:  # the replica's grads come scaled from the sharded model's
@@ -712,8 +719,7 @@ def torch_checkpoint_into_reduced_precision(ctx):
     source_opt = torch.optim.Adam(source.parameters(), lr=LR, foreach=False)
     train(source, source_opt, torch.bfloat16)
     path = os.path.join(ctx.out, "dcp-torch-bf16")
-    dcp.save({"model": dsd.get_model_state_dict(source),
-              "optim": dsd.get_optimizer_state_dict(source, source_opt)}, checkpoint_id=path)
+    dcp_save(source, source_opt, path)
     whole = dsd.StateDictOptions(full_state_dict=True)
     full_model = dsd.get_model_state_dict(source, options=whole)
     full_optim = copy.deepcopy(dsd.get_optimizer_state_dict(source, source_opt, options=whole))
@@ -752,18 +758,14 @@ def torch_checkpoint_into_reduced_precision(ctx):
 
         model = shard(mlp().to(ctx.device, torch.bfloat16))
         opt = adamx.Adam(model.parameters(), **config)
-        sd = {"model": dsd.get_model_state_dict(model),
-              "optim": dsd.get_optimizer_state_dict(model, opt)}
         try:
-            dcp.load(sd, checkpoint_id=path)
+            dcp.load(dcp_state(model, opt), checkpoint_id=path)
             error = ""
         except CheckpointException as exc:  # (a BaseException)
             error = str(exc.failures)
         m.check("Missing key in checkpoint" in error,
                 f"{name} dcp: a plain load did not refuse the missing keys: {error!r}")
-        dcp.load(sd, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-        dsd.set_model_state_dict(model, sd["model"])
-        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        dcp_load(model, opt, path, planner=DefaultLoadPlanner(allow_partial_load=True))
         check_next_step("dcp", model, opt)
         model = shard(mlp().to(ctx.device, torch.bfloat16))
         opt = adamx.Adam(model.parameters(), **config)
@@ -805,13 +807,8 @@ def sharded_event(ctx, life, kind_name, event, model, opt):
     resumed_opt = life.optimizer_of(kind, resumed)
     if event == "dcp":
         path = os.path.join(ctx.out, f"life-{kind_name}")
-        dcp.save({"model": dsd.get_model_state_dict(model),
-                  "optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
-        sd = {"model": dsd.get_model_state_dict(resumed),
-              "optim": dsd.get_optimizer_state_dict(resumed, resumed_opt)}
-        dcp.load(sd, checkpoint_id=path)
-        dsd.set_model_state_dict(resumed, sd["model"])
-        dsd.set_optimizer_state_dict(resumed, resumed_opt, sd["optim"])
+        dcp_save(model, opt, path)
+        dcp_load(resumed, resumed_opt, path)
     else:
         whole = dsd.StateDictOptions(full_state_dict=True)
         load_broadcast(ctx, resumed, resumed_opt,
@@ -882,11 +879,7 @@ def lifecycle_reshard(ctx):
         want = life.run(kind)[0]
         model = shard_layers(life.model_of(kind, seed=1))
         opt = life.optimizer_of(kind, model)
-        sd = {"model": dsd.get_model_state_dict(model),
-              "optim": dsd.get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=os.path.join(ctx.out, f"life-{kind_name}"))
-        dsd.set_model_state_dict(model, sd["model"])
-        dsd.set_optimizer_state_dict(model, opt, sd["optim"])
+        dcp_load(model, opt, os.path.join(ctx.out, f"life-{kind_name}"))
         for k in range(life.EVENT_AT, life.STEPS):
             fixed_grads(model, k)
             opt.step()
