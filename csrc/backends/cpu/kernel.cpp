@@ -303,16 +303,16 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
   for (; j + kStep <= n; j += kStep) iteration.template operator()<false>(j);
   if (j < n) iteration.template operator()<true>(j);
 
-  const CodeScale mc = code_scale(horizontal_absmax(m_max));
-  const CodeScale vc = code_scale(horizontal_absmax(v_max));
+  const CodeScale m_block = code_scale(horizontal_absmax(m_max));
+  const CodeScale v_block = code_scale(horizontal_absmax(v_max));
   const MomentBits bits(keys.moments, start);
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t r = bits(int(k));
-    mcodes[k] = encode_code<true>(mbuf[k], mc.inv, moment_random(r, 0));
-    vcodes[k] = encode_code<false>(vbuf[k], vc.inv, moment_random(r, 1));
+    mcodes[k] = encode_code<true>(mbuf[k], m_block.inv, moment_random(r, 0));
+    vcodes[k] = encode_code<false>(vbuf[k], v_block.inv, moment_random(r, 1));
   }
-  *m_scale = mc.scale;
-  *v_scale = vc.scale;
+  *m_scale = m_block.scale;
+  *v_scale = v_block.scale;
 }
 
 template <class Var, class P, class S>
