@@ -10,9 +10,9 @@ a child times torch.ops.adamx.adam_ on one tensor per case (1 thread, median of
 --repeats calls after warm-up), with the switch off and on, on every instruction set
 this CPU runs. Cases: float32 (in cache, 2^16 elements, where the arithmetic shows, and
 2^22, where memory does), float32 with an L2 penalty, bfloat16 params with fp32 master
-weights, and float32 params with 8-bit moments. Prints, per case, each build's ns per element
-(the least of the rounds' medians: on a shared machine a round is slowed by others' work,
-never sped up) and AFTER / BEFORE.
+weights, and float32 params with 8-bit or bfloat16 moments (in cache and not). Prints, per
+case, each build's ns per element (the least of the rounds' medians: on a shared machine a
+round is slowed by others' work, never sped up) and AFTER / BEFORE.
 """
 
 import argparse
@@ -24,10 +24,11 @@ import sys
 import time
 
 CASES = ["float32 2^16", "float32 2^22", "float32 L2 2^16", "bf16 master 2^16",
-         "float32 int8 2^16"]
+         "float32 int8 2^16", "float32 int8 2^22", "float32 bf16-state 2^16",
+         "float32 bf16-state 2^22"]
 
 
-def child(switch, repeats):
+def child(switch, repeats, isas):
     import torch
 
     import adamx
@@ -45,6 +46,8 @@ def child(switch, repeats):
             extra["master_params"] = [p]
             p = p.bfloat16()
             grad = grad.bfloat16()
+        if "bf16-state" in case:
+            m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
         if "int8" in case:
             m, v = (torch.zeros(n, dtype=torch.uint8) for _ in range(2))
             extra["code_scales"] = [torch.zeros(2, -(-n // 256))]
@@ -53,6 +56,8 @@ def child(switch, repeats):
             lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=wd, eps=1e-8, **extra)
 
     for isa in adamx.supported_cpu_capabilities():
+        if isas and isa not in isas:
+            continue
         adamx.set_cpu_capability(isa)
         for case in CASES:
             args, kw = lists(case)
@@ -76,10 +81,11 @@ def main():
     p.add_argument("--switch", default="maximize")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeats", type=int, default=60)
+    p.add_argument("--isas", default="", help="comma-separated ISAs to time (default: all)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.switch, args.repeats)
+        return child(args.switch, args.repeats, [i for i in args.isas.split(",") if i])
     builds = args.builds.split(",")
     runs = {b: [] for b in builds}
     for _ in range(args.rounds):
@@ -87,7 +93,7 @@ def main():
             env = dict(os.environ, PYTHONPATH=os.path.abspath(b))
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--builds", b,
                                   "--switch", args.switch, "--repeats", str(args.repeats),
-                                  "--child"], env=env, capture_output=True, text=True,
+                                  "--isas", args.isas, "--child"], env=env, capture_output=True, text=True,
                                  check=True, cwd="/")
             runs[b].append(json.loads(res.stdout.strip().splitlines()[-1]))
     before, after = builds
