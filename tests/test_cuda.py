@@ -327,14 +327,13 @@ def test_compact_moments_match_the_cpu_bitwise(capturable):
     for k, config in enumerate(CONFIGS):
         want = LeanCase(config, seed=k)
         got = want.clone()
-        for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales"):
-            setattr(got, name, [t.cuda() for t in getattr(got, name)])
-        if capturable:
-            got.steps = [s.cuda() for s in got.steps]
+        for name in got._LISTS:  # the state's lists and the grads
+            if name != "steps" or capturable:
+                setattr(got, name, [t.cuda() for t in getattr(got, name)])
         switches = dict(decoupled_weight_decay=True, weight_decay=0.1)
         _run_cpu(want, 3, switches)
         torch.ops.adamx.adam_(*got.lists(), **_op_kwargs(got, 3, switches))
-        for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales", "steps"):
+        for name in got._LISTS:
             setattr(got, name, [t.cpu() for t in getattr(got, name)])
         _assert_same(got, want)
 

@@ -323,7 +323,8 @@ def plan(numels, **geometry):
     return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
 
 
-@pytest.mark.parametrize("geometry", [dict(), dict(chunk_size=1 << 20, max_tensors=2, max_blocks=7)])
+@pytest.mark.parametrize("geometry", [dict(),
+                                      dict(chunk_size=1 << 20, max_tensors=2, max_blocks=7)])
 def test_launch_plan_covers_tensors_of_more_than_2_31_elements(geometry):
     numels = [0, 2**31 + 17, 5, 2**33 + 1, 1, 0, 3 * 2**30]
     chunk = geometry.get("chunk_size", 65536)

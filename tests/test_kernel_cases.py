@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import (BACKENDS, KERNEL_CASES, LR, REFERENCE_SWITCHES, RUNTIME_GRID,
-                      RUNTIME_SWITCHES, TOL, OpState, RefAdam, assert_bitwise, assert_close, case_id,
-                      make_grad_seq, needs_build, op_hyper, same_bits)
+                      RUNTIME_SWITCHES, TOL, OpState, RefAdam, assert_bitwise, assert_close,
+                      case_id, make_grad_seq, needs_build, op_hyper, same_bits)
 
 pytestmark = needs_build
 
@@ -75,10 +75,12 @@ def test_every_runtime_switch_changes_the_step(case, switch):
         f"{switch}=True left every param as {switch}=False does"
 
 
-@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if c["state_dtype"] == "float32"
-                                  and not c["stochastic_rounding"]],
-                         ids=[case_id(c) for c in KERNEL_CASES if c["state_dtype"] == "float32"
-                              and not c["stochastic_rounding"]])
+# The kernels with moments in torch's layout, rounded to nearest (RefAdam's stores).
+NEAREST_CASES = [c for c in KERNEL_CASES
+                 if c["state_dtype"] == "float32" and not c["stochastic_rounding"]]
+
+
+@pytest.mark.parametrize("case", NEAREST_CASES, ids=[case_id(c) for c in NEAREST_CASES])
 def test_cpu_kernel_follows_the_float64_reference(case):
     """Plain and master-copy cases (the moments in torch's layout), rounded to nearest;
     the reference runs on the master copy, in float32, where there is one."""

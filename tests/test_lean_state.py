@@ -16,7 +16,7 @@ import torch
 
 import adamx
 from adamx import _compact
-from conftest import BACKENDS
+from conftest import BACKENDS, OpState
 
 pytestmark = pytest.mark.skipif(not adamx.is_compiled(), reason="needs the compiled kernels")
 
@@ -48,51 +48,58 @@ def _encode(kind, x, which, key):
 
 
 def _decode(kind, stored, scales, which):
+    """Moment ``stored`` as ``kind`` decoded to float32 (``scales``: its [2, blocks] code
+    scales, for "int8")."""
     if kind == "bfloat16":
         return stored.float()
     return _compact.decode_codes(stored, scales[which], signed=which == 0)
 
 
-class LeanCase:
-    """One op call's tensors with compact moments, made from a generator seed."""
+class LeanCase(OpState):
+    """One op call's tensors with compact moments, made from a generator seed: the OpState
+    of `config` (state kind, param dtype, master weights, stochastic rounding: a CONFIGS
+    entry) with random params, master copies (with master weights) and moments (encoded
+    as the kind stores them), and the call's grads, which clone() copies and tensors()
+    lists with the state."""
+
+    _LISTS = OpState._LISTS + ("grads",)
 
     def __init__(self, config, sizes=SIZES, seed=0, step=4.0):
-        self.kind, self.dtype, self.master, self.sr = config
+        kind, self.dtype, master, self.sr = config
         gen = torch.Generator().manual_seed(seed)
-        self.params, self.grads, self.masters = [], [], []
-        self.exp_avgs, self.exp_avg_sqs, self.scales, self.steps = [], [], [], []
-        for i, n in enumerate(sizes):
+        params, grads, masters, moments = [], [], [], []
+        for n in sizes:
             p = torch.randn(n, generator=gen)
-            self.params.append(p.to(self.dtype))
-            self.grads.append(torch.randn(n, generator=gen).to(self.dtype))
-            if self.master:
-                self.masters.append(p)  # rounds to the param
+            params.append(p.to(self.dtype))
+            grads.append(torch.randn(n, generator=gen).to(self.dtype))
+            masters.append(p)  # the param is its rounding; kept with master weights
             # Moments with a wide dynamic range, as in training.
             m = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 2)
             v = torch.rand(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
             v[::37] = 0  # exp_avg_sq's code 0 (its floor) in every block
-            key = 1000 + i
-            m, ms = _encode(self.kind, m * 0.01, 0, key)
-            v, vs = _encode(self.kind, v * 1e-4, 1, key)
-            self.exp_avgs.append(m)
-            self.exp_avg_sqs.append(v)
-            self.scales.append(torch.stack([ms, vs]) if ms is not None else torch.empty(0))
-            self.steps.append(torch.tensor(step))
+            moments.append((m * 0.01, v * 1e-4))
+        super().__init__(params, amsgrad=False, steps=[step] * len(sizes),
+                         master_weights=master, state_dtype=kind)
+        self.grads = grads
+        if master:
+            self.master_params = masters
+        for i, (m, v) in enumerate(moments):
+            self._store(i, m, v, key=1000 + i)
 
-    def clone(self):
-        c = LeanCase.__new__(LeanCase)
-        c.__dict__.update({k: [t.clone() for t in v] if isinstance(v, list) else v
-                           for k, v in self.__dict__.items()})
-        return c
+    def _store(self, i, m, v, key):
+        """Moments i (float32) stored as this state stores them, with the random stream
+        ``key``: the moments, and for "int8" their code scales."""
+        self.exp_avgs[i], ms = _encode(self.state_dtype, m, 0, key)
+        self.exp_avg_sqs[i], vs = _encode(self.state_dtype, v, 1, key)
+        if ms is not None:
+            self.code_scales[i] = torch.stack([ms, vs])
 
     def kwargs(self, seed, switches, grad_scale=None):
         return dict(HYPER, **switches, seed=seed, stochastic_rounding=self.sr,
-                    master_params=self.masters if self.master else None,
-                    code_scales=self.scales if self.kind == "int8" else None,
-                    grad_scale=grad_scale)
+                    **self.operands(), grad_scale=grad_scale)
 
     def lists(self):
-        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps)
+        return super().lists(self.grads)
 
     def expected(self, seed, switches, grad_scale=None):
         """What the compact step must give: the plain float32 kernel on the decoded
@@ -100,32 +107,31 @@ class LeanCase:
         out = self.clone()
         switches = dict(dict(weight_decay=0.0), **switches)
         for i in range(len(self.params)):
-            m = _decode(self.kind, self.exp_avgs[i], self.scales[i], 0)
-            v = _decode(self.kind, self.exp_avg_sqs[i], self.scales[i], 1)
+            scales = self.code_scales[i] if self.code_scales else None
+            m = _decode(self.state_dtype, self.exp_avgs[i], scales, 0)
+            v = _decode(self.state_dtype, self.exp_avg_sqs[i], scales, 1)
             step = self.steps[i].clone()
             grad = out.grads[i]
             if self.dtype == torch.float32:
                 adamx.functional.adam([out.params[i]], [grad], [m], [v], [], [step], **HYPER,
                                       **switches, grad_scale=grad_scale)
             else:
-                master = out.masters[i] if self.master else self.params[i].float()
+                master = out.master_params[i] if self.master_params else self.params[i].float()
                 adamx.functional.adam([out.params[i]], [grad], [m], [v], [], [step], **HYPER,
                                       **switches, master_params=[master],
                                       grad_scale=grad_scale)
                 if self.sr:
                     out.params[i] = _compact.stochastic_bf16(
                         master, _compact.rounding_key(seed, i, float(step)))
-            key = _compact.rounding_key(seed, i, float(step))
-            out.exp_avgs[i], ms = _encode(self.kind, m, 0, key)
-            out.exp_avg_sqs[i], vs = _encode(self.kind, v, 1, key)
-            if ms is not None:
-                out.scales[i] = torch.stack([ms, vs])
+            out._store(i, m, v, key=_compact.rounding_key(seed, i, float(step)))
             out.steps[i] = step
         return out
 
 
 def _assert_same(got, want):
-    for name in ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "scales", "steps"):
+    """Every list of two LeanCases (the state's and the grads) has the same bytes."""
+    for name in got._LISTS:
+        assert len(getattr(got, name)) == len(getattr(want, name)), name
         for i, (a, b) in enumerate(zip(getattr(got, name), getattr(want, name))):
             assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
             same = (a.reshape(-1).view(torch.uint8) == b.reshape(-1).view(torch.uint8))
@@ -204,7 +210,7 @@ def test_nan_in_a_block_makes_its_moments_nan():
     case = LeanCase(("int8", torch.float32, False, False), sizes=(1024,))
     case.grads[0][300] = float("nan")
     _run_cpu(case, 0, {})
-    m = _decode("int8", case.exp_avgs[0], case.scales[0], 0)
+    m = _decode("int8", case.exp_avgs[0], case.code_scales[0], 0)
     assert torch.isnan(m[256:512]).all()
     assert not torch.isnan(m[:256]).any() and not torch.isnan(m[512:]).any()
 
