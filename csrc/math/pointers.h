@@ -1,5 +1,6 @@
-// What a kernel is given per tensor (`TensorPointers`) and per step (`Hyper`): plain
-// structs, copied by value into CUDA launch tables.
+// What a kernel is given per tensor (`TensorPointers`, its `StepCount`) and per step
+// (`Hyper`, the `ScalarOperand`s lr, grad_scale and found_inf): plain structs, copied by
+// value into CUDA launch tables.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +41,7 @@ struct StepCount {
   Dtype dtype;         // memory's dtype: Float32 or Float64
 };
 
+// A one-element tensor's value, widened to double (as the host's item<double>()).
 ADAMX_HD double read_scalar(const void* ptr, Dtype dtype) {
   switch (dtype) {
     case Dtype::Float64: return *static_cast<const double*>(ptr);

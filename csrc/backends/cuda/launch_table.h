@@ -28,6 +28,8 @@ struct TensorSlot {
 // Launch-wide inputs of the planner.
 struct LaunchScalars {
   Hyper hyper;
+  // The step's scalars: values, or device memory the kernel reads (the defaults: no
+  // grad_scale, no found_inf).
   ScalarOperand lr{hyper.lr, nullptr, Dtype::Float32};
   ScalarOperand grad_scale{1.0, nullptr, Dtype::Float32};
   ScalarOperand found_inf{0.0, nullptr, Dtype::Float32};
