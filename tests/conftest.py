@@ -154,13 +154,16 @@ def op_backends(**geometry):
 
 
 def _on_cuda(*lists, **hyper):
-    """The op on the GPU: every tensor operand copied there, and the results copied back
-    into the CPU tensors given (so a test reads them as it reads the CPU op's)."""
+    """The op on the GPU: every tensor operand copied there but the step counts, and the
+    results copied back into the CPU tensors given (so a test reads them as it reads the
+    CPU op's). The step counts stay host counts, so the step's scalars are computed on the
+    host as the CPU kernel computes them (a device count would have the GPU's pow compute
+    them, which need not round as the host's does)."""
     def there(x):
         if torch.is_tensor(x):
             return x.cuda()
         return [t.cuda() for t in x] if isinstance(x, (list, tuple)) else x
-    moved = [there(x) for x in lists]
+    moved = [there(x) for x in lists[:5]] + list(lists[5:])
     kwargs = {k: there(v) for k, v in hyper.items()}
     torch.ops.adamx.adam_(*moved, **kwargs)
     for given, used in list(zip(lists, moved)) + [(hyper[k], kwargs[k]) for k in hyper]:
