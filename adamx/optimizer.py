@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import (Optimizer, _get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from . import _clip, _ops, _sharded, _state
+from . import _clip, _compact, _ops, _sharded, _state
 from ._state import COMPACT_MIN_NUMEL, STATE_DTYPES
 from .functional import _seed, op_kwargs
 
@@ -33,6 +33,15 @@ def _uses_noise(options):
     compact moments (bfloat16 or 8-bit, rounded stochastically)."""
     return bool(options.get("stochastic_rounding")) or \
         options.get("state_dtype", "float32") != "float32"
+
+
+def _group_seed(base, index):
+    """The seed of group ``index`` of an optimizer given ``seed=base``: ``base`` itself for
+    the first group, a hash of both for the others. (``base + index`` would give
+    ``seed=s + 1``'s first group the stream of ``seed=s``'s second.)"""
+    if index == 0:
+        return base
+    return _seed(_compact.mix64(base ^ _compact.mix64(index)))
 
 
 def _draw_seed():
@@ -126,7 +135,8 @@ class Adam(Optimizer):
       nearness, so small updates are not lost on average. The random bits are a hash of
       (the group's ``seed``, the param's position among the group's params with grads,
       its step count, the element), so steps are reproducible on any thread count, CPU or
-      GPU. A group given no ``seed`` (here or in its dict) that draws random bits
+      GPU. With ``seed`` given here, the first group uses it and each other group a hash
+      of it and the group's index. A group given no ``seed`` at all that draws random bits
       (``stochastic_rounding`` or a compact ``state_dtype``) gets one drawn from torch's
       default generator when it is added, so runs and optimizers draw streams of their
       own and ``torch.manual_seed`` reproduces them; ``state_dict`` keeps it, so a
@@ -233,7 +243,7 @@ class Adam(Optimizer):
             elif params is not None and not isinstance(params, set):
                 param_group["params"] = list(params)  # (an iterator is read once, here)
             # Each group's own stream of stochastic-rounding bits: its seed, given, or the
-            # optimizer's plus the group's index. A group given none that draws random
+            # optimizer's mixed with the group's index (_group_seed). A group given none that draws random
             # bits gets one drawn from torch's default generator (kept in state_dict, so
             # that a resumed run draws the same bits); one that draws none gets its index,
             # recorded as the default, which state_dict leaves out (torch's layout
@@ -244,7 +254,7 @@ class Adam(Optimizer):
             if param_group.get("seed") is None:
                 base = self.defaults.get("seed")
                 if base is not None:
-                    param_group["seed"] = base + len(self.param_groups)
+                    param_group["seed"] = _group_seed(base, len(self.param_groups))
                 elif _uses_noise(dict(options, state_dtype=name)):
                     param_group["seed"] = _draw_seed()
                 else:

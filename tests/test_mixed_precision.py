@@ -663,6 +663,12 @@ def test_groups_get_seeds_of_their_own():
     assert len(set(seeds)) == 2 and all(isinstance(s, int) for s in seeds)
     opt = adamx.Adam([{"params": [a]}, {"params": [b], "seed": 9}], seed=5)
     assert [g["seed"] for g in opt.param_groups] == [5, 9]
+    # An optimizer's seed s and s + 1 share no group's stream (issue #22: the groups had
+    # s + index, so seed=6's first group drew the bits of seed=5's second).
+    three = [{"params": [a]}, {"params": [b]}, {"params": [torch.zeros(3)]}]
+    five, six = ({g["seed"] for g in adamx.Adam(three, seed=s).param_groups} for s in (5, 6))
+    assert len(five) == len(six) == 3 and not five & six
+    assert 5 in five and 6 in six  # the first group keeps the seed given
     opt = adamx.Adam([{"params": [a]}, {"params": [b]}])  # no random bits: the indices
     assert [g["seed"] for g in opt.param_groups] == [0, 1]
 
