@@ -243,11 +243,11 @@ class Adam(Optimizer):
             elif params is not None and not isinstance(params, set):
                 param_group["params"] = list(params)  # (an iterator is read once, here)
             # Each group's own stream of stochastic-rounding bits: its seed, given, or the
-            # optimizer's mixed with the group's index (_group_seed). A group given none that draws random
-            # bits gets one drawn from torch's default generator (kept in state_dict, so
-            # that a resumed run draws the same bits); one that draws none gets its index,
-            # recorded as the default, which state_dict leaves out (torch's layout
-            # exactly), and torch's random stream is left alone, as torch.optim.Adam
+            # optimizer's mixed with the group's index (_group_seed). A group given none
+            # that draws random bits gets one drawn from torch's default generator (kept in
+            # state_dict, so that a resumed run draws the same bits); one that draws none
+            # gets its index, recorded as the default, which state_dict leaves out (torch's
+            # layout exactly), and torch's random stream is left alone, as torch.optim.Adam
             # leaves it.
             options = {**self.defaults, **param_group}
             name = _state.check_group(options)

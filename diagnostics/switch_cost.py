@@ -93,8 +93,8 @@ def main():
             env = dict(os.environ, PYTHONPATH=os.path.abspath(b))
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--builds", b,
                                   "--switch", args.switch, "--repeats", str(args.repeats),
-                                  "--isas", args.isas, "--child"], env=env, capture_output=True, text=True,
-                                 check=True, cwd="/")
+                                  "--isas", args.isas, "--child"], env=env,
+                                 capture_output=True, text=True, check=True, cwd="/")
             runs[b].append(json.loads(res.stdout.strip().splitlines()[-1]))
     before, after = builds
     print(f"# least of {args.rounds} interleaved rounds' medians (a process per build and "

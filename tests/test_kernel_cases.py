@@ -29,26 +29,26 @@ pytestmark = needs_build
 SHAPES = [(), (0,), (7,), (1031,), (17, 33)]
 STEPS = 3
 GRAD_SCALE = 4.0  # a power of two: scaled grads are exact, so the unscaled step is too
+PARAM_SEED = 3
 CASE_IDS = [case_id(c) for c in KERNEL_CASES]
 
 
-def _grads(case, k):
-    """The grads of step k (times GRAD_SCALE when the case unscales them)."""
+def _grads(case):
+    """grads[k]: the grads of step k (times GRAD_SCALE when the case unscales them)."""
     scale = GRAD_SCALE if case["unscale_grad"] else 1.0
     dtype = getattr(torch, case["param_dtype"])
-    return [(g.double() * scale).to(dtype)
-            for g in make_grad_seq(SHAPES, dtype, STEPS, seed=11)[k]]
+    return [[(g.double() * scale).to(dtype) for g in step]
+            for step in make_grad_seq(SHAPES, dtype, STEPS, seed=11)]
 
 
-def _run(backend, case, flags, seed=3, eps=1e-8):
+def _run(backend, case, flags, eps=1e-8):
     """STEPS steps of `case` with the run-time switches `flags` on `backend`: the state
     and the grads of the last step as the op left them."""
-    state = OpState.of_case(case, SHAPES, seed=seed)
+    state = OpState.of_case(case, SHAPES, seed=PARAM_SEED)
     hyper = op_hyper(weight_decay=0.1, eps=eps, amsgrad=case["amsgrad"],
                      stochastic_rounding=case["stochastic_rounding"], **flags)
     scale = torch.tensor(GRAD_SCALE) if case["unscale_grad"] else None
-    for k in range(STEPS):
-        grads = _grads(case, k)
+    for grads in _grads(case):
         BACKENDS[backend](*state.lists(grads), **hyper, **state.operands(), grad_scale=scale,
                           seed=17)
     return state, grads
@@ -85,23 +85,24 @@ def test_cpu_kernel_follows_the_float64_reference(case):
     """Plain and master-copy cases (the moments in torch's layout), rounded to nearest;
     the reference runs on the master copy, in float32, where there is one."""
     dtype = getattr(torch, case["param_dtype"])
-    known = [f for f in RUNTIME_GRID if all(k in REFERENCE_SWITCHES for k, on in f.items() if on)]
+    known = [f for f in RUNTIME_GRID
+             if all(k in REFERENCE_SWITCHES for k, on in f.items() if on)]
+    grad_seq = _grads(case)
     for flags in known:
         state, _ = _run("cpu", case, flags)
-        start = OpState.of_case(case, SHAPES, seed=3)
+        start = OpState.of_case(case, SHAPES, seed=PARAM_SEED)
         stored = torch.float32 if case["master_weights"] else dtype
         ref = RefAdam(start.master_params or start.params, stored, lr=LR, weight_decay=0.1,
                       amsgrad=case["amsgrad"],
                       **{REFERENCE_SWITCHES[k]: on for k, on in flags.items() if on})
-        for k in range(STEPS):
-            ref.step(_grads(case, k), grad_scale=GRAD_SCALE if case["unscale_grad"] else None)
-        updated = state.master_params or state.params
-        for i, p in enumerate(updated):
+        for grads in grad_seq:
+            ref.step(grads, grad_scale=GRAD_SCALE if case["unscale_grad"] else None)
+        mine = dict(exp_avg=state.exp_avgs, exp_avg_sq=state.exp_avg_sqs,
+                    max_exp_avg_sq=state.max_exp_avg_sqs)
+        for i, p in enumerate(state.master_params or state.params):
             assert_close(p, ref.p[i], TOL[stored], f"{flags} param {i}")
             for key, value in ref.state_of(i).items():
-                mine = dict(exp_avg=state.exp_avgs, exp_avg_sq=state.exp_avg_sqs,
-                            max_exp_avg_sq=state.max_exp_avg_sqs)[key][i]
-                assert_close(mine, value, TOL[stored], f"{flags} {key} {i}")
+                assert_close(mine[key][i], value, TOL[stored], f"{flags} {key} {i}")
         for p, master in zip(state.params, state.master_params):
             assert same_bits(p, master.to(dtype)), "a param is not its master copy's rounding"
 
