@@ -10,7 +10,8 @@ Conventions:
   * Per-element 32-bit values (hashes, random bits, float bits) are int64 tensors holding
     unsigned 32-bit values, in [0, 2^32).
   * An element's index is its position in the tensor's *memory* order
-    (``memory_order_flat``), as the kernels walk it; tensors must be dense and
+    (``memory_order_flat``), as the kernels walk it, plus the tensor's ``offset`` (where
+    it starts in its whole param: a shard's offset, else 0); tensors must be dense and
     non-overlapping (any strides, e.g. transposed).
   * Float arithmetic is float32, one correctly rounded operation at a time, in the C++
     order (separate torch ops never contract a multiply and an add).
@@ -81,14 +82,15 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def rounding_key(seed: int, tensor: int, step) -> int:
-    """rounding_key(seed, tensor, step): the key of one tensor at one step. ``seed`` is an
-    int64 (negative ones wrap as the C++ cast does), ``tensor`` a uint32, ``step`` the step
-    count (int or an integer-valued float, >= 0: static_cast<uint64_t> truncates it)."""
+def rounding_key(seed: int, param: int, step) -> int:
+    """rounding_key(seed, param, step): the key of one param at one step. ``seed`` is an
+    int64 (negative ones wrap as the C++ cast does), ``param`` a uint32 (the param's id: the
+    op's param_ids), ``step`` the step count (int or an integer-valued float, >= 0:
+    static_cast<uint64_t> truncates it)."""
     if not 0 <= step < 2.0 ** 64:
         raise ValueError(f"rounding_key: step must be in [0, 2^64), got {step}")
     s = mix64((seed & _M64) + 0x9E3779B97F4A7C15)
-    return mix64(mix64(s ^ (tensor & _M32)) ^ int(step))
+    return mix64(mix64(s ^ (param & _M32)) ^ int(step))
 
 
 def moment_key(key: int) -> int:
@@ -196,19 +198,22 @@ def moment_random(bits: torch.Tensor, which: int) -> torch.Tensor:
     return (half << 16) | half
 
 
-def _memory_index(flat: torch.Tensor) -> torch.Tensor:
-    return torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+def _memory_index(numel: int, offset: int, device) -> torch.Tensor:
+    """The indices of ``numel`` elements in memory order, counted from ``offset``."""
+    if offset < 0:
+        raise ValueError(f"an element offset must be >= 0, got {offset}")
+    return torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
 
 
-def stochastic_bf16(x: torch.Tensor, key: int, which=None) -> torch.Tensor:
+def stochastic_bf16(x: torch.Tensor, key: int, which=None, offset: int = 0) -> torch.Tensor:
     """float32 ``x`` rounded stochastically to bfloat16 as the kernels store it, with the
-    random bits of each element's memory index: a param's (stochastic_rounding,
-    ``which`` None: rounding_bits(key, index)), or moment ``which`` (0 exp_avg,
-    1 exp_avg_sq: moment_random(moment_bits(key, index), which), with ``key`` the
-    moments' key). Same shape and strides as ``x``."""
+    random bits of each element's index (``offset`` + its memory index): a param's
+    (stochastic_rounding, ``which`` None: rounding_bits(key, index)), or moment ``which``
+    (0 exp_avg, 1 exp_avg_sq: moment_random(moment_bits(key, index), which), with ``key``
+    the moments' key). Same shape and strides as ``x``."""
     _check_float32(x, "stochastic_bf16")
     flat = memory_order_flat(x)
-    index = _memory_index(flat)
+    index = _memory_index(flat.numel(), offset, flat.device)
     random = rounding_bits(key, index) if which is None \
         else moment_random(moment_bits(key, index), which)
     return _like(x, round_bf16_stochastic(flat, random))
@@ -291,17 +296,19 @@ def _blocks(flat: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, KCODE_BLOCK)
 
 
-def encode_codes(x: torch.Tensor, signed: bool, key: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_codes(x: torch.Tensor, signed: bool, key: int,
+                 offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 ``x`` stored as 8-bit codes, as the kernels store a Codes8 moment: per block
     (KCODE_BLOCK elements in memory order, the last maybe shorter) the scale of its absmax
-    (code_scale), per element encode_code with moment_random(moment_bits(key, its memory
-    index), 0 for exp_avg (``signed``), 1 for exp_avg_sq), ``key`` the moments' key.
+    (code_scale), per element encode_code with moment_random(moment_bits(key, its index:
+    ``offset`` + its memory index), 0 for exp_avg (``signed``), 1 for exp_avg_sq), ``key``
+    the moments' key.
     Returns (codes: uint8 with ``x``'s shape and strides, scales: float32 1-D of
     num_code_blocks(x.numel()))."""
     _check_float32(x, "encode_codes")
     blocks = _blocks(memory_order_flat(x))
     scale, inv = code_scale(blocks.abs().amax(dim=1))
-    index = torch.arange(blocks.numel(), dtype=torch.int64, device=x.device)
+    index = _memory_index(blocks.numel(), offset, x.device)
     random = moment_random(moment_bits(key, index), 0 if signed else 1).view_as(blocks)
     codes = encode_code(blocks, inv[:, None], random, signed).view(-1)[:x.numel()]
     return _like(x, codes), scale

@@ -88,7 +88,8 @@ def adam_arguments(mutable: bool) -> str:
             f"float beta1, float beta2, float weight_decay, float eps{switches}, "
             f"Tensor? grad_scale=None, Tensor? found_inf=None, "
             f"Tensor{mark('g')}[]? master_params=None, "
-            f"Tensor{mark('h')}[]? code_scales=None, int seed=0, bool keep_grads=False")
+            f"Tensor{mark('h')}[]? code_scales=None, int seed=0, int[]? param_ids=None, "
+            f"int[]? element_offsets=None, bool keep_grads=False")
 
 
 def _check_devices(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
@@ -131,7 +132,9 @@ if _C is not None:
     # master's rounding. Compact moments: bfloat16 exp_avgs/exp_avg_sqs beside float32
     # params or master copies, or uint8 ones (8-bit codes) with their block scales in
     # code_scales (float32, [2, blocks]: exp_avg's row, exp_avg_sq's row); both rounded
-    # stochastically. seed keys stochastic rounding (bfloat16 params, compact moments).
+    # stochastically. seed keys stochastic rounding (bfloat16 params, compact moments), with
+    # each param's identity (param_ids[i], default i) and its elements' indices counted from
+    # element_offsets[i] (default 0; a shard's place in its whole param): csrc/math/random.h.
     # Checks all its inputs before it writes anything.
     _lib.define(f"adam_({adam_arguments(mutable=True)}) -> ()")
     # The same checks alone, writing nothing: lets a multi-group step check every group

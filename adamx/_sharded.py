@@ -22,7 +22,7 @@ always come through here; plain tensors never pay for it.
 
 import sys
 
-__all__ = ["local_lists", "is_dtensor", "agreed"]
+__all__ = ["local_lists", "element_offset", "is_dtensor", "agreed"]
 
 
 def _dtensor_type():
@@ -74,26 +74,67 @@ def _local_step(DTensor, step):
     return step._local_tensor
 
 
+def element_offset(p):
+    """Where the random bits of DTensor ``p``'s local shard start (the op's
+    element_offsets): the index, in the whole param's row-major order, of the shard's first
+    element when the shard is one contiguous run of the param (FSDP2's Shard(0), tensor
+    parallel's ColwiseParallel weights: the shard's elements then draw the bits the unsharded param's do), else
+    a run past the param's own indices that no other shard shares: (1 + the shard's index
+    among the param's shards) times its numel (replicas, which must stay equal, share it).
+    0 for a plain tensor."""
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(p, DTensor):
+        return 0
+    from torch.distributed.tensor import Shard
+    local = p._local_tensor
+    mesh, placements = p.device_mesh, p.placements
+    sharding = [d for d, placement in enumerate(placements) if placement.is_shard()]
+    if len(sharding) == 0 or local.numel() == 0:
+        return 0
+    shape = tuple(p.shape)
+    if all(type(placements[d]) is Shard for d in sharding) and local.is_contiguous():
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        local_shape, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+        run = 0  # the first dim whose slice is neither one index nor whole
+        while run < len(shape) and local_shape[run] == 1:
+            run += 1
+        if tuple(local_shape) == tuple(local.shape) and all(
+                local_shape[d] == shape[d] for d in range(run + 1, len(shape))):
+            first, stride = 0, 1
+            for d in reversed(range(len(shape))):
+                first += offsets[d] * stride
+                stride *= shape[d]
+            return first
+    coordinate = mesh.get_coordinate()
+    index = 0
+    for d in sharding:
+        index = index * mesh.size(d) + coordinate[d]
+    return (1 + index) * p.numel()
+
+
 def local_lists(lists, master_params=None):
     """``lists`` (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: the
     op's tensor lists) and ``master_params`` (None, or one per param) with each DTensor
-    replaced by its local tensor, and the DTensors the step writes (so that their version
-    counters can be bumped); ``lists``, ``master_params`` and an empty list when they hold
-    no DTensor. Raises, having written nothing, when a DTensor param's state (or master
-    copy) is not sharded like it."""
+    replaced by its local tensor, the DTensors the step writes (so that their version
+    counters can be bumped) and the op's element_offsets (element_offset per param);
+    ``lists``, ``master_params``, an empty list and None when they hold no DTensor. Raises,
+    having written nothing, when a DTensor param's state (or master copy) is not sharded
+    like it."""
     DTensor = _dtensor_type()
     if DTensor is None:
-        return lists, master_params, []
+        return lists, master_params, [], None
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
     amsgrad = len(max_exp_avg_sqs) > 0  # (not bool(list): torch 2.11's Dynamo cannot trace it)
     if not any(isinstance(t, DTensor) for t in params + steps):
-        return lists, master_params, []
+        return lists, master_params, [], None
     local = ([], [], [], [], [], [])
     masters = None if master_params is None else []
     written = []
+    offsets = []
     for i, p in enumerate(params):
         states = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else []) \
             + ([master_params[i]] if masters is not None else [])
+        offsets.append(element_offset(p))
         if isinstance(p, DTensor):
             written += [p] + states
             p, grad, states = _local_row(DTensor, p, grads[i], states)
@@ -109,7 +150,7 @@ def local_lists(lists, master_params=None):
             masters.append(states[-1])
         local[5].append(_local_step(DTensor, steps[i]))
     written += [s for s in steps if isinstance(s, DTensor)]
-    return local, masters, written
+    return local, masters, written, offsets
 
 
 def _mesh_groups(params):

@@ -292,7 +292,7 @@ def _fits(p, state, want):
     return True
 
 
-def conform(p, group, state, where, want=None):
+def conform(p, group, state, where, want=None, param_id=0):
     """The state param ``p`` of ``group`` steps with: ``state`` itself when it fits the
     contract (spec); a new dict when it can be made to (state made here lands in the
     optimizer only once the step or load has succeeded): a new state when ``state`` is
@@ -300,8 +300,9 @@ def conform(p, group, state, where, want=None):
     that starts as the param; switched off, the moments in the param's dtype and no master
     copy; amsgrad switched on, a running maximum from zero; tensors laid out unlike the
     param copied to its layout; moments stored otherwise than the group's state_dtype asks
-    decoded and encoded again (so are 8-bit codes laid out unlike the param). Raises
-    ValueError (check_state), having changed nothing, for a state that cannot fit."""
+    decoded and encoded again (so are 8-bit codes laid out unlike the param), with the
+    random bits of ``param_id`` (the param's index in its optimizer, the op's param_ids).
+    Raises ValueError (check_state), having changed nothing, for a state that cannot fit."""
     want = want or spec(p, group)
     if state and _fits(p, state, want):
         return state
@@ -347,14 +348,17 @@ def conform(p, group, state, where, want=None):
                                           for k in CODES)
     if want.moments == "int8":
         if recoded or codes_relaid:
+            # Rounded with the random bits the step would draw for this param (its id,
+            # param_id: its index in the optimizer).
             key = _compact.moment_key(_compact.rounding_key(
-                _seed(group["seed"]), 0, float(state["step"])))
+                _seed(group["seed"]), param_id, float(state["step"])))
+            offset = _sharded.element_offset(p)
             rows = []
             for which, name in enumerate(CODES):
                 x = _zeros_like(p, torch.float32)
                 if not fresh:
                     x.copy_(moment_float(state, which))
-                state[name], row = _compact.encode_codes(x, which == 0, key)
+                state[name], row = _compact.encode_codes(x, which == 0, key, offset)
                 rows.append(row)
             for name in MOMENTS:
                 state.pop(name, None)

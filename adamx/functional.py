@@ -63,6 +63,8 @@ def adam(
     master_params: Optional[List[Tensor]] = None,
     code_scales: Optional[List[Tensor]] = None,
     seed: int = 0,
+    param_ids: Optional[List[int]] = None,
+    element_offsets: Optional[List[int]] = None,
     keep_grads: bool = False,
     **switches: bool,
 ) -> None:
@@ -71,9 +73,14 @@ def adam(
     The switches, all False by default, are those of ``adamx.Adam``: ``amsgrad``,
     ``maximize``, ``decoupled_weight_decay`` (AdamW), ``eps_inside_sqrt`` and
     ``stochastic_rounding`` (bfloat16 params: the new param is rounded stochastically,
-    with random bits that are a hash of (``seed``, the tensor's position in ``params``, its
-    step count, the element's index), so a step is reproducible on any thread count, CPU
-    or GPU).
+    with random bits that are a hash of (``seed``, the param's id, its step count, the
+    element's index), so a step is reproducible on any thread count, CPU or GPU).
+    ``param_ids[i]`` (in [0, 2^32); default: i, the position in ``params``) is param i's
+    identity: give each param an id of its own, stable across calls (``adamx.Adam`` gives
+    its index in the optimizer), or two params may draw the same bits. Element j of
+    ``params[i]`` draws the bits of element ``element_offsets[i] + j`` (default 0): with
+    ``params[i]`` a shard of a larger param, its offset there makes the shard round as the
+    whole param would.
 
     Unlike ``torch.optim._functional``, this increments each ``state_steps[i]`` (a
     one-element float tensor, one per param) by one itself before updating.
@@ -107,4 +114,5 @@ def adam(
                           max_exp_avg_sqs if kwargs["amsgrad"] else [], state_steps, **kwargs,
                           grad_scale=grad_scale, found_inf=found_inf,
                           master_params=master_params, code_scales=code_scales,
-                          seed=_seed(seed), keep_grads=bool(keep_grads))
+                          seed=_seed(seed), param_ids=param_ids,
+                          element_offsets=element_offsets, keep_grads=bool(keep_grads))

@@ -133,10 +133,11 @@ class Adam(Optimizer):
     - ``stochastic_rounding=True`` (bfloat16 params without master copies) rounds each new
       param to one of its two bfloat16 neighbours at random, in proportion to their
       nearness, so small updates are not lost on average. The random bits are a hash of
-      (the group's ``seed``, the param's position among the group's params with grads,
-      its step count, the element), so steps are reproducible on any thread count, CPU or
-      GPU. With ``seed`` given here, the first group uses it and each other group a hash
-      of it and the group's index. A group given no ``seed`` at all that draws random bits
+      (the group's ``seed``, the param's index in the optimizer, its step count, the
+      element's index in the whole param, also under FSDP2), so steps are reproducible on
+      any thread count, CPU or GPU, and no two params share a stream. With ``seed``
+      given here, the first group uses it and each other group a hash of it and the
+      group's index. A group given no ``seed`` at all that draws random bits
       (``stochastic_rounding`` or a compact ``state_dtype``) gets one drawn from torch's
       default generator when it is added, so runs and optimizers draw streams of their
       own and ``torch.manual_seed`` reproduces them; ``state_dict`` keeps it, so a
@@ -420,12 +421,14 @@ class Adam(Optimizer):
                     if not (torch.is_tensor(master) and master.dtype == torch.float32
                             and master.shape == p.shape):
                         state.pop("master_param", None)
-                loaded[p] = _state.conform(p, group, state, f"param {key}")
+                loaded[p] = _state.conform(p, group, state, f"param {key}", param_id=key)
         self.state.update(loaded)
 
-    def _gather(self, group, fresh, group_index=0):
+    def _gather(self, group, fresh, group_index=0, first_id=0):
         """The op calls for one group, as (tensor lists, master_params or None, code_scales
-        or None): one or two (params with master copies apart) per round. A param listed
+        or None, param_ids): one or two (params with master copies apart) per round. A
+        param's id is its index in the optimizer (as state_dict numbers it; ``first_id`` is
+        the group's first param's), which keys its random bits. A param listed
         k times in the group (torch warns) is stepped k times, in round 1, ..., k, as
         torch's loop steps it. Each param's state is checked against the state contract
         (adamx/_state.py); new or converted state goes into ``fresh``, which the step adds
@@ -444,7 +447,7 @@ class Adam(Optimizer):
                 rounds.append({})
             state = fresh.get(p) or self.state.get(p)
             fitted = _state.conform(p, group, state, f"param {group_index}.{index}",
-                                    _state.spec(p, group, state_dtype))
+                                    _state.spec(p, group, state_dtype), first_id + index)
             if fitted is not self.state.get(p):
                 fresh[p] = fitted
             state = fitted
@@ -458,8 +461,9 @@ class Adam(Optimizer):
                                                 (p, grad, exp_avg, exp_avg_sq))
                 if amsgrad:
                     max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
-            lists = rounds[k].setdefault(master, ([], [], [], [], [], [], [], []))
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, scales = lists
+            lists = rounds[k].setdefault(master, ([], [], [], [], [], [], [], [], []))
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, scales, \
+                ids = lists
             params.append(p)
             grads.append(grad)
             exp_avgs.append(exp_avg)
@@ -470,8 +474,9 @@ class Adam(Optimizer):
             if master:
                 masters.append(state["master_param"])
             scales.append(scale)
+            ids.append(first_id + index)
         return [(calls[master][:6], calls[master][6] if master else None,
-                 self._code_scales(calls[master][7]))
+                 self._code_scales(calls[master][7]), calls[master][8])
                 for calls in rounds for master in (False, True) if master in calls]
 
     @staticmethod
@@ -578,27 +583,38 @@ class Adam(Optimizer):
         if len(groups) == 1:
             return step_group(groups[0], state, False, grad_scale, found_inf,
                               keep_grads) != not_handled
-        for group in groups:  # several groups: check them all before updating any
-            if step_group(group, state, True, grad_scale, found_inf, keep_grads) == not_handled:
+        first_ids = self._first_ids()
+        for group, first in zip(groups, first_ids):  # check them all before updating any
+            if step_group(group, state, True, grad_scale, found_inf, keep_grads,
+                          first) == not_handled:
                 return False
-        for group in groups:
-            step_group(group, state, False, grad_scale, found_inf, keep_grads)
+        for group, first in zip(groups, first_ids):
+            step_group(group, state, False, grad_scale, found_inf, keep_grads, first)
         return True
+
+    def _first_ids(self):
+        """Per group, the id of its first param: its index in the optimizer (the op's
+        param_ids, which key each param's random bits), as state_dict numbers params."""
+        ids, first = [], 0
+        for group in self.param_groups:
+            ids.append(first)
+            first += len(group["params"])
+        return ids
 
     def _step_lists(self, grad_scale, found_inf, keep_grads=False):
         """The step through torch.ops.adamx.adam_ with explicit lists; makes new state."""
         fresh = {}
         calls = []
         sharded = []  # DTensors whose local tensors the step writes (adamx/_sharded.py)
-        for group_index, group in enumerate(self.param_groups):
-            group_calls = self._gather(group, fresh, group_index)
+        for group_index, (group, first) in enumerate(zip(self.param_groups, self._first_ids())):
+            group_calls = self._gather(group, fresh, group_index, first)
             if len(group_calls) > 0:  # (len: Dynamo of torch 2.11 cannot trace bool(list))
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf,
                              keep_grads=keep_grads)
-                for lists, masters, scales in group_calls:
-                    lists, masters, dtensors = _sharded.local_lists(lists, masters)
-                    calls.append((lists, dict(hyper, master_params=masters,
-                                              code_scales=scales)))
+                for lists, masters, scales, ids in group_calls:
+                    lists, masters, dtensors, offsets = _sharded.local_lists(lists, masters)
+                    calls.append((lists, dict(hyper, master_params=masters, code_scales=scales,
+                                              param_ids=ids, element_offsets=offsets)))
                     sharded += dtensors
         if len(calls) > 1:  # one call checks itself before writing; several check first
             for lists, hyper in calls:

@@ -173,7 +173,8 @@ def fsdp2(ctx, mp_policy=None, offload_policy=None, dtype=torch.float32, configs
         model = shard(base, **kwargs)
         opt = make_opt(adamx.Adam, model, config)
         ref_opt = make_opt(adamx.Adam, ref_model, config)
-        with_torch = not config.get("master_weights")
+        # (torch.optim has neither master weights nor stochastic rounding)
+        with_torch = not (config.get("master_weights") or config.get("stochastic_rounding"))
         torch_opt = make_opt(torch.optim.Adam, torch_model, config) if with_torch else None
         for step in range(STEPS):
             x = batch(ctx.rank, step, ctx.device, dtype)
@@ -224,6 +225,50 @@ def fsdp2_bf16_master(ctx):
     fsdp2(ctx, dtype=torch.bfloat16, configs={
         "master": dict(lr=LR, master_weights=True),
         "master-amsgrad": dict(CONFIGS["adamw-amsgrad"], master_weights=True)})
+
+
+def sharded_rounding(ctx):
+    """Issue #22, part 3: a shard draws the random bits its elements draw unsharded. The
+    op's element_offsets of each layout (a shard that is one run of the param: its first
+    element's index there; any other: a run past the param's indices, shared by replicas
+    alone); bfloat16 params rounded stochastically under FSDP2 equal the unsharded run bit
+    for bit; and two equal rows on two ranks round independently (they rounded alike on
+    every element when each rank counted its shard from 0)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from adamx._sharded import element_offset
+    m = Mismatches()
+    rank, world = ctx.rank, ctx.world_size
+    mesh1 = init_device_mesh(ctx.device_type, (world,))
+    mesh2 = init_device_mesh(ctx.device_type, (world, 1), mesh_dim_names=("dp", "tp"))
+    layouts = [  # (shape, mesh, placements, (rank 0's offset, rank 1's))
+        ((5, 3), mesh1, [Shard(0)], (0, 9)),          # rows 3 + 2: rank 1's from row 3
+        ((1, 4), mesh1, [Shard(0)], (0, 0)),          # rank 1: empty
+        ((2, 4, 3), mesh1, [Shard(1)], (24, 48)),     # (2, 2, 3): two runs of the param,
+        ((4, 6), mesh1, [Shard(1)], (24, 48)),        # (4, 3): four; past its indices
+        ((7,), mesh1, [Replicate()], (0, 0)),
+        ((5, 4), mesh2, [Shard(0), Replicate()], (0, 12)),
+        ((3, 4), mesh2, [Replicate(), Shard(1)], (0, 0)),  # a mesh dim of one: the whole
+    ]
+    for shape, mesh, placements, offsets in layouts:
+        t = distribute_tensor(torch.zeros(shape, device=ctx.device), mesh, placements)
+        m.check(element_offset(t) == offsets[rank],
+                f"{shape} {placements}: offset {element_offset(t)}, want {offsets[rank]}")
+    fsdp2(ctx, dtype=torch.bfloat16, configs={
+        "stochastic_rounding": dict(lr=LR, stochastic_rounding=True, seed=5)})
+    # Equal rows on the two ranks, rounded at random: as often alike as independent draws.
+    torch.manual_seed(3)
+    row = torch.randn(1, 8192)
+    whole = torch.cat([row] * world).to(ctx.device, torch.bfloat16)
+    p = nn.Parameter(distribute_tensor(whole, mesh1, [Shard(0)]))
+    opt = adamx.Adam([p], lr=0.1, stochastic_rounding=True, seed=9)
+    p.grad = distribute_tensor(torch.randn(1, 8192).repeat(world, 1).to(ctx.device,
+                                                                        torch.bfloat16),
+                               mesh1, [Shard(0)])
+    opt.step()
+    rows = full(p).detach().float()
+    alike = (rows[0] == rows[1]).double().mean().item()
+    m.check(0.6 < alike < 0.75, f"equal rows on two ranks agree on {alike:.3f} of elements")
+    m.raise_if_any()
 
 
 def fsdp2_offload(ctx):
@@ -888,8 +933,8 @@ def lifecycle_reshard(ctx):
 
 
 JOBS = {  # job -> its settings, run in this order
-    "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, zero_ddp,
-             dcp_save_load, clip_sharded],
+    "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, sharded_rounding,
+             zero_ddp, dcp_save_load, clip_sharded],
     "cpu1": [dcp_reshard],
     "life2": [lifecycle_sharded(kind) for kind in SHARDED_KINDS],
     "life1": [lifecycle_reshard],

@@ -127,6 +127,10 @@ def test_dtensor_mixed_placements_uneven_2d(cpu2):
     check(cpu2, "dtensor_placements")
 
 
+def test_sharded_params_round_as_unsharded(cpu2):
+    check(cpu2, "sharded_rounding")
+
+
 def test_ddp_and_zero_redundancy_optimizer(cpu2):
     check(cpu2, "zero_ddp")
 

@@ -135,7 +135,8 @@ def test_op_is_registered_with_its_schema():
     assert names == ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                      "state_steps", "lr", "lr_tensor", "beta1", "beta2", "weight_decay",
                      "eps", *adamx._ops._C.SWITCHES, "grad_scale", "found_inf",
-                     "master_params", "code_scales", "seed", "keep_grads"]
+                     "master_params", "code_scales", "seed", "param_ids",
+                     "element_offsets", "keep_grads"]
     assert {"amsgrad", "maximize", "decoupled_weight_decay", "eps_inside_sqrt",
             "stochastic_rounding"} <= set(adamx._ops._C.SWITCHES)
     mutated = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}

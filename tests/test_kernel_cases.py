@@ -30,6 +30,10 @@ SHAPES = [(), (0,), (7,), (1031,), (17, 33)]
 STEPS = 3
 GRAD_SCALE = 4.0  # a power of two: scaled grads are exact, so the unscaled step is too
 PARAM_SEED = 3
+# The params' random streams (the op's param_ids and element_offsets): ids of their own, and
+# offsets that put a multiple of 2^32 inside three of them (mid-vector, as a shard's may).
+STREAMS = dict(param_ids=[4, 8, 15, 16, 23],
+               element_offsets=[5, 0, 2**32 - 3, 2**32 - 517, 2**41 - 100])
 CASE_IDS = [case_id(c) for c in KERNEL_CASES]
 
 
@@ -50,7 +54,7 @@ def _run(backend, case, flags, eps=1e-8):
     scale = torch.tensor(GRAD_SCALE) if case["unscale_grad"] else None
     for grads in _grads(case):
         BACKENDS[backend](*state.lists(grads), **hyper, **state.operands(), grad_scale=scale,
-                          seed=17)
+                          seed=17, **STREAMS)
     return state, grads
 
 

@@ -39,12 +39,20 @@ SWITCH_GRID = [dict(maximize=a, decoupled_weight_decay=b, eps_inside_sqrt=c, wei
                                                     [False, True], [0.0, 0.1])]
 
 
-def _encode(kind, x, which, key):
-    """Moment ``x`` (float32) stored as ``kind`` with the random stream ``key``."""
+# The random streams of a LeanCase's params (the op's param_ids and element_offsets): ids
+# of their own, and offsets that put a multiple of 2^32 inside a tensor (mid-vector, mid
+# block of codes: the 5000- and 70001-element SIZES), as a shard's may.
+PARAM_IDS = tuple(7 + 5 * i for i in range(len(SIZES)))
+ELEMENT_OFFSETS = (0, 2**32 - 517, 12345, 2**40 + 3, 7, 2**33 - 1000)
+
+
+def _encode(kind, x, which, key, offset=0):
+    """Moment ``x`` (float32) stored as ``kind`` with the random stream ``key`` from element
+    ``offset`` on."""
     key = _compact.moment_key(key)
     if kind == "bfloat16":
-        return _compact.stochastic_bf16(x, key, which), None
-    return _compact.encode_codes(x, which == 0, key)
+        return _compact.stochastic_bf16(x, key, which, offset), None
+    return _compact.encode_codes(x, which == 0, key, offset)
 
 
 def _decode(kind, stored, scales, which):
@@ -59,8 +67,8 @@ class LeanCase(OpState):
     """One op call's tensors with compact moments, made from a generator seed: the OpState
     of `config` (state kind, param dtype, master weights, stochastic rounding: a CONFIGS
     entry) with random params, master copies (with master weights) and moments (encoded
-    as the kind stores them), and the call's grads, which clone() copies and tensors()
-    lists with the state."""
+    as the kind stores them), the call's grads, which clone() copies and tensors() lists
+    with the state, and the params' random streams (PARAM_IDS, ELEMENT_OFFSETS)."""
 
     _LISTS = OpState._LISTS + ("grads",)
 
@@ -81,6 +89,9 @@ class LeanCase(OpState):
         super().__init__(params, amsgrad=False, steps=[step] * len(sizes),
                          master_weights=master, state_dtype=kind)
         self.grads = grads
+        self.param_ids = [PARAM_IDS[i % len(PARAM_IDS)] for i in range(len(sizes))]
+        self.element_offsets = [ELEMENT_OFFSETS[i % len(ELEMENT_OFFSETS)]
+                                for i in range(len(sizes))]
         if master:
             self.master_params = masters
         for i, (m, v) in enumerate(moments):
@@ -89,14 +100,16 @@ class LeanCase(OpState):
     def _store(self, i, m, v, key):
         """Moments i (float32) stored as this state stores them, with the random stream
         ``key``: the moments, and for "int8" their code scales."""
-        self.exp_avgs[i], ms = _encode(self.state_dtype, m, 0, key)
-        self.exp_avg_sqs[i], vs = _encode(self.state_dtype, v, 1, key)
+        offset = self.element_offsets[i]
+        self.exp_avgs[i], ms = _encode(self.state_dtype, m, 0, key, offset)
+        self.exp_avg_sqs[i], vs = _encode(self.state_dtype, v, 1, key, offset)
         if ms is not None:
             self.code_scales[i] = torch.stack([ms, vs])
 
     def kwargs(self, seed, switches, grad_scale=None):
         return dict(HYPER, **switches, seed=seed, stochastic_rounding=self.sr,
-                    **self.operands(), grad_scale=grad_scale)
+                    **self.operands(), grad_scale=grad_scale, param_ids=self.param_ids,
+                    element_offsets=self.element_offsets)
 
     def lists(self):
         return super().lists(self.grads)
@@ -120,10 +133,11 @@ class LeanCase(OpState):
                 adamx.functional.adam([out.params[i]], [grad], [m], [v], [], [step], **HYPER,
                                       **switches, master_params=[master],
                                       grad_scale=grad_scale)
-                if self.sr:
-                    out.params[i] = _compact.stochastic_bf16(
-                        master, _compact.rounding_key(seed, i, float(step)))
-            out._store(i, m, v, key=_compact.rounding_key(seed, i, float(step)))
+            key = _compact.rounding_key(seed, self.param_ids[i], float(step))
+            if self.dtype != torch.float32 and self.sr:
+                out.params[i] = _compact.stochastic_bf16(master, key,
+                                                         offset=self.element_offsets[i])
+            out._store(i, m, v, key=key)
             out.steps[i] = step
         return out
 

@@ -11,20 +11,23 @@
 
 namespace adamx {
 
-// Counter-based random bits for stochastic rounding: a hash of (seed, tensor, step,
+// Counter-based random bits for stochastic rounding: a hash of (seed, param, step,
 // element), the same on every thread, ISA and device. `rounding_key` mixes the first three
 // once per tensor and step (splitmix64's finalizer); `rounding_bits` mixes in the
 // element's index with two rounds of a 32-bit integer hash (Wellons' "lowbias32"), which
-// the CPU kernel vectorizes.
+// the CPU kernel vectorizes. `param` is the param's identity (adamx.Adam: its index in the
+// optimizer, as state_dict numbers it), and the element's index is its place in the whole
+// param (a shard's elements count from the shard's offset: RoundingKeys::offset), so that
+// the bits of an element do not depend on which call, list position or rank steps it.
 ADAMX_HD uint64_t mix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
 }
 
-ADAMX_HD uint64_t rounding_key(int64_t seed, uint32_t tensor, double step) {
+ADAMX_HD uint64_t rounding_key(int64_t seed, uint32_t param, double step) {
   const uint64_t s = mix64(static_cast<uint64_t>(seed) + 0x9e3779b97f4a7c15ull);
-  return mix64(mix64(s ^ tensor) ^ static_cast<uint64_t>(step));
+  return mix64(mix64(s ^ param) ^ static_cast<uint64_t>(step));
 }
 
 ADAMX_HD uint32_t hash32(uint32_t x) {
@@ -90,11 +93,15 @@ ADAMX_HD uint32_t moment_random(uint32_t bits, int which) {
 }
 
 // The random streams of one tensor's step, from its rounding_key: the param's
-// (stochastic_rounding) and its compact moments'.
+// (stochastic_rounding) and its compact moments'; element j of the tensor draws element
+// `offset + j` of each (offset: where the tensor starts in its whole param, 0 unless it is
+// a shard).
 struct RoundingKeys {
   uint64_t param = 0, moments = 0;
+  int64_t offset = 0;
   RoundingKeys() = default;
-  ADAMX_HD explicit RoundingKeys(uint64_t key) : param(key), moments(moment_key(key)) {}
+  ADAMX_HD RoundingKeys(uint64_t key, int64_t first)
+      : param(key), moments(moment_key(key)), offset(first) {}
 };
 
 }  // namespace adamx

@@ -11,9 +11,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <ostream>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace adamx {
 namespace {
@@ -181,6 +184,15 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
   check_len(a.state_steps, "state_steps");
   if (a.switches.amsgrad) check_len(a.max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
   if (a.switches.master_weights) check_len(a.master_params, "master_params");
+  for (const auto& [ids, name] : {std::pair{a.param_ids, "param_ids"},
+                                  std::pair{a.element_offsets, "element_offsets"}})
+    TORCH_CHECK_VALUE(!ids || ids->size() == n, "adamx: got ", n, " params but ",
+                      ids ? ids->size() : 0, " ", name);
+  if (a.param_ids)
+    for (size_t i = 0; i < n; ++i)
+      TORCH_CHECK_VALUE((*a.param_ids)[i] >= 0 && (*a.param_ids)[i] <= int64_t(UINT32_MAX),
+                        "adamx: param_ids[", i, "] is ", (*a.param_ids)[i],
+                        "; a param's id (which keys its random bits) is in [0, 2^32)");
   TORCH_CHECK_VALUE(!(a.switches.master_weights && a.switches.stochastic_rounding),
                     "adamx: stochastic_rounding rounds bfloat16 params that have no master "
                     "copy; with master_params each param is its master's rounding to nearest. "
@@ -225,6 +237,11 @@ void check_args(const AdamArgs& a, const CheckContext& context) {
     TORCH_CHECK(p.device() == device, "adamx: params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one step takes the params of one device");
     check_no_self_overlap(p, "params", i);
+    TORCH_CHECK_VALUE(element_offset(a, i) >= 0 &&
+                          element_offset(a, i) <= std::numeric_limits<int64_t>::max() - p.numel(),
+                      "adamx: element_offsets[", i, "] is ", element_offset(a, i),
+                      "; the index of a param's first element in its whole param is at least 0 "
+                      "and leaves room for its ", p.numel(), " elements below 2^63");
     const bool reduced = p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16;
     TORCH_CHECK_TYPE(!a.switches.stochastic_rounding || p.scalar_type() != at::kHalf,
                      "adamx: stochastic_rounding is implemented for bfloat16 params, but "

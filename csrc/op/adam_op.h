@@ -39,7 +39,19 @@ struct AdamArgs {
   // tensor (exp_avg's, exp_avg_sq's), read and written where the param's moments are uint8
   // codes, ignored (may be empty) elsewhere. Empty when no param has codes.
   at::TensorList code_scales;
+  // The random streams of stochastic rounding (bfloat16 params, compact moments), per param
+  // (absent: the defaults). param_ids[i] (default i) is the param's identity, which keys its
+  // stream with the seed and the step (rounding_key); element j of params[i] draws element
+  // element_offsets[i] + j of that stream (default 0: a shard's offset in its whole param).
+  at::OptionalIntArrayRef param_ids, element_offsets;
 };
+
+inline uint32_t param_id(const AdamArgs& a, size_t i) {
+  return a.param_ids ? static_cast<uint32_t>((*a.param_ids)[i]) : static_cast<uint32_t>(i);
+}
+inline int64_t element_offset(const AdamArgs& a, size_t i) {
+  return a.element_offsets ? (*a.element_offsets)[i] : 0;
+}
 
 // Whether the step writes the grads: it unscales them (a grad_scale) and does not keep them.
 inline bool grads_written(const AdamArgs& a) {
@@ -101,7 +113,8 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
 
 // The op's C++ signature: the tensor lists, then lr, lr_tensor, beta1, beta2, weight_decay,
 // eps, one bool per switch in ADAMX_SWITCHES order, grad_scale, found_inf, master_params,
-// code_scales, seed, keep_grads (as the schema; ADAMX_OP_ARGS names them in that order), and
+// code_scales, seed, param_ids, element_offsets, keep_grads (as the schema; ADAMX_OP_ARGS
+// names them in that order), and
 // the AdamArgs of a call. The operand switches are set by the operands given: unscale_grad
 // by a grad_scale, master_weights by master_params. A test op whose schema extends adam_'s
 // (csrc/backends/cuda/emulate.cpp) declares ADAMX_OP_PARAMS, then its own.
@@ -114,11 +127,12 @@ inline const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t 
       double weight_decay, double eps, ADAMX_SWITCHES(ADAMX_SWITCH_PARAM)                   \
       const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf, \
       const std::optional<at::TensorList>&master_params,                                  \
-      const std::optional<at::TensorList>&code_scales, int64_t seed, bool keep_grads
+      const std::optional<at::TensorList>&code_scales, int64_t seed,                      \
+      at::OptionalIntArrayRef param_ids, at::OptionalIntArrayRef element_offsets, bool keep_grads
 #define ADAMX_OP_ARGS                                                                       \
   params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor, beta1,  \
       beta2, weight_decay, eps, ADAMX_SWITCHES(ADAMX_SWITCH_VALUE) grad_scale, found_inf,    \
-      master_params, code_scales, seed, keep_grads
+      master_params, code_scales, seed, param_ids, element_offsets, keep_grads
 
 inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
   Switches switches{ADAMX_SWITCHES(ADAMX_SWITCH_VALUE)};
@@ -128,7 +142,8 @@ inline AdamArgs make_adam_args(ADAMX_OP_PARAMS) {
                   Hyper{lr, beta1, beta2, eps, weight_decay, 1.0, seed, keep_grads},
                   or_null(lr_tensor),
                   switches, or_null(grad_scale), or_null(found_inf),
-                  master_params.value_or(at::TensorList()), code_scales.value_or(at::TensorList())};
+                  master_params.value_or(at::TensorList()), code_scales.value_or(at::TensorList()),
+                  param_ids, element_offsets};
 }
 
 template <void (*Backend)(const AdamArgs&)>

@@ -33,9 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_group", &adamx::step_group, pybind11::arg("group"), pybind11::arg("state"),
         pybind11::arg("check_only") = false, pybind11::arg("grad_scale") = pybind11::none(),
         pybind11::arg("found_inf") = pybind11::none(), pybind11::arg("keep_grads") = false,
+        pybind11::arg("first_param_id") = 0,
         "adamx.Adam's fast path: adamx::adam_ on one param group, read from its dicts, with "
         "GradScaler's grad_scale and found_inf (keep_grads: the unscaled grads are not "
-        "written back). Returns the number of params stepped, or "
+        "written back) and the op's param_ids from first_param_id (the group's first "
+        "param's index in the optimizer) on. Returns the number of params stepped, or "
         "NOT_HANDLED.");
   m.attr("NOT_HANDLED") = adamx::kNotHandled;
   m.attr("COMPACT_MIN_NUMEL") = adamx::kCompactMinNumel;

@@ -113,6 +113,7 @@ namespace {
 struct CallLists {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
       master_params, code_scales;  // code_scales: one per param (empty: no codes), or none
+  std::vector<int64_t> param_ids;
   bool any_codes = false;
 };
 
@@ -141,7 +142,8 @@ bool is_reduced_float(const at::Tensor& t) {
 
 int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, bool keep_grads) {
+                   const std::optional<at::Tensor>& found_inf, bool keep_grads,
+                   int64_t first_param_id) {
   PyObject* group = group_dict.ptr();
   PyObject* state = state_dict.ptr();
   const Keys& key = keys();
@@ -244,6 +246,7 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
     call.exp_avg_sqs.push_back(*exp_avg_sq);
     call.steps.push_back(*step);
     call.code_scales.push_back(codes ? *code_scale : at::Tensor());
+    call.param_ids.push_back(first_param_id + k);
     call.any_codes = call.any_codes || codes;
   }
   if (seen.empty()) return 0;
@@ -267,8 +270,8 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
   const double weight_decay = as_number(group_item(group, key.weight_decay), key.weight_decay.name);
   const double eps = as_number(group_item(group, key.eps), key.eps.name);
   // (compact moments are rounded stochastically too)
-  const int64_t seed = switches.stochastic_rounding || compact_group
-                           ? as_seed(group_item(group, key.seed)) : 0;
+  const bool random = switches.stochastic_rounding || compact_group;
+  const int64_t seed = random ? as_seed(group_item(group, key.seed)) : 0;
 
   static const auto adam = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adamx::adam_", "")
@@ -293,7 +296,8 @@ int64_t step_group(py::dict group_dict, py::dict state_dict, bool check_only,
               lr_tensor, beta[0], beta[1], weight_decay, eps ADAMX_SWITCHES(ADAMX_SWITCH_ARG),
               grad_scale, found_inf,
               master ? std::optional<at::TensorList>(c.master_params) : std::nullopt,
-              scales, seed, keep_grads);
+              scales, seed, random ? at::OptionalIntArrayRef(c.param_ids) : std::nullopt,
+              std::nullopt, keep_grads);
 #undef ADAMX_SWITCH_ARG
     };
     // Two calls: both checked before either writes.

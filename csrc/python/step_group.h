@@ -24,10 +24,13 @@ pybind11::tuple group_keys();
 
 // Runs adamx::adam_ (or, with check_only, adamx::adam_check) on one param group of an
 // adamx.Adam: `group` is the group dict, `state` the optimizer's state dict, grad_scale and
-// found_inf GradScaler's (or none), keep_grads the op's (the grads are not written back).
-// Returns the number of params stepped, or kNotHandled.
+// found_inf GradScaler's (or none), keep_grads the op's (the grads are not written back),
+// first_param_id the op's param_ids of the group's first param (the others follow: a
+// param's id is its index in the optimizer, as state_dict numbers it). Returns the number
+// of params stepped, or kNotHandled.
 int64_t step_group(pybind11::dict group, pybind11::dict state, bool check_only,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, bool keep_grads);
+                   const std::optional<at::Tensor>& found_inf, bool keep_grads,
+                   int64_t first_param_id);
 
 }  // namespace adamx

@@ -31,7 +31,7 @@ RangeKernel range_kernel(Isa isa, Dtype dtype, StateKind kind, const Switches& s
 struct TensorWork {
   RangeKernel kernel;
   StepScalars<double> scalars;
-  uint64_t rounding_key;
+  RoundingKeys keys;
 };
 
 void check_cpu(const AdamArgs& a) { check_args(a, CheckContext{c10::DeviceType::CPU}); }
@@ -48,7 +48,9 @@ void adam_cpu(const AdamArgs& a) {
     const double step = operands.step(i).next;
     work[i].scalars = step_scalars(step, operands.hyper().lr, operands.hyper(), a.switches);
     const bool random = a.switches.stochastic_rounding || operands.kind(i) != StateKind::Plain;
-    work[i].rounding_key = random ? rounding_key(operands.hyper().seed, uint32_t(i), step) : 0;
+    if (random)
+      work[i].keys = RoundingKeys(rounding_key(operands.hyper().seed, param_id(a, i), step),
+                                  element_offset(a, i));
   }
   operands.increment_steps();
 
@@ -65,7 +67,7 @@ void adam_cpu(const AdamArgs& a) {
       const TensorPointers& tensor = operands.pointers(i);
       const int64_t begin = std::max(lo, start[i]) - start[i];
       const int64_t end = std::min(hi - start[i], tensor.numel);
-      if (begin < end) work[i].kernel(tensor, begin, end, work[i].scalars, work[i].rounding_key);
+      if (begin < end) work[i].kernel(tensor, begin, end, work[i].scalars, work[i].keys);
     }
   });
   operands.finish();

@@ -121,40 +121,66 @@ inline void store_lanes(const Lanes<C, kParts>& x, void* base, int64_t i, int64_
   }
 }
 
-// rounding_bits(key, i + j) for j < kElems, with i a multiple of kElems (a power of two):
-// i + j never carries into i's high half, so the hashes are of 32-bit lanes.
+// rounding_bits(key, index + j) for lanes j = 0, 1, ...: the 32-bit hashes of lanes whose
+// index has the high half of `index` (operator()), unless the lanes cross a multiple of
+// 2^32 (crosses(): then `carrying` gives the lanes past it their incremented high half).
+// Lanes start at a multiple of the vector width in the tensor, but a shard's offset
+// (RoundingKeys::offset) may put a crossing anywhere.
 struct LaneBits {
-  uint32_t key_lo, high, base_lo;
-  LaneBits(uint64_t key, int64_t i)
+  uint32_t key_lo, high, high_carried, base_lo;
+  LaneBits(uint64_t key, int64_t index)
       : key_lo(static_cast<uint32_t>(key)),
-        high(static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(uint64_t(i) >> 32)),
-        base_lo(static_cast<uint32_t>(i)) {}
+        high(static_cast<uint32_t>(key >> 32) ^ static_cast<uint32_t>(uint64_t(index) >> 32)),
+        high_carried(static_cast<uint32_t>(key >> 32) ^
+                     static_cast<uint32_t>((uint64_t(index) >> 32) + 1)),
+        base_lo(static_cast<uint32_t>(index)) {}
+  bool crosses(int64_t lanes) const { return base_lo > UINT32_MAX - uint32_t(lanes - 1); }
   uint32_t operator()(int j) const { return rounding_bits32(key_lo, high, base_lo + uint32_t(j)); }
+  uint32_t carrying(int j) const {
+    const uint32_t lo = base_lo + uint32_t(j);
+    return rounding_bits32(key_lo, lo < base_lo ? high_carried : high, lo);
+  }
 };
 
-// moment_bits(key, i + j) for j < kElems, likewise (the folded key hoisted).
+// moment_bits(key, index + j) for lanes j = 0, 1, ..., likewise (the folded key hoisted).
 struct MomentBits {
-  uint32_t folded, base_lo;
-  MomentBits(uint64_t key, int64_t i)
-      : folded(fold_key(key, static_cast<uint32_t>(uint64_t(i) >> 32))),
-        base_lo(static_cast<uint32_t>(i)) {}
+  uint32_t folded, folded_carried, base_lo;
+  MomentBits(uint64_t key, int64_t index)
+      : folded(fold_key(key, static_cast<uint32_t>(uint64_t(index) >> 32))),
+        folded_carried(fold_key(key, static_cast<uint32_t>((uint64_t(index) >> 32) + 1))),
+        base_lo(static_cast<uint32_t>(index)) {}
+  bool crosses(int64_t lanes) const { return base_lo > UINT32_MAX - uint32_t(lanes - 1); }
   uint32_t operator()(int j) const { return moment_bits32(folded, base_lo + uint32_t(j)); }
+  uint32_t carrying(int j) const {
+    const uint32_t lo = base_lo + uint32_t(j);
+    return moment_bits32(lo < base_lo ? folded_carried : folded, lo);
+  }
 };
+
+// f(j, bits of lane j) for j < lanes: a loop the compiler vectorizes (the hashes'
+// multiplications become vector ones), and its copy for lanes that cross a multiple of 2^32.
+template <class Bits, class F>
+inline void for_each_lane(const Bits& bits, int64_t lanes, F&& f) {
+  if (!bits.crosses(lanes)) [[likely]] {
+    for (int j = 0; j < lanes; ++j) f(j, bits(j));
+  } else {
+    for (int j = 0; j < lanes; ++j) f(j, bits.carrying(j));
+  }
+}
 
 // Float lanes rounded stochastically to bfloat16 (round_bf16_stochastic) lane by lane, with
-// the random bits of elements i .. i+count-1 under `key`; a loop the compiler vectorizes
-// (the hash's multiplications become vector ones), storing straight into `base` but at the
-// end of a range. For bfloat16 params (stochastic_rounding).
+// the random bits of elements i .. i+count-1 of the param's stream, storing straight into
+// `base` but at the end of a range. For bfloat16 params (stochastic_rounding).
 template <bool kPartial, int kParts>
 inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t i,
-                             int64_t count, uint64_t key) {
+                             int64_t count, const RoundingKeys& keys) {
   constexpr int kElems = kParts * Vectorized<float>::size();
   alignas(64) float in[kElems];
   alignas(64) c10::BFloat16 part[kElems];
   c10::BFloat16* out = kPartial ? part : static_cast<c10::BFloat16*>(base) + i;
   for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
-  const LaneBits bits(key, i);
-  for (int j = 0; j < kElems; ++j) out[j] = round_bf16_stochastic(in[j], bits(j));
+  for_each_lane(LaneBits(keys.param, keys.offset + i), kElems,
+                [&](int j, uint32_t r) { out[j] = round_bf16_stochastic(in[j], r); });
   if (kPartial) std::memcpy(static_cast<c10::BFloat16*>(base) + i, part, sizeof(part[0]) * count);
 }
 
@@ -163,7 +189,7 @@ inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t 
 template <bool kPartial, int kParts>
 inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<float, kParts>& v,
                                      void* m_base, void* v_base, int64_t i, int64_t count,
-                                     uint64_t key) {
+                                     const RoundingKeys& keys) {
   constexpr int N = Vectorized<float>::size();
   constexpr int kElems = kParts * N;
   alignas(64) float m_in[kElems], v_in[kElems];
@@ -174,12 +200,10 @@ inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<
     m.v[k].store(m_in + k * N);
     v.v[k].store(v_in + k * N);
   }
-  const MomentBits bits(key, i);
-  for (int j = 0; j < kElems; ++j) {
-    const uint32_t r = bits(j);
+  for_each_lane(MomentBits(keys.moments, keys.offset + i), kElems, [&](int j, uint32_t r) {
     m_out[j] = round_bf16_stochastic(m_in[j], moment_random(r, 0));
     v_out[j] = round_bf16_stochastic(v_in[j], moment_random(r, 1));
-  }
+  });
   if (kPartial) {
     std::memcpy(static_cast<c10::BFloat16*>(m_base) + i, m_part, sizeof(m_part[0]) * count);
     std::memcpy(static_cast<c10::BFloat16*>(v_base) + i, v_part, sizeof(v_part[0]) * count);
@@ -199,7 +223,8 @@ constexpr int kPartsOf = kReducedFloat<P> || std::is_same_v<S, StochasticBf16> ?
 // the step keeps the grads: s.store_grad). The
 // caller loads and stores the moments in their own storage.
 template <class Var, class P, bool kPartial, int kParts>
-inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint64_t key,
+inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count,
+                         const RoundingKeys& keys,
                          const StepScalars<Vectorized<ComputeType<P>>>& s,
                          Lanes<ComputeType<P>, kParts>& m, Lanes<ComputeType<P>, kParts>& v,
                          Lanes<ComputeType<P>, kParts>& x) {
@@ -219,7 +244,7 @@ inline void update_lanes(const TensorPointers& b, int64_t i, int64_t count, uint
   L g = load_lanes<C, kParts, P, kPartial>(b.grad, i, count);
   for (int k = 0; k < kParts; ++k) adam_update<Var>(p.v[k], g.v[k], m.v[k], v.v[k], x.v[k], s);
   if constexpr (Var::stochastic_rounding) {
-    store_stochastic<kPartial>(p, b.param, i, count, key);
+    store_stochastic<kPartial>(p, b.param, i, count, keys);
   } else {
     store_lanes<P, kPartial>(p, b.param, i, count);
   }
@@ -245,9 +270,9 @@ inline void update_vector(const TensorPointers& b, int64_t i, int64_t count,
   L v = load_lanes<C, kParts, Stored, kPartial>(b.exp_avg_sq, i, count);
   L x;
   if constexpr (Var::amsgrad) x = load_lanes<C, kParts, S, kPartial>(b.max_exp_avg_sq, i, count);
-  update_lanes<Var, P, kPartial>(b, i, count, keys.param, s, m, v, x);
+  update_lanes<Var, P, kPartial>(b, i, count, keys, s, m, v, x);
   if constexpr (kBf16) {
-    store_stochastic_moments<kPartial>(m, v, b.exp_avg, b.exp_avg_sq, i, count, keys.moments);
+    store_stochastic_moments<kPartial>(m, v, b.exp_avg, b.exp_avg_sq, i, count, keys);
   } else {
     store_lanes<S, kPartial>(m, b.exp_avg, i, count);
     store_lanes<S, kPartial>(v, b.exp_avg_sq, i, count);
@@ -291,7 +316,7 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
       m.v[k] = Vectorized<float>::loadu(mbuf + j + k * N);
       v.v[k] = Vectorized<float>::loadu(vbuf + j + k * N);
     }
-    update_lanes<Var, P, kPartial>(b, start + j, n - j, keys.param, s, m, v, x);
+    update_lanes<Var, P, kPartial>(b, start + j, n - j, keys, s, m, v, x);
     for (int k = 0; k < kParts; ++k) {
       m.v[k].store(mbuf + j + k * N);
       v.v[k].store(vbuf + j + k * N);
@@ -305,29 +330,27 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
 
   const CodeScale m_block = code_scale(horizontal_absmax(m_max));
   const CodeScale v_block = code_scale(horizontal_absmax(v_max));
-  const MomentBits bits(keys.moments, start);
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t r = bits(int(k));
+  for_each_lane(MomentBits(keys.moments, keys.offset + start), n, [&](int k, uint32_t r) {
     mcodes[k] = encode_code<true>(mbuf[k], m_block.inv, moment_random(r, 0));
     vcodes[k] = encode_code<false>(vbuf[k], v_block.inv, moment_random(r, 1));
-  }
+  });
   *m_scale = m_block.scale;
   *v_scale = v_block.scale;
 }
 
 template <class Var, class P, class S>
 void update_range(const TensorPointers& b, int64_t begin, int64_t end,
-                  const StepScalars<double>& scalars, uint64_t key) {
+                  const StepScalars<double>& scalars, const RoundingKeys& streams) {
   using C = ComputeType<P>;
   // Round the scalars to the compute type first, as torch does, then broadcast.
   const auto s = scalars.as<C>().template as<Vectorized<C>>();
   constexpr int64_t kStep = kPartsOf<P, S> * Vectorized<C>::size();
   static_assert(kMaxVectorElems % kStep == 0, "chunks must hold whole vectors");
   static_assert(kCutElems % kCodeBlock == 0, "ranges must hold whole blocks of codes");
-  // A local copy of the pointers: the stores through them cannot alias it, so the loop
-  // keeps them in registers instead of reloading them from `b` after every store.
+  // Local copies of the pointers and keys: the stores through the pointers cannot alias
+  // them, so the loop keeps them in registers instead of reloading them after every store.
   const TensorPointers local = b;
-  const RoundingKeys keys(key);
+  const RoundingKeys keys = streams;
   if constexpr (std::is_same_v<S, Codes8>) {
     for (int64_t i = begin; i < end; i += kCodeBlock)
       update_code_block<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);

@@ -14,10 +14,10 @@ namespace adamx::cpu {
 // The instruction sets a kernel is compiled for, widest last.
 enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
 
-// Updates elements [begin, end) of one tensor; `rounding_key` (stochastic rounding) is
-// rounding_key(seed, tensor, step).
+// Updates elements [begin, end) of one tensor; `keys` (stochastic rounding) are its
+// random streams: RoundingKeys(rounding_key(seed, param, step), offset).
 using RangeKernel = void (*)(const TensorPointers&, int64_t begin, int64_t end,
-                             const StepScalars<double>&, uint64_t rounding_key);
+                             const StepScalars<double>&, const RoundingKeys& keys);
 
 // Elements per SIMD step of the widest kernel for any dtype; a range that starts at a
 // multiple of it never splits a vector, whatever the ISA.

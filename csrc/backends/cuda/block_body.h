@@ -33,7 +33,7 @@ namespace adamx::cuda {
 
 // Capacity of one launch table. sizeof(LaunchTable) stays below the 4 KiB kernel
 // parameter limit (static_assert below).
-constexpr int kMaxTensors = 30;  // (32 no longer fit beside the code scales pointer)
+constexpr int kMaxTensors = 27;  // (30 no longer fit beside the element offsets)
 constexpr int kMaxBlocks = 256;
 constexpr int kMaxScalarSets = 2;
 
@@ -59,7 +59,8 @@ struct LaunchTable {
   // Per tensor (index < num_tensors).
   TensorPointers tensors[kMaxTensors];
   StepRef step[kMaxTensors];
-  uint32_t tensor_index[kMaxTensors];  // its position in the op's lists (rounding_key)
+  int64_t element_offset[kMaxTensors];  // its random streams (RoundingKeys: AdamArgs'
+  uint32_t param_id[kMaxTensors];       // element_offsets and param_ids)
   // Per launch.
   StepScalars<double> sets[kMaxScalarSets];  // host-computed scalars (kHostScalars)
   Hyper hyper;                               // for scalars computed in the kernel
@@ -187,10 +188,12 @@ ADAMX_HD bool block_is_vectorized(const LaunchTable& tab, int block) {
 }
 
 // The new param of one element (`index` in its tensor), stored: rounded to nearest or
-// stochastically; with a master copy, the master and its rounding.
+// stochastically (element keys.offset + index of the param's stream); with a master copy,
+// the master and its rounding.
 template <class Var, class P, class C>
-ADAMX_HD void store_param(P& p, float* master, C pc, uint64_t key, int64_t index) {
-  if constexpr (Var::stochastic_rounding) p = round_bf16_stochastic(pc, rounding_bits(key, index));
+ADAMX_HD void store_param(P& p, float* master, C pc, const RoundingKeys& keys, int64_t index) {
+  if constexpr (Var::stochastic_rounding)
+    p = round_bf16_stochastic(pc, rounding_bits(keys.param, keys.offset + index));
   else p = static_cast<P>(pc);
   if (Var::master_weights) *master = static_cast<float>(pc);
 }
@@ -209,10 +212,10 @@ ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
   C gc = static_cast<C>(g), mc = static_cast<C>(m), vc = static_cast<C>(v);
   C xc = Var::amsgrad ? static_cast<C>(*vmax) : C(0);
   adam_update<Var>(pc, gc, mc, vc, xc, s);
-  store_param<Var>(p, master, pc, keys.param, index);
+  store_param<Var>(p, master, pc, keys, index);
   if (Var::unscale_grad && s.store_grad) g = static_cast<P>(gc);
   if constexpr (kCompact<S>) {
-    const uint32_t r = moment_bits(keys.moments, index);
+    const uint32_t r = moment_bits(keys.moments, keys.offset + index);
     m = round_bf16_stochastic(mc, moment_random(r, 0));
     v = round_bf16_stochastic(vc, moment_random(r, 1));
   } else {
@@ -226,7 +229,8 @@ ADAMX_HD void update_one(P& p, P& g, M& m, M& v, M* vmax, float* master,
 template <class Var, class S>
 ADAMX_HD RoundingKeys tensor_keys(const LaunchTable& tab, int t) {
   if (!Var::stochastic_rounding && !kCompact<S>) return RoundingKeys();
-  return RoundingKeys(rounding_key(tab.hyper.seed, tab.tensor_index[t], tensor_step(tab, t)));
+  return RoundingKeys(rounding_key(tab.hyper.seed, tab.param_id[t], tensor_step(tab, t)),
+                      tab.element_offset[t]);
 }
 
 // The kernel body: what thread `thread` of block `block` (of `block_dim` threads) does.
@@ -392,7 +396,7 @@ ADAMX_HD void code_lane_update(const CodeChunk<P>& c, int64_t q, int lane, CodeL
     C gc = static_cast<C>(gp.v[k]);
     C m = decode_code<true>(mp.v[k], m_scale), v = decode_code<false>(vp.v[k], v_scale), unused = 0;
     adam_update<Var>(pc, gc, m, v, unused, c.s);
-    store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys.param, e0 + k);
+    store_param<Var>(pp.v[k], &wp.v[k], pc, c.keys, e0 + k);
     if (Var::unscale_grad) gp.v[k] = static_cast<P>(gc);  // stored below unless kept
     r.m[k] = m;
     r.v[k] = v;
@@ -432,7 +436,7 @@ ADAMX_HD void code_lane_store(const CodeChunk<P>& c, int64_t q, int lane, const 
   Pack<uint8_t, kLaneElems> mp{}, vp{};
   ADAMX_UNROLL
   for (int k = 0; k < kLaneElems; ++k) {
-    const uint32_t bits = moment_bits(c.keys.moments, e0 + k);
+    const uint32_t bits = moment_bits(c.keys.moments, c.keys.offset + e0 + k);
     mp.v[k] = encode_code<true>(r.m[k], m_scale.inv, moment_random(bits, 0));
     vp.v[k] = encode_code<false>(r.v[k], v_scale.inv, moment_random(bits, 1));
   }

@@ -64,7 +64,8 @@ class TableBuilder {
     if (s.step.memory) tab_.step[t].ptr = s.step.memory;
     else tab_.step[t].value = s.step.next;
     tab_.step_source[t] = source;
-    tab_.tensor_index[t] = s.index;
+    tab_.param_id[t] = s.param_id;
+    tab_.element_offset[t] = s.element_offset;
     tab_.scalar_set[t] = static_cast<uint8_t>(set);
     ids_now_.push_back(id);
     return t;
@@ -143,7 +144,8 @@ std::vector<LaunchGroup> plan_launches(const StepOperands& operands, const AdamA
   std::vector<LaunchGroup> groups;
   std::vector<std::vector<TensorSlot>> slots;
   for (size_t i = 0; i < operands.size(); ++i) {
-    const TensorSlot s{operands.pointers(i), operands.step(i), static_cast<uint32_t>(i)};
+    const TensorSlot s{operands.pointers(i), operands.step(i), param_id(a, i),
+                       element_offset(a, i)};
     auto it = std::find_if(groups.begin(), groups.end(), [&](const LaunchGroup& g) {
       return g.dtype == operands.dtype(i) && g.kind == operands.kind(i);
     });

@@ -22,7 +22,8 @@ struct PlanOptions {
 struct TensorSlot {
   TensorPointers pointers;
   StepCount step;
-  uint32_t index;  // the tensor's position in the op's lists
+  uint32_t param_id;       // its random streams (see AdamArgs::param_ids, element_offsets)
+  int64_t element_offset;
 };
 
 // Launch-wide inputs of the planner.
