@@ -27,7 +27,7 @@ __all__ = [
     "hash32", "rounding_bits", "moment_bits", "moment_random", "round_bf16_stochastic",
     "stochastic_bf16",
     "code_value", "decode_code", "code_scale", "encode_code", "block_absmax",
-    "encode_codes", "decode_codes", "memory_order_flat",
+    "encode_codes", "decode_codes", "memory_order_flat", "is_dense",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -147,6 +147,17 @@ def _check_float32(x: torch.Tensor, name: str):
 
 # --------------------------------------------------------------------------------------
 # Memory order.
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (any order of dims): what
+    memory_order_flat needs."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
 
 def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
     """A 1-D view of ``t``'s elements in memory order (the order of the kernels' element

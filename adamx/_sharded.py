@@ -22,7 +22,9 @@ always come through here; plain tensors never pay for it.
 
 import sys
 
-__all__ = ["local_lists", "element_offset", "is_dtensor", "agreed"]
+from . import _compact
+
+__all__ = ["local_lists", "element_offset", "is_dtensor", "agreed", "first_ranks_value"]
 
 
 def _dtensor_type():
@@ -76,12 +78,14 @@ def _local_step(DTensor, step):
 
 def element_offset(p):
     """Where the random bits of DTensor ``p``'s local shard start (the op's
-    element_offsets): the index, in the whole param's row-major order, of the shard's first
-    element when the shard is one contiguous run of the param (FSDP2's Shard(0), tensor
-    parallel's ColwiseParallel weights: the shard's elements then draw the bits the unsharded param's do), else
+    element_offsets). An element's index is its place in its tensor's memory order, so when
+    the shard is one run of the whole param's memory (its strides are the param's on every
+    dim it spans: FSDP2's Shard(0), tensor parallel's ColwiseParallel weights), this is the
+    index of the shard's first element in the whole param, and the shard's elements draw
+    the bits they draw unsharded. Any other shard (Shard(1) of a matrix: several runs) gets
     a run past the param's own indices that no other shard shares: (1 + the shard's index
-    among the param's shards) times its numel (replicas, which must stay equal, share it).
-    0 for a plain tensor."""
+    among the param's shards) times the param's numel (replicas, which must stay equal,
+    share it). 0 for a plain tensor."""
     DTensor = _dtensor_type()
     if DTensor is None or not isinstance(p, DTensor):
         return 0
@@ -91,20 +95,14 @@ def element_offset(p):
     sharding = [d for d, placement in enumerate(placements) if placement.is_shard()]
     if len(sharding) == 0 or local.numel() == 0:
         return 0
-    shape = tuple(p.shape)
-    if all(type(placements[d]) is Shard for d in sharding) and local.is_contiguous():
+    if all(type(placements[d]) is Shard for d in sharding) \
+            and _compact.is_dense(local):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-        local_shape, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
-        run = 0  # the first dim whose slice is neither one index nor whole
-        while run < len(shape) and local_shape[run] == 1:
-            run += 1
+        local_shape, offsets = compute_local_shape_and_global_offset(
+            tuple(p.shape), mesh, placements)
         if tuple(local_shape) == tuple(local.shape) and all(
-                local_shape[d] == shape[d] for d in range(run + 1, len(shape))):
-            first, stride = 0, 1
-            for d in reversed(range(len(shape))):
-                first += offsets[d] * stride
-                stride *= shape[d]
-            return first
+                local.stride(d) == p.stride(d) for d in range(local.dim()) if local_shape[d] > 1):
+            return sum(offset * stride for offset, stride in zip(offsets, p.stride()))
     coordinate = mesh.get_coordinate()
     index = 0
     for d in sharding:
@@ -112,29 +110,51 @@ def element_offset(p):
     return (1 + index) * p.numel()
 
 
-def local_lists(lists, master_params=None):
+def _local_scales(DTensor, p, scales):
+    """The op's code scales of DTensor param ``p`` with 8-bit moments: the local tensor,
+    (2, local rows, blocks per row), as (2, local blocks); they must be sharded by rows as
+    the param is (adamx/_state.py's code_rows)."""
+    if not isinstance(scales, DTensor) or scales.device_mesh != p.device_mesh or any(
+            s.is_shard() != q.is_shard() or (s.is_shard() and s.dim != 1)
+            for s, q in zip(scales.placements, p.placements)):
+        layout = (f"{scales.device_mesh}, {scales.placements}" if isinstance(scales, DTensor)
+                  else f"a {type(scales).__name__}")
+        raise RuntimeError(
+            f"adamx: a DTensor param on {p.device_mesh}, {p.placements} has code_scales on "
+            f"{layout}; they must be sharded by rows (Shard(1)) where the param is")
+    return scales._local_tensor.reshape(2, -1)
+
+
+def local_lists(lists, master_params=None, code_scales=None):
     """``lists`` (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: the
-    op's tensor lists) and ``master_params`` (None, or one per param) with each DTensor
-    replaced by its local tensor, the DTensors the step writes (so that their version
-    counters can be bumped) and the op's element_offsets (element_offset per param);
-    ``lists``, ``master_params``, an empty list and None when they hold no DTensor. Raises,
-    having written nothing, when a DTensor param's state (or master copy) is not sharded
-    like it."""
+    op's tensor lists), ``master_params`` and ``code_scales`` (None, or one per param)
+    with each DTensor replaced by its local tensor (a DTensor's code scales by their
+    (2, blocks) view), the DTensors the step writes (so that their version counters can be
+    bumped) and the op's element_offsets (element_offset per param); the lists as given,
+    an empty list and None when they hold no DTensor. Raises, having written nothing, when
+    a DTensor param's state (or master copy) is not sharded like it."""
     DTensor = _dtensor_type()
     if DTensor is None:
-        return lists, master_params, [], None
+        return lists, master_params, code_scales, [], None
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
     amsgrad = len(max_exp_avg_sqs) > 0  # (not bool(list): torch 2.11's Dynamo cannot trace it)
     if not any(isinstance(t, DTensor) for t in params + steps):
-        return lists, master_params, [], None
+        return lists, master_params, code_scales, [], None
     local = ([], [], [], [], [], [])
     masters = None if master_params is None else []
+    scales = None if code_scales is None else []
     written = []
     offsets = []
     for i, p in enumerate(params):
         states = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else []) \
             + ([master_params[i]] if masters is not None else [])
         offsets.append(element_offset(p))
+        if scales is not None:
+            scale = code_scales[i]
+            if isinstance(p, DTensor) and scale.numel() > 0:  # (empty: no codes)
+                written.append(scale)
+                scale = _local_scales(DTensor, p, scale)
+            scales.append(getattr(scale, "_local_tensor", scale))
         if isinstance(p, DTensor):
             written += [p] + states
             p, grad, states = _local_row(DTensor, p, grads[i], states)
@@ -150,7 +170,7 @@ def local_lists(lists, master_params=None):
             masters.append(states[-1])
         local[5].append(_local_step(DTensor, steps[i]))
     written += [s for s in steps if isinstance(s, DTensor)]
-    return local, masters, written, offsets
+    return local, masters, scales, written, offsets
 
 
 def _mesh_groups(params):
@@ -182,6 +202,14 @@ def _gathered(groups, value, pick):
         dist.all_gather_object(values, value, group=group)
         value = pick(values)
     return value
+
+
+def first_ranks_value(params, value):
+    """``value`` as the first rank of the meshes of the DTensors among ``params`` has it (a
+    collective over each mesh dim; call it on every rank), or ``value`` itself without
+    DTensor params or a process group."""
+    groups = _mesh_groups(params)
+    return _gathered(groups, value, lambda values: values[0]) if groups else value
 
 
 _ERRORS = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}

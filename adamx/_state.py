@@ -34,7 +34,7 @@ from .functional import _seed
 
 __all__ = ["STATE_DTYPES", "COMPACT_MIN_NUMEL", "MOMENTS", "CODES", "Spec", "state_dtype_name",
            "check_group", "spec", "check_state", "conform", "moment_float", "with_key_names",
-           "new_step"]
+           "new_step", "code_rows", "scales_shape"]
 
 # How moments may be stored (a group's "state_dtype"), and the smallest param that gets
 # compact moments: smaller ones keep float32 state (as bitsandbytes' 8-bit optimizers keep
@@ -75,16 +75,6 @@ def has_master(p, group):
     return bool(group["master_weights"]) and p.dtype in _REDUCED
 
 
-def _dense(t):
-    """Whether ``t`` covers its memory without gaps or overlaps (any order of dims)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 class Spec(NamedTuple):
     """The state one param must have. ``moments``: "float32" (torch's layout: the param's
     dtype, or float32 beside a master copy), "bfloat16" or "int8" (codes and scales);
@@ -109,24 +99,22 @@ _KEYS = {(False, False): MOMENTS, (False, True): MOMENTS + ("max_exp_avg_sq",),
 def spec(p, group, state_dtype=None):
     """The state param ``p`` of ``group`` must have. Params with fewer than
     COMPACT_MIN_NUMEL elements, float64/float16/complex params keep torch's layout; so do
-    8-bit groups' params that are not dense (8-bit blocks are runs of memory)."""
+    8-bit groups' params that are not dense (8-bit blocks are runs of memory), and DTensor
+    params whose blocks cannot follow their rows (code_rows)."""
     want = state_dtype or check_group(group)
     master = has_master(p, group)
     moments = want
     if (want == "float32" or p.numel() < COMPACT_MIN_NUMEL
             or p.dtype not in (torch.float32, torch.bfloat16)):
         moments = "float32"
-    elif _sharded.is_dtensor(p):
-        raise NotImplementedError(
-            f"adamx: state_dtype={want!r} is not implemented for DTensor (FSDP2, tensor "
-            "parallel) params yet; use state_dtype='float32' for them")
     elif want == "bfloat16" and p.dtype == torch.bfloat16 and not master:
         raise ValueError(
             "adamx: state_dtype='bfloat16' for bfloat16 params needs master_weights=True "
             "(bfloat16 moments beside fp32 master copies): without master copies, bfloat16 "
             "params keep torch's bfloat16 moments rounded to nearest. Or use "
             "state_dtype='int8'")
-    elif want == "int8" and not _dense(p):
+    elif want == "int8" and (not _compact.is_dense(p) or (_sharded.is_dtensor(p)
+                                                and code_rows(p) is None)):
         moments = "float32"
     amsgrad = bool(group["amsgrad"])
     if moments == "int8":
@@ -163,16 +151,75 @@ def stored_moments(p, state):
 
 def moment_float(state, which):
     """Moment ``which`` (0: exp_avg, 1: exp_avg_sq) of ``state`` as float32, from any
-    storage (as laid out in the state)."""
+    storage (as laid out in the state; a DTensor for a DTensor's state)."""
     if CODES[which] in state:
-        return _compact.decode_codes(_local(state[CODES[which]]), state[SCALES][which],
-                                     signed=which == 0)
-    return _local(state[MOMENTS[which]]).float()
+        codes = state[CODES[which]]
+        scales = _local(state[SCALES]).reshape(2, -1)  # (a DTensor's: (2, rows, per row))
+        values = _compact.decode_codes(_local(codes), scales[which], signed=which == 0)
+        return _like(codes, values)
+    return state[MOMENTS[which]].float()
 
 
 def _local(t):
     """A DTensor's local tensor (a sharded param's shard), else ``t``."""
     return getattr(t, "_local_tensor", t)
+
+
+def _like(t, local, shape=None, placements=None):
+    """``local`` as a shard of a DTensor of ``t``'s mesh, placements, shape and strides
+    (or the shape given, contiguous, and the placements given) when ``t`` is a DTensor,
+    else ``local`` itself."""
+    if not _sharded.is_dtensor(t):
+        return local
+    from torch.distributed.tensor import DTensor
+    if shape is None:
+        shape, stride = tuple(t.shape), tuple(t.stride())
+    else:
+        stride = [1] * len(shape)
+        for d in reversed(range(len(shape) - 1)):
+            stride[d] = stride[d + 1] * shape[d + 1]
+    return DTensor.from_local(local, t.device_mesh, placements or t.placements,
+                              run_check=False, shape=tuple(shape), stride=tuple(stride))
+
+
+def code_rows(p):
+    """For a DTensor param with 8-bit moments, (rows, blocks per row) when its blocks of
+    256 elements can follow its rows: a row is a whole number of blocks and every shard is
+    a run of whole rows (each sharded placement is Shard(0), as FSDP2's), so each rank's
+    blocks are the unsharded param's and its code scales are a DTensor of shape (2, rows,
+    blocks per row) sharded by rows, which checkpoints reshard as the codes; else None.
+    (A row is a run of memory: dim 0 is the outermost, as in a contiguous or channels_last
+    param.)"""
+    from torch.distributed.tensor import Shard
+    if p.dim() == 0 or p.shape[0] == 0:
+        return None
+    per_row = p.numel() // p.shape[0]
+    by_rows = all(type(placement) is Shard and placement.dim == 0
+                  for placement in p.placements if placement.is_shard())
+    if per_row % _compact.KCODE_BLOCK != 0 or (p.shape[0] > 1 and p.stride(0) != per_row) \
+            or not by_rows:
+        return None
+    return p.shape[0], per_row // _compact.KCODE_BLOCK
+
+
+def scales_shape(p):
+    """The shape of the code scales of param ``p`` with 8-bit moments: (2, blocks), or for
+    a DTensor param (2, rows, blocks per row) (code_rows; None when it has none)."""
+    if _sharded.is_dtensor(p):
+        rows = code_rows(p)
+        return None if rows is None else (2,) + rows
+    return (2, _compact.num_code_blocks(p.numel()))
+
+
+def _scales_like(p, local):
+    """The code scales of param ``p`` from their local [2, blocks] tensor: itself, or for a
+    DTensor param a DTensor sharded by rows as ``p`` is (scales_shape)."""
+    if not _sharded.is_dtensor(p):
+        return local
+    from torch.distributed.tensor import Shard
+    shape = scales_shape(p)
+    placements = [Shard(1) if placement.is_shard() else placement for placement in p.placements]
+    return _like(p, local.view(2, -1, shape[2]), shape, placements)
 
 
 def _describe(t):
@@ -184,14 +231,26 @@ def check_state(p, state, where):
     """Refuses a state of param ``p`` that no conversion can make fit (ValueError naming
     ``where`` and the key): not a dict; not empty but lacking the step, a moment or the
     codes' scales; a tensor whose shape is not the param's; 8-bit codes that are not uint8
-    or scales not float32 of shape (2, blocks); moments whose dtypes differ; a whole
-    (not DTensor) tensor beside a DTensor param. ``state``
-    with its codes under their own keys (with_key_names)."""
+    or scales not float32 of their shape (scales_shape); moments whose dtypes differ; a
+    whole (not DTensor) tensor beside a DTensor param. ``state`` with its codes under
+    their own keys (with_key_names)."""
     if not isinstance(state, dict):
         raise ValueError(f"adamx: the state of {where} must be a dict, got "
                          f"{type(state).__name__}")
     if len(state) == 0:
         return
+    if _sharded.is_dtensor(p):
+        for key in CODES + (SCALES,):
+            t = state.get(key)
+            if torch.is_tensor(t) and not _sharded.is_dtensor(t):
+                raise ValueError(
+                    f"adamx: the state of {where} has 8-bit codes ({key}) as a whole tensor, "
+                    "but its param is a DTensor. Whole 8-bit moments cannot be sharded on "
+                    "loading (torch's broadcast sends rank 0's keys that the loading "
+                    "optimizer lacks to rank 0 alone, and a whole param's code scales are "
+                    "laid out per 256 elements, not per row); convert the checkpoint to "
+                    "torch's layout first, adamx.to_torch_state_dict(state_dict): its "
+                    "float32 moments load into any state_dtype")
     codes = CODES[0] in state or CODES[1] in state
     for key in MOMENTS if codes else ():
         if key in state:
@@ -231,12 +290,18 @@ def check_state(p, state, where):
             raise ValueError(f"adamx: the state of {where} holds 8-bit codes in "
                              f"{first.dtype}; they must be uint8")
         scales = state[SCALES]
-        blocks = _compact.num_code_blocks(p.numel())
+        shape = scales_shape(p)
+        if shape is None:
+            raise ValueError(
+                f"adamx: the state of {where} holds 8-bit moments, but its param, a DTensor "
+                f"of shape {tuple(p.shape)} with placements {tuple(p.placements)}, cannot "
+                "have them: 8-bit blocks of a DTensor param follow its rows, so a row must "
+                "be a multiple of 256 elements and the param sharded by rows (Shard(0))")
         if not (torch.is_tensor(scales) and scales.dtype == torch.float32
-                and tuple(scales.shape) == (2, blocks)):
+                and tuple(scales.shape) == shape):
             raise ValueError(
                 f"adamx: the state of {where} holds 8-bit moments, whose code_scales must "
-                f"be a float32 tensor of shape (2, {blocks}); got {_describe(scales)}")
+                f"be a float32 tensor of shape {shape}; got {_describe(scales)}")
     elif not (first.is_floating_point() or first.is_complex()):
         raise ValueError(f"adamx: the state of {where} has moments in {first.dtype}; they "
                          "must be floating point")
@@ -287,7 +352,7 @@ def _fits(p, state, want):
     if want.moments == "int8":
         scales = state.get(SCALES)
         if not (isinstance(scales, torch.Tensor) and scales.dtype == torch.float32
-                and tuple(scales.shape) == (2, _compact.num_code_blocks(p.numel()))):
+                and tuple(scales.shape) == scales_shape(p)):
             return False
     return True
 
@@ -358,11 +423,12 @@ def conform(p, group, state, where, want=None, param_id=0):
                 x = _zeros_like(p, torch.float32)
                 if not fresh:
                     x.copy_(moment_float(state, which))
-                state[name], row = _compact.encode_codes(x, which == 0, key, offset)
+                codes, row = _compact.encode_codes(_local(x), which == 0, key, offset)
+                state[name] = _like(p, codes)
                 rows.append(row)
             for name in MOMENTS:
                 state.pop(name, None)
-            state[SCALES] = torch.stack(rows)
+            state[SCALES] = _scales_like(p, torch.stack(rows))
         return state
     dtype = want.dtype
     for which, name in enumerate(MOMENTS):

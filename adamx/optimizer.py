@@ -139,8 +139,9 @@ class Adam(Optimizer):
       given here, the first group uses it and each other group a hash of it and the
       group's index. A group given no ``seed`` at all that draws random bits
       (``stochastic_rounding`` or a compact ``state_dtype``) gets one drawn from torch's
-      default generator when it is added, so runs and optimizers draw streams of their
-      own and ``torch.manual_seed`` reproduces them; ``state_dict`` keeps it, so a
+      default generator when it is added (with DTensor params, the first rank's draw on
+      every rank of their meshes: a collective), so runs and optimizers draw streams of
+      their own and ``torch.manual_seed`` reproduces them; ``state_dict`` keeps it, so a
       resumed run draws the same bits. Other groups draw nothing from torch's generator
       (as torch.optim.Adam) and their seed, the group's index, is left out of
       ``state_dict``, as torch has no such key.
@@ -257,7 +258,10 @@ class Adam(Optimizer):
                 if base is not None:
                     param_group["seed"] = _group_seed(base, len(self.param_groups))
                 elif _uses_noise(dict(options, state_dtype=name)):
-                    param_group["seed"] = _draw_seed()
+                    # (DTensor params: every rank takes the first rank's draw, so that
+                    # replicas round alike whatever seed each rank's torch was given)
+                    param_group["seed"] = _sharded.first_ranks_value(
+                        _group_tensors(param_group.get("params")), _draw_seed())
                 else:
                     param_group["seed"] = param_group[_SEED_DEFAULT] = len(self.param_groups)
             _seed(param_group["seed"])  # an int
@@ -486,7 +490,7 @@ class Adam(Optimizer):
         present = [s for s in scales if s is not None]
         if len(present) == 0:
             return None
-        empty = present[0].new_empty(0)
+        empty = _local(present[0]).new_empty(0)
         return [empty if s is None else s for s in scales]
 
     @staticmethod
@@ -612,7 +616,8 @@ class Adam(Optimizer):
                 hyper = dict(self._hyper(group), grad_scale=grad_scale, found_inf=found_inf,
                              keep_grads=keep_grads)
                 for lists, masters, scales, ids in group_calls:
-                    lists, masters, dtensors, offsets = _sharded.local_lists(lists, masters)
+                    lists, masters, scales, dtensors, offsets = _sharded.local_lists(
+                        lists, masters, scales)
                     calls.append((lists, dict(hyper, master_params=masters, code_scales=scales,
                                               param_ids=ids, element_offsets=offsets)))
                     sharded += dtensors
