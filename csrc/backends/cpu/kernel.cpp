@@ -6,8 +6,13 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "kernel.h"
 
@@ -338,6 +343,172 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
   *v_scale = v_block.scale;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The same block with AVX-512 code written for it: each vector of codes is decoded as it
+// is used (no decode pass), the blocks' largest magnitudes are integer maxima of the
+// float bits (a magnitude's bits order as its value), and the codes are encoded 16 lanes
+// at a time and packed with one narrowing. The same bits as update_code_block, which it
+// leaves the rare blocks to: a stored scale that is not finite (a block turned NaN), a
+// non-finite new moment (whose NaN the generic maximum picks), random bits crossing a
+// multiple of 2^32.
+namespace codes512 {
+
+// Codes [0, count) of 16 (the others 0).
+inline __m128i load_codes(const uint8_t* p, int64_t count) {
+  if (count >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1u), p);
+}
+
+// Lanes [0, count) of 16 set.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// exp_avg's values (decode_code<true>): its e4m3 format has float16's exponent bias (15),
+// so the sign at bit 15 and the magnitude at bits 7-14 are the float16 of the code's
+// value, subnormals included, which vcvtph2ps widens exactly.
+inline __m512 decode_m(__m128i codes, __m512 scale) {
+  const __m256i w = _mm256_cvtepu8_epi16(codes);
+  const __m256i h =
+      _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7),
+                      _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), scale);
+}
+
+// exp_avg_sq's values (decode_code<false>, with a finite scale): code_value's float bits
+// of normal codes, and its subnormal steps (code 0: half a step) where a lane has one.
+inline __m512 decode_v(__m128i codes, __m512 scale) {
+  using F = CodeFormat<false>;
+  const __m512i c = _mm512_cvtepu8_epi32(codes);
+  __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(c, 20), _mm512_set1_epi32(int(F::kOffset)));
+  const __mmask16 subnormal = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(8));
+  if (subnormal) {
+    const __mmask16 zero = _mm512_testn_epi32_mask(c, c);
+    const __m512i halves = _mm512_mask_add_epi32(_mm512_slli_epi32(c, 1), zero,
+                                                 _mm512_slli_epi32(c, 1), _mm512_set1_epi32(1));
+    const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(halves),
+                                       _mm512_set1_ps(F::kSubnormalStep * 0.5f));
+    bits = _mm512_mask_blend_epi32(subnormal, bits, _mm512_castps_si512(value));
+  }
+  return _mm512_mul_ps(_mm512_castsi512_ps(bits), scale);
+}
+
+// encode_code of 16 lanes, `random` the top 20 of their 32 random bits (random >> 12).
+template <bool kSigned>
+inline __m512i encode(__m512 x, __m512 inv, __m512i random) {
+  using F = CodeFormat<kSigned>;
+  const __m512 smallest = _mm512_set1_ps(F::kSmallestNormal);
+  const __m512 magnitude = _mm512_mul_ps(kSigned ? _mm512_abs_ps(x) : x, inv);
+  const __mmask16 small = _mm512_cmp_ps_mask(magnitude, smallest, _CMP_LT_OQ);
+  const __m512 a = _mm512_mask_add_ps(magnitude, small, magnitude, smallest);
+  __m512i u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(a), random), 20);
+  u = _mm512_sub_epi32(u, _mm512_set1_epi32(int(F::kOffset >> 20)));
+  u = _mm512_mask_sub_epi32(u, small, u, _mm512_set1_epi32(8));
+  __m512i c = _mm512_min_epu32(u, _mm512_set1_epi32(int(F::kMaxCode)));
+  if constexpr (kSigned)
+    c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 24),
+                                            _mm512_set1_epi32(0x80)));
+  return c;
+}
+
+// hash32 of 16 lanes.
+inline __m512i hash32x16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x7feb352du)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// The largest magnitude's bits among the lanes, as an unsigned maximum of the bits
+// without their signs (NaNs order above infinities, infinities above finite values).
+inline __m512i magnitude_max(__m512i current, __m512 x) {
+  return _mm512_max_epu32(current,
+                          _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+}
+
+}  // namespace codes512
+
+template <class Var, class P>
+void update_code_block_avx512(const TensorPointers& b, int64_t start, int64_t n,
+                              const RoundingKeys& keys, const StepScalars<Vectorized<float>>& s) {
+  constexpr int kParts = kPartsOf<P, Codes8>;
+  constexpr int64_t N = 16;
+  constexpr int64_t kStep = kParts * N;
+  static_assert(Vectorized<float>::size() == N, "AVX-512 float vectors");
+  using L = Lanes<float, kParts>;
+  uint8_t* mcodes = static_cast<uint8_t*>(b.exp_avg) + start;
+  uint8_t* vcodes = static_cast<uint8_t*>(b.exp_avg_sq) + start;
+  float* m_scale = b.code_scales + start / kCodeBlock;
+  float* v_scale = m_scale + code_blocks(b.numel);
+  const MomentBits bits(keys.moments, keys.offset + start);
+  if (!(std::isfinite(*m_scale) && std::isfinite(*v_scale)) || bits.crosses(n))
+    return update_code_block<Var, P>(b, start, n, keys, s);
+  const __m512 ms = _mm512_set1_ps(*m_scale), vs = _mm512_set1_ps(*v_scale);
+  alignas(64) float mbuf[kCodeBlock], vbuf[kCodeBlock];
+
+  __m512i m_max = _mm512_setzero_si512(), v_max = _mm512_setzero_si512();
+  auto iteration = [&]<bool kPartial>(int64_t j) {
+    L m, v, x;
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t count = kPartial ? std::clamp<int64_t>(n - j - k * N, 0, N) : N;
+      // (lanes past the block's end: zero moments, as update_code_block's buffers hold)
+      const __mmask16 lanes = codes512::first_lanes(count);
+      m.v[k] = _mm512_maskz_mov_ps(lanes, codes512::decode_m(
+                                              codes512::load_codes(mcodes + j + k * N, count), ms));
+      v.v[k] = _mm512_maskz_mov_ps(lanes, codes512::decode_v(
+                                              codes512::load_codes(vcodes + j + k * N, count), vs));
+    }
+    update_lanes<Var, P, kPartial>(b, start + j, n - j, keys, s, m, v, x);
+    for (int k = 0; k < kParts; ++k) {
+      m.v[k].store(mbuf + j + k * N);
+      v.v[k].store(vbuf + j + k * N);
+      m_max = codes512::magnitude_max(m_max, m.v[k]);
+      v_max = codes512::magnitude_max(v_max, v.v[k]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) iteration.template operator()<false>(j);
+  if (j < n) iteration.template operator()<true>(j);
+  const int64_t stored = j < n ? j + kStep : j;  // buffer elements the iterations wrote
+
+  // update_code_block's maximum (absmax_of, in its order) where a moment is not finite.
+  auto absmax = [&](__m512i max_bits, const float* buf) {
+    const uint32_t top = static_cast<uint32_t>(_mm512_reduce_max_epu32(max_bits));
+    if (top < 0x7f800000u) return float_from_bits(top);
+    Vectorized<float> acc(0.0f);
+    for (int64_t i = 0; i < stored; i += N) acc = absmax_of(acc, Vectorized<float>::loadu(buf + i));
+    return horizontal_absmax(acc);
+  };
+  const CodeScale m_block = code_scale(absmax(m_max, mbuf));
+  const CodeScale v_block = code_scale(absmax(v_max, vbuf));
+  const __m512 m_inv = _mm512_set1_ps(m_block.inv), v_inv = _mm512_set1_ps(v_block.inv);
+  const __m512i folded = _mm512_set1_epi32(int(bits.folded));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i low16 = _mm512_set1_epi32(0xffff);
+  for (int64_t k = 0; k < n; k += N) {
+    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(bits.base_lo + uint32_t(k))), iota);
+    const __m512i r = codes512::hash32x16(_mm512_xor_si512(index, folded));
+    // moment_random(r, 0) >> 12 and moment_random(r, 1) >> 12: a half h as (h << 4) | (h >> 12)
+    const __m512i m_random = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(r, low16), 4),
+                                             _mm512_and_si512(_mm512_srli_epi32(r, 12),
+                                                              _mm512_set1_epi32(0xf)));
+    const __m512i v_random = _mm512_or_si512(
+        _mm512_and_si512(_mm512_srli_epi32(r, 12), _mm512_set1_epi32(0xffff0)),
+        _mm512_srli_epi32(r, 28));
+    const __m128i mc = _mm512_cvtepi32_epi8(
+        codes512::encode<true>(_mm512_load_ps(mbuf + k), m_inv, m_random));
+    const __m128i vc = _mm512_cvtepi32_epi8(
+        codes512::encode<false>(_mm512_load_ps(vbuf + k), v_inv, v_random));
+    const __mmask16 lanes = codes512::first_lanes(n - k);
+    _mm_mask_storeu_epi8(mcodes + k, lanes, mc);
+    _mm_mask_storeu_epi8(vcodes + k, lanes, vc);
+  }
+  *m_scale = m_block.scale;
+  *v_scale = v_block.scale;
+}
+#endif
+
 template <class Var, class P, class S>
 void update_range(const TensorPointers& b, int64_t begin, int64_t end,
                   const StepScalars<double>& scalars, const RoundingKeys& streams) {
@@ -352,8 +523,13 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   const TensorPointers local = b;
   const RoundingKeys keys = streams;
   if constexpr (std::is_same_v<S, Codes8>) {
-    for (int64_t i = begin; i < end; i += kCodeBlock)
+    for (int64_t i = begin; i < end; i += kCodeBlock) {
+#if defined(CPU_CAPABILITY_AVX512)
+      update_code_block_avx512<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
+#else
       update_code_block<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
+#endif
+    }
   } else {
     int64_t i = begin;
     for (; i + kStep <= end; i += kStep) update_vector<Var, P, S, false>(local, i, kStep, keys, s);
