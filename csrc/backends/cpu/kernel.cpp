@@ -10,7 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -343,99 +343,196 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
   *v_scale = v_block.scale;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The same block with SIMD code written for it (AVX-512 and AVX2: CodeOps below): each
+// vector of codes is decoded as it is used (no decode pass), the block's largest
+// magnitudes are integer maxima of the float bits (a magnitude's bits order as its value),
+// and the codes are encoded a vector at a time and packed by narrowing. The same bits as
+// update_code_block, which it leaves the rare blocks to: a stored scale that is not finite
+// (a block turned NaN), a non-finite new moment (whose NaN the generic maximum picks),
+// random bits crossing a multiple of 2^32.
+//
+// exp_avg's e4m3 codes have float16's exponent bias (15): a code's magnitude at bits 7-14
+// and its sign at bit 15 are the float16 of its value, subnormals included, which vcvtph2ps
+// widens exactly. Shifted left by 7, a code has its sign at bit 14; adding that bit to
+// itself moves it to bit 15 (code_half).
 #if defined(CPU_CAPABILITY_AVX512)
-// The same block with AVX-512 code written for it: each vector of codes is decoded as it
-// is used (no decode pass), the blocks' largest magnitudes are integer maxima of the
-// float bits (a magnitude's bits order as its value), and the codes are encoded 16 lanes
-// at a time and packed with one narrowing. The same bits as update_code_block, which it
-// leaves the rare blocks to: a stored scale that is not finite (a block turned NaN), a
-// non-finite new moment (whose NaN the generic maximum picks), random bits crossing a
-// multiple of 2^32.
-namespace codes512 {
+struct CodeOps {
+  static constexpr int64_t N = 16;
+  using Bits = __m512i;
 
-// Codes [0, count) of 16 (the others 0).
-inline __m128i load_codes(const uint8_t* p, int64_t count) {
-  if (count >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1u), p);
-}
-
-// Lanes [0, count) of 16 set.
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
-}
-
-// exp_avg's values (decode_code<true>): its e4m3 format has float16's exponent bias (15),
-// so the sign at bit 15 and the magnitude at bits 7-14 are the float16 of the code's
-// value, subnormals included, which vcvtph2ps widens exactly.
-inline __m512 decode_m(__m128i codes, __m512 scale) {
-  const __m256i w = _mm256_cvtepu8_epi16(codes);
-  const __m256i h =
-      _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7),
-                      _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
-  return _mm512_mul_ps(_mm512_cvtph_ps(h), scale);
-}
-
-// exp_avg_sq's values (decode_code<false>, with a finite scale): code_value's float bits
-// of normal codes, and its subnormal steps (code 0: half a step) where a lane has one.
-inline __m512 decode_v(__m128i codes, __m512 scale) {
-  using F = CodeFormat<false>;
-  const __m512i c = _mm512_cvtepu8_epi32(codes);
-  __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(c, 20), _mm512_set1_epi32(int(F::kOffset)));
-  const __mmask16 subnormal = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(8));
-  if (subnormal) {
-    const __mmask16 zero = _mm512_testn_epi32_mask(c, c);
-    const __m512i halves = _mm512_mask_add_epi32(_mm512_slli_epi32(c, 1), zero,
-                                                 _mm512_slli_epi32(c, 1), _mm512_set1_epi32(1));
-    const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(halves),
-                                       _mm512_set1_ps(F::kSubnormalStep * 0.5f));
-    bits = _mm512_mask_blend_epi32(subnormal, bits, _mm512_castps_si512(value));
+  static __mmask16 lanes(int64_t count) {
+    return count >= N ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
   }
-  return _mm512_mul_ps(_mm512_castsi512_ps(bits), scale);
-}
+  static __m128i load(const uint8_t* p, int64_t count) {
+    if (count >= N) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm_maskz_loadu_epi8(lanes(count), p);
+  }
+  // decode_code<true> of codes [0, count) (the other lanes 0).
+  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m512 scale) {
+    const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(load(p, count)), 7);
+    const __m256i half = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+    return _mm512_maskz_mul_ps(lanes(count), _mm512_cvtph_ps(half), scale);
+  }
+  // decode_code<false> of codes [0, count) (the other lanes 0), with a finite scale:
+  // code_value's float bits of normal codes, its subnormal steps where a lane has one.
+  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m512 scale) {
+    using F = CodeFormat<false>;
+    const __m512i c = _mm512_cvtepu8_epi32(load(p, count));
+    __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(c, 20), _mm512_set1_epi32(int(F::kOffset)));
+    const __mmask16 subnormal = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(8));
+    if (subnormal) {
+      const __m512i twice = _mm512_slli_epi32(c, 1);
+      const __m512i halves = _mm512_mask_add_epi32(twice, _mm512_testn_epi32_mask(c, c), twice,
+                                                   _mm512_set1_epi32(1));
+      const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(halves),
+                                         _mm512_set1_ps(F::kSubnormalStep * 0.5f));
+      bits = _mm512_mask_blend_epi32(subnormal, bits, _mm512_castps_si512(value));
+    }
+    return _mm512_maskz_mul_ps(lanes(count), _mm512_castsi512_ps(bits), scale);
+  }
+  static Bits zero() { return _mm512_setzero_si512(); }
+  // The running maximum of the magnitudes' bits (without their signs).
+  static Bits max(Bits current, __m512 x) {
+    return _mm512_max_epu32(current, _mm512_and_si512(_mm512_castps_si512(x),
+                                                      _mm512_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Bits x) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(x)); }
+  static Bits index(uint32_t first) {
+    return _mm512_add_epi32(_mm512_set1_epi32(int(first)),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  // encode_code's code before the sign: a mask says which lanes are under the smallest
+  // normal value.
+  template <bool kSigned>
+  static Bits encode(__m512 x, __m512 inv, Bits random) {
+    using F = CodeFormat<kSigned>;
+    const __m512 smallest = _mm512_set1_ps(F::kSmallestNormal);
+    const __m512 magnitude = _mm512_mul_ps(kSigned ? _mm512_abs_ps(x) : x, inv);
+    const __mmask16 small = _mm512_cmp_ps_mask(magnitude, smallest, _CMP_LT_OQ);
+    const __m512 a = _mm512_mask_add_ps(magnitude, small, magnitude, smallest);
+    __m512i u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(a), random), 20);
+    u = _mm512_sub_epi32(u, _mm512_set1_epi32(int(F::kOffset >> 20)));
+    u = _mm512_mask_sub_epi32(u, small, u, _mm512_set1_epi32(8));
+    __m512i c = _mm512_min_epu32(u, _mm512_set1_epi32(int(F::kMaxCode)));
+    if constexpr (kSigned)
+      c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 24),
+                                              _mm512_set1_epi32(0x80)));
+    return c;
+  }
+  static void store(uint8_t* p, int64_t count, Bits codes) {
+    _mm_mask_storeu_epi8(p, lanes(count), _mm512_cvtepi32_epi8(codes));
+  }
+  static Bits mullo(Bits a, uint32_t c) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(int(c))); }
+  static Bits srl(Bits a, int n) { return _mm512_srli_epi32(a, n); }
+  static Bits sll(Bits a, int n) { return _mm512_slli_epi32(a, n); }
+  static Bits xor_(Bits a, Bits b) { return _mm512_xor_si512(a, b); }
+  static Bits or_(Bits a, Bits b) { return _mm512_or_si512(a, b); }
+  static Bits and_(Bits a, uint32_t c) { return _mm512_and_si512(a, _mm512_set1_epi32(int(c))); }
+  static Bits set1(uint32_t c) { return _mm512_set1_epi32(int(c)); }
+};
+#else
+struct CodeOps {
+  static constexpr int64_t N = 8;
+  using Bits = __m256i;
 
-// encode_code of 16 lanes, `random` the top 20 of their 32 random bits (random >> 12).
-template <bool kSigned>
-inline __m512i encode(__m512 x, __m512 inv, __m512i random) {
-  using F = CodeFormat<kSigned>;
-  const __m512 smallest = _mm512_set1_ps(F::kSmallestNormal);
-  const __m512 magnitude = _mm512_mul_ps(kSigned ? _mm512_abs_ps(x) : x, inv);
-  const __mmask16 small = _mm512_cmp_ps_mask(magnitude, smallest, _CMP_LT_OQ);
-  const __m512 a = _mm512_mask_add_ps(magnitude, small, magnitude, smallest);
-  __m512i u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(a), random), 20);
-  u = _mm512_sub_epi32(u, _mm512_set1_epi32(int(F::kOffset >> 20)));
-  u = _mm512_mask_sub_epi32(u, small, u, _mm512_set1_epi32(8));
-  __m512i c = _mm512_min_epu32(u, _mm512_set1_epi32(int(F::kMaxCode)));
-  if constexpr (kSigned)
-    c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 24),
-                                            _mm512_set1_epi32(0x80)));
-  return c;
-}
+  // All ones in lanes [0, count).
+  static __m256i lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(count, N))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static __m128i load(const uint8_t* p, int64_t count) {
+    int64_t bytes = 0;
+    std::memcpy(&bytes, p, static_cast<size_t>(std::min<int64_t>(count, N)));
+    return _mm_cvtsi64_si128(bytes);
+  }
+  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m256 scale) {
+    const __m128i t = _mm_slli_epi16(_mm_cvtepu8_epi16(load(p, count)), 7);
+    const __m128i half = _mm_add_epi16(t, _mm_and_si128(t, _mm_set1_epi16(0x4000)));
+    return _mm256_and_ps(_mm256_mul_ps(_mm256_cvtph_ps(half), scale),
+                         _mm256_castsi256_ps(lanes(count)));
+  }
+  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m256 scale) {
+    using F = CodeFormat<false>;
+    const __m256i c = _mm256_cvtepu8_epi32(load(p, count));
+    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(c, 20), _mm256_set1_epi32(int(F::kOffset)));
+    const __m256i subnormal = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), c);
+    if (!_mm256_testz_si256(subnormal, subnormal)) {
+      const __m256i zero = _mm256_cmpeq_epi32(c, _mm256_setzero_si256());
+      const __m256i halves = _mm256_or_si256(_mm256_slli_epi32(c, 1),
+                                             _mm256_and_si256(zero, _mm256_set1_epi32(1)));
+      const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(halves),
+                                         _mm256_set1_ps(F::kSubnormalStep * 0.5f));
+      bits = _mm256_blendv_epi8(bits, _mm256_castps_si256(value), subnormal);
+    }
+    return _mm256_and_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), scale),
+                         _mm256_castsi256_ps(lanes(count)));
+  }
+  static Bits zero() { return _mm256_setzero_si256(); }
+  static Bits max(Bits current, __m256 x) {
+    return _mm256_max_epu32(current, _mm256_and_si256(_mm256_castps_si256(x),
+                                                      _mm256_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Bits x) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+  }
+  static Bits index(uint32_t first) {
+    return _mm256_add_epi32(_mm256_set1_epi32(int(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  template <bool kSigned>
+  static Bits encode(__m256 x, __m256 inv, Bits random) {
+    using F = CodeFormat<kSigned>;
+    const __m256 smallest = _mm256_set1_ps(F::kSmallestNormal);
+    const __m256 magnitude = _mm256_mul_ps(
+        kSigned ? _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))) : x, inv);
+    const __m256 small = _mm256_cmp_ps(magnitude, smallest, _CMP_LT_OQ);
+    const __m256 a = _mm256_add_ps(magnitude, _mm256_and_ps(small, smallest));
+    __m256i u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(a), random), 20);
+    u = _mm256_sub_epi32(u, _mm256_set1_epi32(int(F::kOffset >> 20)));
+    u = _mm256_sub_epi32(u, _mm256_and_si256(_mm256_castps_si256(small), _mm256_set1_epi32(8)));
+    __m256i c = _mm256_min_epu32(u, _mm256_set1_epi32(int(F::kMaxCode)));
+    if constexpr (kSigned)
+      c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24),
+                                              _mm256_set1_epi32(0x80)));
+    return c;
+  }
+  static void store(uint8_t* p, int64_t count, Bits codes) {
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(codes),
+                                           _mm256_extracti128_si256(codes, 1));
+    const int64_t bytes = _mm_cvtsi128_si64(_mm_packus_epi16(words, words));
+    std::memcpy(p, &bytes, static_cast<size_t>(std::min<int64_t>(count, N)));
+  }
+  static Bits mullo(Bits a, uint32_t c) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(int(c))); }
+  static Bits srl(Bits a, int n) { return _mm256_srli_epi32(a, n); }
+  static Bits sll(Bits a, int n) { return _mm256_slli_epi32(a, n); }
+  static Bits xor_(Bits a, Bits b) { return _mm256_xor_si256(a, b); }
+  static Bits or_(Bits a, Bits b) { return _mm256_or_si256(a, b); }
+  static Bits and_(Bits a, uint32_t c) { return _mm256_and_si256(a, _mm256_set1_epi32(int(c))); }
+  static Bits set1(uint32_t c) { return _mm256_set1_epi32(int(c)); }
+};
+#endif
 
-// hash32 of 16 lanes.
-inline __m512i hash32x16(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x7feb352du)));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846ca68bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+// hash32 (random.h) of each lane.
+inline CodeOps::Bits hash32_lanes(CodeOps::Bits x) {
+  using O = CodeOps;
+  x = O::xor_(x, O::srl(x, 16));
+  x = O::mullo(x, 0x7feb352du);
+  x = O::xor_(x, O::srl(x, 15));
+  x = O::mullo(x, 0x846ca68bu);
+  return O::xor_(x, O::srl(x, 16));
 }
-
-// The largest magnitude's bits among the lanes, as an unsigned maximum of the bits
-// without their signs (NaNs order above infinities, infinities above finite values).
-inline __m512i magnitude_max(__m512i current, __m512 x) {
-  return _mm512_max_epu32(current,
-                          _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
-}
-
-}  // namespace codes512
 
 template <class Var, class P>
-void update_code_block_avx512(const TensorPointers& b, int64_t start, int64_t n,
-                              const RoundingKeys& keys, const StepScalars<Vectorized<float>>& s) {
+void update_code_block_simd(const TensorPointers& b, int64_t start, int64_t n,
+                            const RoundingKeys& keys, const StepScalars<Vectorized<float>>& s) {
+  using O = CodeOps;
   constexpr int kParts = kPartsOf<P, Codes8>;
-  constexpr int64_t N = 16;
+  constexpr int64_t N = O::N;
   constexpr int64_t kStep = kParts * N;
-  static_assert(Vectorized<float>::size() == N, "AVX-512 float vectors");
+  static_assert(Vectorized<float>::size() == N, "one vector of floats per vector of codes");
   using L = Lanes<float, kParts>;
   uint8_t* mcodes = static_cast<uint8_t*>(b.exp_avg) + start;
   uint8_t* vcodes = static_cast<uint8_t*>(b.exp_avg_sq) + start;
@@ -444,27 +541,24 @@ void update_code_block_avx512(const TensorPointers& b, int64_t start, int64_t n,
   const MomentBits bits(keys.moments, keys.offset + start);
   if (!(std::isfinite(*m_scale) && std::isfinite(*v_scale)) || bits.crosses(n))
     return update_code_block<Var, P>(b, start, n, keys, s);
-  const __m512 ms = _mm512_set1_ps(*m_scale), vs = _mm512_set1_ps(*v_scale);
+  const Vectorized<float> ms(*m_scale), vs(*v_scale);
   alignas(64) float mbuf[kCodeBlock], vbuf[kCodeBlock];
 
-  __m512i m_max = _mm512_setzero_si512(), v_max = _mm512_setzero_si512();
+  O::Bits m_max = O::zero(), v_max = O::zero();
   auto iteration = [&]<bool kPartial>(int64_t j) {
     L m, v, x;
     for (int k = 0; k < kParts; ++k) {
-      const int64_t count = kPartial ? std::clamp<int64_t>(n - j - k * N, 0, N) : N;
       // (lanes past the block's end: zero moments, as update_code_block's buffers hold)
-      const __mmask16 lanes = codes512::first_lanes(count);
-      m.v[k] = _mm512_maskz_mov_ps(lanes, codes512::decode_m(
-                                              codes512::load_codes(mcodes + j + k * N, count), ms));
-      v.v[k] = _mm512_maskz_mov_ps(lanes, codes512::decode_v(
-                                              codes512::load_codes(vcodes + j + k * N, count), vs));
+      const int64_t count = kPartial ? std::clamp<int64_t>(n - j - k * N, 0, N) : N;
+      m.v[k] = O::decode_m(mcodes + j + k * N, count, ms);
+      v.v[k] = O::decode_v(vcodes + j + k * N, count, vs);
     }
     update_lanes<Var, P, kPartial>(b, start + j, n - j, keys, s, m, v, x);
     for (int k = 0; k < kParts; ++k) {
       m.v[k].store(mbuf + j + k * N);
       v.v[k].store(vbuf + j + k * N);
-      m_max = codes512::magnitude_max(m_max, m.v[k]);
-      v_max = codes512::magnitude_max(v_max, v.v[k]);
+      m_max = O::max(m_max, m.v[k]);
+      v_max = O::max(v_max, v.v[k]);
     }
   };
   int64_t j = 0;
@@ -473,8 +567,8 @@ void update_code_block_avx512(const TensorPointers& b, int64_t start, int64_t n,
   const int64_t stored = j < n ? j + kStep : j;  // buffer elements the iterations wrote
 
   // update_code_block's maximum (absmax_of, in its order) where a moment is not finite.
-  auto absmax = [&](__m512i max_bits, const float* buf) {
-    const uint32_t top = static_cast<uint32_t>(_mm512_reduce_max_epu32(max_bits));
+  auto absmax = [&](O::Bits max_bits, const float* buf) {
+    const uint32_t top = O::reduce(max_bits);
     if (top < 0x7f800000u) return float_from_bits(top);
     Vectorized<float> acc(0.0f);
     for (int64_t i = 0; i < stored; i += N) acc = absmax_of(acc, Vectorized<float>::loadu(buf + i));
@@ -482,27 +576,17 @@ void update_code_block_avx512(const TensorPointers& b, int64_t start, int64_t n,
   };
   const CodeScale m_block = code_scale(absmax(m_max, mbuf));
   const CodeScale v_block = code_scale(absmax(v_max, vbuf));
-  const __m512 m_inv = _mm512_set1_ps(m_block.inv), v_inv = _mm512_set1_ps(v_block.inv);
-  const __m512i folded = _mm512_set1_epi32(int(bits.folded));
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i low16 = _mm512_set1_epi32(0xffff);
+  const Vectorized<float> m_inv(m_block.inv), v_inv(v_block.inv);
+  const O::Bits folded = O::set1(bits.folded);
   for (int64_t k = 0; k < n; k += N) {
-    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(bits.base_lo + uint32_t(k))), iota);
-    const __m512i r = codes512::hash32x16(_mm512_xor_si512(index, folded));
-    // moment_random(r, 0) >> 12 and moment_random(r, 1) >> 12: a half h as (h << 4) | (h >> 12)
-    const __m512i m_random = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(r, low16), 4),
-                                             _mm512_and_si512(_mm512_srli_epi32(r, 12),
-                                                              _mm512_set1_epi32(0xf)));
-    const __m512i v_random = _mm512_or_si512(
-        _mm512_and_si512(_mm512_srli_epi32(r, 12), _mm512_set1_epi32(0xffff0)),
-        _mm512_srli_epi32(r, 28));
-    const __m128i mc = _mm512_cvtepi32_epi8(
-        codes512::encode<true>(_mm512_load_ps(mbuf + k), m_inv, m_random));
-    const __m128i vc = _mm512_cvtepi32_epi8(
-        codes512::encode<false>(_mm512_load_ps(vbuf + k), v_inv, v_random));
-    const __mmask16 lanes = codes512::first_lanes(n - k);
-    _mm_mask_storeu_epi8(mcodes + k, lanes, mc);
-    _mm_mask_storeu_epi8(vcodes + k, lanes, vc);
+    const O::Bits r = hash32_lanes(O::xor_(O::index(bits.base_lo + uint32_t(k)), folded));
+    // moment_random(r, which) >> 12, of each half h of r: (h << 4) | (h >> 12)
+    const O::Bits m_random = O::or_(O::and_(O::sll(r, 4), 0xffff0u), O::and_(O::srl(r, 12), 0xfu));
+    const O::Bits v_random = O::or_(O::and_(O::srl(r, 12), 0xffff0u), O::srl(r, 28));
+    O::store(mcodes + k, n - k,
+             O::encode<true>(Vectorized<float>::loadu(mbuf + k), m_inv, m_random));
+    O::store(vcodes + k, n - k,
+             O::encode<false>(Vectorized<float>::loadu(vbuf + k), v_inv, v_random));
   }
   *m_scale = m_block.scale;
   *v_scale = v_block.scale;
@@ -524,8 +608,8 @@ void update_range(const TensorPointers& b, int64_t begin, int64_t end,
   const RoundingKeys keys = streams;
   if constexpr (std::is_same_v<S, Codes8>) {
     for (int64_t i = begin; i < end; i += kCodeBlock) {
-#if defined(CPU_CAPABILITY_AVX512)
-      update_code_block_avx512<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      update_code_block_simd<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
 #else
       update_code_block<Var, P>(local, i, std::min(kCodeBlock, end - i), keys, s);
 #endif
