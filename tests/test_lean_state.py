@@ -229,6 +229,40 @@ def test_nan_in_a_block_makes_its_moments_nan():
     assert not torch.isnan(m[:256]).any() and not torch.isnan(m[512:]).any()
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c[0] == "int8"],
+                         ids=[i for c, i in zip(CONFIGS, CONFIG_IDS) if c[0] == "int8"])
+def test_non_finite_blocks_agree_on_every_isa(config):
+    """Blocks with a NaN or an infinite grad (the new moments' maxima are not finite), and
+    the next step of blocks whose stored scale is then NaN or infinite: every ISA's CPU
+    kernel writes the CUDA body's bits (the SIMD blocks leave these to the generic one),
+    NaN payloads included, but for bfloat16 params' NaNs: ATen's SIMD conversion to
+    bfloat16 (the CPU kernel's store of the param, on AVX2 and AVX-512) writes 0xffff where
+    c10::BFloat16 (the CUDA body, the scalar CPU kernel) writes 0x7fc0; the params are NaN
+    in the same places."""
+    base = LeanCase(config, sizes=(1024, 5000), seed=8)
+    base.grads[0][300] = float("nan")
+    base.grads[0][700] = float("inf")
+    base.grads[1][4100] = -float("inf")
+    base.grads[1][10] = float("nan")
+    want = base.clone()
+    for k in range(2):
+        BACKENDS["emulated_cuda"](*want.lists(), **_op_kwargs(want, 9 + k, {}))
+    before = adamx.cpu_capability()
+    try:
+        for isa in adamx.supported_cpu_capabilities():
+            adamx.set_cpu_capability(isa)
+            case, expected = base.clone(), want.clone()
+            for k in range(2):
+                _run_cpu(case, 9 + k, {})
+            for got, wanted in zip(case.params, expected.params):
+                assert torch.equal(got.isnan(), wanted.isnan()), isa
+                got.masked_fill_(got.isnan(), 0.0)
+                wanted.masked_fill_(wanted.isnan(), 0.0)
+            _assert_same(case, expected)
+    finally:
+        adamx.set_cpu_capability(before)
+
+
 # ------------------------------------------------------------------ op-level refusals
 
 
