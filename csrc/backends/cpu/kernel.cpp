@@ -399,8 +399,8 @@ struct CodeOps {
   }
   static uint32_t reduce(Bits x) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(x)); }
   static Bits index(uint32_t first) {
-    return _mm512_add_epi32(_mm512_set1_epi32(int(first)),
-                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_add_epi32(_mm512_set1_epi32(int(first)), iota);
   }
   // encode_code's code before the sign: a mask says which lanes are under the smallest
   // normal value.
@@ -480,7 +480,8 @@ struct CodeOps {
     return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
   }
   static Bits index(uint32_t first) {
-    return _mm256_add_epi32(_mm256_set1_epi32(int(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_add_epi32(_mm256_set1_epi32(int(first)), iota);
   }
   template <bool kSigned>
   static Bits encode(__m256 x, __m256 inv, Bits random) {
