@@ -527,8 +527,13 @@ inline CodeOps::Bits hash32_lanes(CodeOps::Bits x) {
 }
 
 template <class Var, class P>
-void update_code_block_simd(const TensorPointers& b, int64_t start, int64_t n,
-                            const RoundingKeys& keys, const StepScalars<Vectorized<float>>& s) {
+void update_code_block_simd(const TensorPointers& pointers, int64_t start, int64_t n,
+                            const RoundingKeys& keys,
+                            const StepScalars<Vectorized<float>>& scalars) {
+  // Local copies: the stores through the pointers cannot alias them, so the loops keep
+  // the pointers and the flags in registers (read once per block, not once per vector).
+  const TensorPointers b = pointers;
+  const StepScalars<Vectorized<float>> s = scalars;
   using O = CodeOps;
   constexpr int kParts = kPartsOf<P, Codes8>;
   constexpr int64_t N = O::N;
