@@ -219,7 +219,7 @@ def _scales_like(p, local):
     from torch.distributed.tensor import Shard
     shape = scales_shape(p)
     placements = [Shard(1) if placement.is_shard() else placement for placement in p.placements]
-    return _like(p, local.view(2, -1, shape[2]), shape, placements)
+    return _like(p, local.view(2, _local(p).shape[0], shape[2]), shape, placements)
 
 
 def _describe(t):

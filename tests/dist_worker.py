@@ -300,8 +300,9 @@ def fsdp2_lean(ctx):
     """Compact moments (state_dtype) under FSDP2, uneven shards: bitwise the unsharded
     run, state included (8-bit blocks follow the rows FSDP2 shards by; the random bits of
     each element are its index's in the whole param); bfloat16 moments for a param sharded
-    by columns too, and 8-bit codes falling back to float32 moments there (blocks cannot
-    follow such shards)."""
+    by columns too, 8-bit codes falling back to float32 moments there (blocks cannot
+    follow such shards), and 8-bit codes of a one-row param whose shard on rank 1 is
+    empty."""
     fsdp2(ctx, model_fn=lean_mlp, configs={  # (a seed: the replica's optimizer is another)
         "bfloat16": dict(lr=LR, state_dtype="bfloat16", seed=11),
         "int8": dict(lr=LR, weight_decay=0.1, decoupled_weight_decay=True, state_dtype="int8",
@@ -309,26 +310,31 @@ def fsdp2_lean(ctx):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
     m = Mismatches()
     mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
-    for state_dtype, stored in (("bfloat16", "bfloat16"), ("int8", "float32")):
+    cases = [  # (shape, placements, state_dtype, moments stored, bitwise the unsharded run)
+        ((64, 256), [Shard(1)], "bfloat16", "bfloat16", False),  # columns: other bits
+        ((64, 256), [Shard(1)], "int8", "float32", True),        # blocks cannot follow
+        ((1, 4096), [Shard(0)], "int8", "int8", True),           # rank 1's shard is empty
+    ]
+    for shape, placements, state_dtype, stored, exact in cases:
+        what = f"{state_dtype} {shape} {placements}"
         torch.manual_seed(4)
-        whole = torch.randn(64, 256, device=ctx.device)
-        p = nn.Parameter(distribute_tensor(whole, mesh, [Shard(1)]))
+        whole = torch.randn(shape, device=ctx.device)
+        p = nn.Parameter(distribute_tensor(whole, mesh, placements))
         ref = nn.Parameter(whole.clone())
         opt = adamx.Adam([p], lr=LR, state_dtype=state_dtype, seed=3)
         ref_opt = adamx.Adam([ref], lr=LR, state_dtype=stored, seed=3)
         for step in range(STEPS):
-            grad = torch.randn(64, 256, device=ctx.device)
-            p.grad, ref.grad = distribute_tensor(grad, mesh, [Shard(1)]), grad.clone()
+            grad = torch.randn(shape, device=ctx.device)
+            p.grad, ref.grad = distribute_tensor(grad, mesh, placements), grad.clone()
             opt.step()
             ref_opt.step()
         got = adamx._state.stored_moments(p, opt.state[p])
-        m.check(got == stored, f"{state_dtype} by columns: moments stored as {got}")
-        if stored == "float32":
-            m.bitwise(f"{state_dtype} by columns", full(p).detach(), ref.detach())
-        else:  # other random bits (a column shard is not one run of the param): as close
-            # as two seeds' runs (test_lifecycle.LEAN_TOL)
+        m.check(got == stored, f"{what}: moments stored as {got}")
+        if exact:
+            m.bitwise(what, full(p).detach(), ref.detach())
+        else:  # as close as two seeds' runs (test_lifecycle.LEAN_TOL)
             diff = (full(p).detach() - ref.detach()).abs().max().item()
-            m.check(diff < 0.5 * LR, f"{state_dtype} by columns: {diff} from the unsharded run")
+            m.check(diff < 0.5 * LR, f"{what}: {diff} from the unsharded run")
     m.raise_if_any()
 
 
