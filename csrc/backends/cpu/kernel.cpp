@@ -173,6 +173,210 @@ inline void for_each_lane(const Bits& bits, int64_t lanes, F&& f) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The SIMD code of compact moments on AVX-512 and AVX2: each ISA's intrinsics behind one
+// interface, CodeOps, for the 8-bit block (update_code_block_simd) and the stochastic
+// rounding of bfloat16 moments (store_stochastic_moments).
+//
+// exp_avg's e4m3 codes have float16's exponent bias (15): a code's magnitude at bits 7-14
+// and its sign at bit 15 are the float16 of its value, subnormals included, which vcvtph2ps
+// widens exactly. Shifted left by 7, a code has its sign at bit 14; adding that bit to
+// itself moves it to bit 15 (code_half).
+#if defined(CPU_CAPABILITY_AVX512)
+struct CodeOps {
+  static constexpr int64_t N = 16;
+  using Bits = __m512i;
+
+  static __mmask16 lanes(int64_t count) {
+    return count >= N ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+  }
+  static __m128i load(const uint8_t* p, int64_t count) {
+    if (count >= N) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm_maskz_loadu_epi8(lanes(count), p);
+  }
+  // decode_code<true> of codes [0, count) (the other lanes 0).
+  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m512 scale) {
+    const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(load(p, count)), 7);
+    const __m256i half = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+    return _mm512_maskz_mul_ps(lanes(count), _mm512_cvtph_ps(half), scale);
+  }
+  // decode_code<false> of codes [0, count) (the other lanes 0), with a finite scale:
+  // code_value's float bits of normal codes, its subnormal steps where a lane has one.
+  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m512 scale) {
+    using F = CodeFormat<false>;
+    const __m512i c = _mm512_cvtepu8_epi32(load(p, count));
+    __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(c, 20), _mm512_set1_epi32(int(F::kOffset)));
+    const __mmask16 subnormal = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(8));
+    if (subnormal) {
+      const __m512i twice = _mm512_slli_epi32(c, 1);
+      const __m512i halves = _mm512_mask_add_epi32(twice, _mm512_testn_epi32_mask(c, c), twice,
+                                                   _mm512_set1_epi32(1));
+      const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(halves),
+                                         _mm512_set1_ps(F::kSubnormalStep * 0.5f));
+      bits = _mm512_mask_blend_epi32(subnormal, bits, _mm512_castps_si512(value));
+    }
+    return _mm512_maskz_mul_ps(lanes(count), _mm512_castsi512_ps(bits), scale);
+  }
+  static Bits zero() { return _mm512_setzero_si512(); }
+  // The running maximum of the magnitudes' bits (without their signs).
+  static Bits max(Bits current, __m512 x) {
+    return _mm512_max_epu32(current, _mm512_and_si512(_mm512_castps_si512(x),
+                                                      _mm512_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Bits x) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(x)); }
+  static Bits index(uint32_t first) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_add_epi32(_mm512_set1_epi32(int(first)), iota);
+  }
+  // encode_code's code before the sign: a mask says which lanes are under the smallest
+  // normal value.
+  template <bool kSigned>
+  static Bits encode(__m512 x, __m512 inv, Bits random) {
+    using F = CodeFormat<kSigned>;
+    const __m512 smallest = _mm512_set1_ps(F::kSmallestNormal);
+    const __m512 magnitude = _mm512_mul_ps(kSigned ? _mm512_abs_ps(x) : x, inv);
+    const __mmask16 small = _mm512_cmp_ps_mask(magnitude, smallest, _CMP_LT_OQ);
+    const __m512 a = _mm512_mask_add_ps(magnitude, small, magnitude, smallest);
+    __m512i u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(a), random), 20);
+    u = _mm512_sub_epi32(u, _mm512_set1_epi32(int(F::kOffset >> 20)));
+    u = _mm512_mask_sub_epi32(u, small, u, _mm512_set1_epi32(8));
+    __m512i c = _mm512_min_epu32(u, _mm512_set1_epi32(int(F::kMaxCode)));
+    if constexpr (kSigned)
+      c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 24),
+                                              _mm512_set1_epi32(0x80)));
+    return c;
+  }
+  static void store(uint8_t* p, int64_t count, Bits codes) {
+    _mm_mask_storeu_epi8(p, lanes(count), _mm512_cvtepi32_epi8(codes));
+  }
+  static Bits mullo(Bits a, uint32_t c) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(int(c))); }
+  static Bits srl(Bits a, int n) { return _mm512_srli_epi32(a, n); }
+  static Bits sll(Bits a, int n) { return _mm512_slli_epi32(a, n); }
+  static Bits xor_(Bits a, Bits b) { return _mm512_xor_si512(a, b); }
+  static Bits or_(Bits a, Bits b) { return _mm512_or_si512(a, b); }
+  static Bits and_(Bits a, uint32_t c) { return _mm512_and_si512(a, _mm512_set1_epi32(int(c))); }
+  static Bits set1(uint32_t c) { return _mm512_set1_epi32(int(c)); }
+  // round_bf16_stochastic of each lane with `random` (16 bits a lane): the bfloat16's
+  // bits, one per 32-bit lane.
+  static Bits round_bf16(__m512 x, Bits random) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_srli_epi32(
+        _mm512_mask_or_epi32(_mm512_add_epi32(u, random), nan, u, set1(0x00400000u)), 16);
+  }
+  static void store_halves(uint16_t* p, Bits halves) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(halves));
+  }
+};
+#else
+struct CodeOps {
+  static constexpr int64_t N = 8;
+  using Bits = __m256i;
+
+  // All ones in lanes [0, count).
+  static __m256i lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(count, N))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static __m128i load(const uint8_t* p, int64_t count) {
+    int64_t bytes = 0;
+    std::memcpy(&bytes, p, static_cast<size_t>(std::min<int64_t>(count, N)));
+    return _mm_cvtsi64_si128(bytes);
+  }
+  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m256 scale) {
+    const __m128i t = _mm_slli_epi16(_mm_cvtepu8_epi16(load(p, count)), 7);
+    const __m128i half = _mm_add_epi16(t, _mm_and_si128(t, _mm_set1_epi16(0x4000)));
+    return _mm256_and_ps(_mm256_mul_ps(_mm256_cvtph_ps(half), scale),
+                         _mm256_castsi256_ps(lanes(count)));
+  }
+  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m256 scale) {
+    using F = CodeFormat<false>;
+    const __m256i c = _mm256_cvtepu8_epi32(load(p, count));
+    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(c, 20), _mm256_set1_epi32(int(F::kOffset)));
+    const __m256i subnormal = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), c);
+    if (!_mm256_testz_si256(subnormal, subnormal)) {
+      const __m256i zero = _mm256_cmpeq_epi32(c, _mm256_setzero_si256());
+      const __m256i halves = _mm256_or_si256(_mm256_slli_epi32(c, 1),
+                                             _mm256_and_si256(zero, _mm256_set1_epi32(1)));
+      const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(halves),
+                                         _mm256_set1_ps(F::kSubnormalStep * 0.5f));
+      bits = _mm256_blendv_epi8(bits, _mm256_castps_si256(value), subnormal);
+    }
+    return _mm256_and_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), scale),
+                         _mm256_castsi256_ps(lanes(count)));
+  }
+  static Bits zero() { return _mm256_setzero_si256(); }
+  static Bits max(Bits current, __m256 x) {
+    return _mm256_max_epu32(current, _mm256_and_si256(_mm256_castps_si256(x),
+                                                      _mm256_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Bits x) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+  }
+  static Bits index(uint32_t first) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_add_epi32(_mm256_set1_epi32(int(first)), iota);
+  }
+  template <bool kSigned>
+  static Bits encode(__m256 x, __m256 inv, Bits random) {
+    using F = CodeFormat<kSigned>;
+    const __m256 smallest = _mm256_set1_ps(F::kSmallestNormal);
+    const __m256 magnitude = _mm256_mul_ps(
+        kSigned ? _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))) : x, inv);
+    const __m256 small = _mm256_cmp_ps(magnitude, smallest, _CMP_LT_OQ);
+    const __m256 a = _mm256_add_ps(magnitude, _mm256_and_ps(small, smallest));
+    __m256i u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(a), random), 20);
+    u = _mm256_sub_epi32(u, _mm256_set1_epi32(int(F::kOffset >> 20)));
+    u = _mm256_sub_epi32(u, _mm256_and_si256(_mm256_castps_si256(small), _mm256_set1_epi32(8)));
+    __m256i c = _mm256_min_epu32(u, _mm256_set1_epi32(int(F::kMaxCode)));
+    if constexpr (kSigned)
+      c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24),
+                                              _mm256_set1_epi32(0x80)));
+    return c;
+  }
+  static void store(uint8_t* p, int64_t count, Bits codes) {
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(codes),
+                                           _mm256_extracti128_si256(codes, 1));
+    const int64_t bytes = _mm_cvtsi128_si64(_mm_packus_epi16(words, words));
+    std::memcpy(p, &bytes, static_cast<size_t>(std::min<int64_t>(count, N)));
+  }
+  static Bits mullo(Bits a, uint32_t c) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(int(c))); }
+  static Bits srl(Bits a, int n) { return _mm256_srli_epi32(a, n); }
+  static Bits sll(Bits a, int n) { return _mm256_slli_epi32(a, n); }
+  static Bits xor_(Bits a, Bits b) { return _mm256_xor_si256(a, b); }
+  static Bits or_(Bits a, Bits b) { return _mm256_or_si256(a, b); }
+  static Bits and_(Bits a, uint32_t c) { return _mm256_and_si256(a, _mm256_set1_epi32(int(c))); }
+  static Bits set1(uint32_t c) { return _mm256_set1_epi32(int(c)); }
+  static Bits round_bf16(__m256 x, Bits random) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_srli_epi32(_mm256_blendv_epi8(_mm256_add_epi32(u, random),
+                                                _mm256_or_si256(u, set1(0x00400000u)), nan),
+                             16);
+  }
+  static void store_halves(uint16_t* p, Bits halves) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(halves),
+                                      _mm256_extracti128_si256(halves, 1)));
+  }
+};
+#endif
+
+// hash32 (random.h) of each lane.
+inline CodeOps::Bits hash32_lanes(CodeOps::Bits x) {
+  using O = CodeOps;
+  x = O::xor_(x, O::srl(x, 16));
+  x = O::mullo(x, 0x7feb352du);
+  x = O::xor_(x, O::srl(x, 15));
+  x = O::mullo(x, 0x846ca68bu);
+  return O::xor_(x, O::srl(x, 16));
+}
+
+#endif
+
 // Float lanes rounded stochastically to bfloat16 (round_bf16_stochastic) lane by lane, with
 // the random bits of elements i .. i+count-1 of the param's stream, storing straight into
 // `base` but at the end of a range. For bfloat16 params (stochastic_rounding).
@@ -183,9 +387,27 @@ inline void store_stochastic(const Lanes<float, kParts>& x, void* base, int64_t 
   alignas(64) float in[kElems];
   alignas(64) c10::BFloat16 part[kElems];
   c10::BFloat16* out = kPartial ? part : static_cast<c10::BFloat16*>(base) + i;
-  for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
-  for_each_lane(LaneBits(keys.param, keys.offset + i), kElems,
-                [&](int j, uint32_t r) { out[j] = round_bf16_stochastic(in[j], r); });
+  const LaneBits bits(keys.param, keys.offset + i);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // (CodeOps: a vector of lanes at a time, as the generic loop below rounds them)
+  if (!bits.crosses(kElems)) [[likely]] {
+    using O = CodeOps;
+    constexpr int N = Vectorized<float>::size();
+    static_assert(O::N == N, "one vector of floats per vector of hashes");
+    const O::Bits key_lo = O::set1(bits.key_lo), high = O::set1(bits.high);
+    for (int k = 0; k < kParts; ++k) {
+      const O::Bits index = O::index(bits.base_lo + uint32_t(k * N));
+      const O::Bits r = hash32_lanes(O::xor_(hash32_lanes(O::xor_(index, key_lo)), high));
+      O::store_halves(reinterpret_cast<uint16_t*>(out) + k * N,
+                      O::round_bf16(x.v[k], O::and_(r, 0xffffu)));
+    }
+  } else
+#endif
+  {
+    for (int k = 0; k < kParts; ++k) x.v[k].store(in + k * Vectorized<float>::size());
+    for_each_lane(bits, kElems,
+                  [&](int j, uint32_t r) { out[j] = round_bf16_stochastic(in[j], r); });
+  }
   if (kPartial) std::memcpy(static_cast<c10::BFloat16*>(base) + i, part, sizeof(part[0]) * count);
 }
 
@@ -201,14 +423,32 @@ inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<
   alignas(64) c10::BFloat16 m_part[kElems], v_part[kElems];
   c10::BFloat16* m_out = kPartial ? m_part : static_cast<c10::BFloat16*>(m_base) + i;
   c10::BFloat16* v_out = kPartial ? v_part : static_cast<c10::BFloat16*>(v_base) + i;
-  for (int k = 0; k < kParts; ++k) {
-    m.v[k].store(m_in + k * N);
-    v.v[k].store(v_in + k * N);
+  const MomentBits bits(keys.moments, keys.offset + i);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // (CodeOps: a vector of lanes at a time, as the generic loop below rounds them)
+  if (!bits.crosses(kElems)) [[likely]] {
+    using O = CodeOps;
+    static_assert(O::N == N, "one vector of floats per vector of hashes");
+    const O::Bits folded = O::set1(bits.folded);
+    for (int k = 0; k < kParts; ++k) {
+      const O::Bits r = hash32_lanes(O::xor_(O::index(bits.base_lo + uint32_t(k * N)), folded));
+      O::store_halves(reinterpret_cast<uint16_t*>(m_out) + k * N,
+                      O::round_bf16(m.v[k], O::and_(r, 0xffffu)));
+      O::store_halves(reinterpret_cast<uint16_t*>(v_out) + k * N,
+                      O::round_bf16(v.v[k], O::srl(r, 16)));
+    }
+  } else
+#endif
+  {
+    for (int k = 0; k < kParts; ++k) {
+      m.v[k].store(m_in + k * N);
+      v.v[k].store(v_in + k * N);
+    }
+    for_each_lane(bits, kElems, [&](int j, uint32_t r) {
+      m_out[j] = round_bf16_stochastic(m_in[j], moment_random(r, 0));
+      v_out[j] = round_bf16_stochastic(v_in[j], moment_random(r, 1));
+    });
   }
-  for_each_lane(MomentBits(keys.moments, keys.offset + i), kElems, [&](int j, uint32_t r) {
-    m_out[j] = round_bf16_stochastic(m_in[j], moment_random(r, 0));
-    v_out[j] = round_bf16_stochastic(v_in[j], moment_random(r, 1));
-  });
   if (kPartial) {
     std::memcpy(static_cast<c10::BFloat16*>(m_base) + i, m_part, sizeof(m_part[0]) * count);
     std::memcpy(static_cast<c10::BFloat16*>(v_base) + i, v_part, sizeof(v_part[0]) * count);
@@ -344,188 +584,13 @@ void update_code_block(const TensorPointers& b, int64_t start, int64_t n, const 
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The same block with SIMD code written for it (AVX-512 and AVX2: CodeOps below): each
+// The same block with SIMD code written for it (AVX-512 and AVX2: CodeOps above): each
 // vector of codes is decoded as it is used (no decode pass), the block's largest
 // magnitudes are integer maxima of the float bits (a magnitude's bits order as its value),
 // and the codes are encoded a vector at a time and packed by narrowing. The same bits as
 // update_code_block, which it leaves the rare blocks to: a stored scale that is not finite
 // (a block turned NaN), a non-finite new moment (whose NaN the generic maximum picks),
 // random bits crossing a multiple of 2^32.
-//
-// exp_avg's e4m3 codes have float16's exponent bias (15): a code's magnitude at bits 7-14
-// and its sign at bit 15 are the float16 of its value, subnormals included, which vcvtph2ps
-// widens exactly. Shifted left by 7, a code has its sign at bit 14; adding that bit to
-// itself moves it to bit 15 (code_half).
-#if defined(CPU_CAPABILITY_AVX512)
-struct CodeOps {
-  static constexpr int64_t N = 16;
-  using Bits = __m512i;
-
-  static __mmask16 lanes(int64_t count) {
-    return count >= N ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
-  }
-  static __m128i load(const uint8_t* p, int64_t count) {
-    if (count >= N) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm_maskz_loadu_epi8(lanes(count), p);
-  }
-  // decode_code<true> of codes [0, count) (the other lanes 0).
-  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m512 scale) {
-    const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(load(p, count)), 7);
-    const __m256i half = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
-    return _mm512_maskz_mul_ps(lanes(count), _mm512_cvtph_ps(half), scale);
-  }
-  // decode_code<false> of codes [0, count) (the other lanes 0), with a finite scale:
-  // code_value's float bits of normal codes, its subnormal steps where a lane has one.
-  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m512 scale) {
-    using F = CodeFormat<false>;
-    const __m512i c = _mm512_cvtepu8_epi32(load(p, count));
-    __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(c, 20), _mm512_set1_epi32(int(F::kOffset)));
-    const __mmask16 subnormal = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(8));
-    if (subnormal) {
-      const __m512i twice = _mm512_slli_epi32(c, 1);
-      const __m512i halves = _mm512_mask_add_epi32(twice, _mm512_testn_epi32_mask(c, c), twice,
-                                                   _mm512_set1_epi32(1));
-      const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(halves),
-                                         _mm512_set1_ps(F::kSubnormalStep * 0.5f));
-      bits = _mm512_mask_blend_epi32(subnormal, bits, _mm512_castps_si512(value));
-    }
-    return _mm512_maskz_mul_ps(lanes(count), _mm512_castsi512_ps(bits), scale);
-  }
-  static Bits zero() { return _mm512_setzero_si512(); }
-  // The running maximum of the magnitudes' bits (without their signs).
-  static Bits max(Bits current, __m512 x) {
-    return _mm512_max_epu32(current, _mm512_and_si512(_mm512_castps_si512(x),
-                                                      _mm512_set1_epi32(0x7fffffff)));
-  }
-  static uint32_t reduce(Bits x) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(x)); }
-  static Bits index(uint32_t first) {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_add_epi32(_mm512_set1_epi32(int(first)), iota);
-  }
-  // encode_code's code before the sign: a mask says which lanes are under the smallest
-  // normal value.
-  template <bool kSigned>
-  static Bits encode(__m512 x, __m512 inv, Bits random) {
-    using F = CodeFormat<kSigned>;
-    const __m512 smallest = _mm512_set1_ps(F::kSmallestNormal);
-    const __m512 magnitude = _mm512_mul_ps(kSigned ? _mm512_abs_ps(x) : x, inv);
-    const __mmask16 small = _mm512_cmp_ps_mask(magnitude, smallest, _CMP_LT_OQ);
-    const __m512 a = _mm512_mask_add_ps(magnitude, small, magnitude, smallest);
-    __m512i u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(a), random), 20);
-    u = _mm512_sub_epi32(u, _mm512_set1_epi32(int(F::kOffset >> 20)));
-    u = _mm512_mask_sub_epi32(u, small, u, _mm512_set1_epi32(8));
-    __m512i c = _mm512_min_epu32(u, _mm512_set1_epi32(int(F::kMaxCode)));
-    if constexpr (kSigned)
-      c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 24),
-                                              _mm512_set1_epi32(0x80)));
-    return c;
-  }
-  static void store(uint8_t* p, int64_t count, Bits codes) {
-    _mm_mask_storeu_epi8(p, lanes(count), _mm512_cvtepi32_epi8(codes));
-  }
-  static Bits mullo(Bits a, uint32_t c) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(int(c))); }
-  static Bits srl(Bits a, int n) { return _mm512_srli_epi32(a, n); }
-  static Bits sll(Bits a, int n) { return _mm512_slli_epi32(a, n); }
-  static Bits xor_(Bits a, Bits b) { return _mm512_xor_si512(a, b); }
-  static Bits or_(Bits a, Bits b) { return _mm512_or_si512(a, b); }
-  static Bits and_(Bits a, uint32_t c) { return _mm512_and_si512(a, _mm512_set1_epi32(int(c))); }
-  static Bits set1(uint32_t c) { return _mm512_set1_epi32(int(c)); }
-};
-#else
-struct CodeOps {
-  static constexpr int64_t N = 8;
-  using Bits = __m256i;
-
-  // All ones in lanes [0, count).
-  static __m256i lanes(int64_t count) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(count, N))),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  static __m128i load(const uint8_t* p, int64_t count) {
-    int64_t bytes = 0;
-    std::memcpy(&bytes, p, static_cast<size_t>(std::min<int64_t>(count, N)));
-    return _mm_cvtsi64_si128(bytes);
-  }
-  static Vectorized<float> decode_m(const uint8_t* p, int64_t count, __m256 scale) {
-    const __m128i t = _mm_slli_epi16(_mm_cvtepu8_epi16(load(p, count)), 7);
-    const __m128i half = _mm_add_epi16(t, _mm_and_si128(t, _mm_set1_epi16(0x4000)));
-    return _mm256_and_ps(_mm256_mul_ps(_mm256_cvtph_ps(half), scale),
-                         _mm256_castsi256_ps(lanes(count)));
-  }
-  static Vectorized<float> decode_v(const uint8_t* p, int64_t count, __m256 scale) {
-    using F = CodeFormat<false>;
-    const __m256i c = _mm256_cvtepu8_epi32(load(p, count));
-    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(c, 20), _mm256_set1_epi32(int(F::kOffset)));
-    const __m256i subnormal = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), c);
-    if (!_mm256_testz_si256(subnormal, subnormal)) {
-      const __m256i zero = _mm256_cmpeq_epi32(c, _mm256_setzero_si256());
-      const __m256i halves = _mm256_or_si256(_mm256_slli_epi32(c, 1),
-                                             _mm256_and_si256(zero, _mm256_set1_epi32(1)));
-      const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(halves),
-                                         _mm256_set1_ps(F::kSubnormalStep * 0.5f));
-      bits = _mm256_blendv_epi8(bits, _mm256_castps_si256(value), subnormal);
-    }
-    return _mm256_and_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), scale),
-                         _mm256_castsi256_ps(lanes(count)));
-  }
-  static Bits zero() { return _mm256_setzero_si256(); }
-  static Bits max(Bits current, __m256 x) {
-    return _mm256_max_epu32(current, _mm256_and_si256(_mm256_castps_si256(x),
-                                                      _mm256_set1_epi32(0x7fffffff)));
-  }
-  static uint32_t reduce(Bits x) {
-    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
-    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
-    return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
-  }
-  static Bits index(uint32_t first) {
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_add_epi32(_mm256_set1_epi32(int(first)), iota);
-  }
-  template <bool kSigned>
-  static Bits encode(__m256 x, __m256 inv, Bits random) {
-    using F = CodeFormat<kSigned>;
-    const __m256 smallest = _mm256_set1_ps(F::kSmallestNormal);
-    const __m256 magnitude = _mm256_mul_ps(
-        kSigned ? _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))) : x, inv);
-    const __m256 small = _mm256_cmp_ps(magnitude, smallest, _CMP_LT_OQ);
-    const __m256 a = _mm256_add_ps(magnitude, _mm256_and_ps(small, smallest));
-    __m256i u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(a), random), 20);
-    u = _mm256_sub_epi32(u, _mm256_set1_epi32(int(F::kOffset >> 20)));
-    u = _mm256_sub_epi32(u, _mm256_and_si256(_mm256_castps_si256(small), _mm256_set1_epi32(8)));
-    __m256i c = _mm256_min_epu32(u, _mm256_set1_epi32(int(F::kMaxCode)));
-    if constexpr (kSigned)
-      c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24),
-                                              _mm256_set1_epi32(0x80)));
-    return c;
-  }
-  static void store(uint8_t* p, int64_t count, Bits codes) {
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(codes),
-                                           _mm256_extracti128_si256(codes, 1));
-    const int64_t bytes = _mm_cvtsi128_si64(_mm_packus_epi16(words, words));
-    std::memcpy(p, &bytes, static_cast<size_t>(std::min<int64_t>(count, N)));
-  }
-  static Bits mullo(Bits a, uint32_t c) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(int(c))); }
-  static Bits srl(Bits a, int n) { return _mm256_srli_epi32(a, n); }
-  static Bits sll(Bits a, int n) { return _mm256_slli_epi32(a, n); }
-  static Bits xor_(Bits a, Bits b) { return _mm256_xor_si256(a, b); }
-  static Bits or_(Bits a, Bits b) { return _mm256_or_si256(a, b); }
-  static Bits and_(Bits a, uint32_t c) { return _mm256_and_si256(a, _mm256_set1_epi32(int(c))); }
-  static Bits set1(uint32_t c) { return _mm256_set1_epi32(int(c)); }
-};
-#endif
-
-// hash32 (random.h) of each lane.
-inline CodeOps::Bits hash32_lanes(CodeOps::Bits x) {
-  using O = CodeOps;
-  x = O::xor_(x, O::srl(x, 16));
-  x = O::mullo(x, 0x7feb352du);
-  x = O::xor_(x, O::srl(x, 15));
-  x = O::mullo(x, 0x846ca68bu);
-  return O::xor_(x, O::srl(x, 16));
-}
-
 template <class Var, class P>
 void update_code_block_simd(const TensorPointers& pointers, int64_t start, int64_t n,
                             const RoundingKeys& keys,
