@@ -12,8 +12,9 @@ is the whole count. The optimizer's state stays DTensors, so ``state_dict`` and
 Why not a DTensor sharding strategy for ``adamx::adam_`` (torch registers ``_fused_adam_``
 as a pointwise list op): that route runs DTensor's dispatch and sharding propagation on
 every step only to find that every placement already matches (torch's fused step pays
-15.5 us per tensor for it, this module 4.3: diagnostics/dtensor_overhead.py), and the
-registration APIs are experimental or private and change between torch releases.
+15.5 us per tensor for it, this module 4.3: diagnostics/dtensor_overhead.py; 16.5-19.7
+against 10.6-11.0 on a slower day, 2026-12-06), and the registration APIs are
+experimental or private and change between torch releases.
 The local step is the same kernel on the same memory (see docs/DEVELOPING.md).
 
 The C++ fast path (``adamx._C.step_group``) declines tensor subclasses, so sharded params
