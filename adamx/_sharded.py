@@ -172,7 +172,7 @@ def local_lists(lists, master_params=None, code_scales=None):
             if isinstance(p, DTensor) and scale.numel() > 0:  # (empty: no codes)
                 written.append(scale)
                 scale = _local_scales(DTensor, p, scale)
-            scales.append(getattr(scale, "_local_tensor", scale))
+            scales.append(scale)
         if isinstance(p, DTensor):
             written += [p] + states
             p, grad, states = _local_row(DTensor, p, grads[i], states)

@@ -339,10 +339,13 @@ struct CodeOps {
                                               _mm256_set1_epi32(0x80)));
     return c;
   }
+  // The lanes (each under 2^16) as 8 uint16.
+  static __m128i words(Bits x) {
+    return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  }
   static void store(uint8_t* p, int64_t count, Bits codes) {
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(codes),
-                                           _mm256_extracti128_si256(codes, 1));
-    const int64_t bytes = _mm_cvtsi128_si64(_mm_packus_epi16(words, words));
+    const __m128i w = words(codes);
+    const int64_t bytes = _mm_cvtsi128_si64(_mm_packus_epi16(w, w));
     std::memcpy(p, &bytes, static_cast<size_t>(std::min<int64_t>(count, N)));
   }
   static Bits mullo(Bits a, uint32_t c) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(int(c))); }
@@ -360,9 +363,7 @@ struct CodeOps {
                              16);
   }
   static void store_halves(uint16_t* p, Bits halves) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm_packus_epi32(_mm256_castsi256_si128(halves),
-                                      _mm256_extracti128_si256(halves, 1)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), words(halves));
   }
 };
 #endif
@@ -375,6 +376,13 @@ inline CodeOps::Bits hash32_lanes(CodeOps::Bits x) {
   x = O::xor_(x, O::srl(x, 15));
   x = O::mullo(x, 0x846ca68bu);
   return O::xor_(x, O::srl(x, 16));
+}
+
+// bits(first + j) of a MomentBits (moment_bits32) for the lanes j of a vector (no lane
+// crossing a multiple of 2^32: bits.crosses).
+inline CodeOps::Bits moment_bits_lanes(const MomentBits& bits, uint32_t first) {
+  return hash32_lanes(
+      CodeOps::xor_(CodeOps::index(bits.base_lo + first), CodeOps::set1(bits.folded)));
 }
 
 #endif
@@ -413,9 +421,8 @@ inline void store_stochastic_moments(const Lanes<float, kParts>& m, const Lanes<
   if (!bits.crosses(kElems)) [[likely]] {
     using O = CodeOps;
     static_assert(O::N == N, "one vector of floats per vector of hashes");
-    const O::Bits folded = O::set1(bits.folded);
     for (int k = 0; k < kParts; ++k) {
-      const O::Bits r = hash32_lanes(O::xor_(O::index(bits.base_lo + uint32_t(k * N)), folded));
+      const O::Bits r = moment_bits_lanes(bits, uint32_t(k * N));
       O::store_halves(reinterpret_cast<uint16_t*>(m_out) + k * N,
                       O::round_bf16(m.v[k], O::and_(r, 0xffffu)));
       O::store_halves(reinterpret_cast<uint16_t*>(v_out) + k * N,
@@ -632,9 +639,8 @@ void update_code_block_simd(const TensorPointers& pointers, int64_t start, int64
   const CodeScale m_block = code_scale(absmax(m_max, mbuf));
   const CodeScale v_block = code_scale(absmax(v_max, vbuf));
   const Vectorized<float> m_inv(m_block.inv), v_inv(v_block.inv);
-  const O::Bits folded = O::set1(bits.folded);
   for (int64_t k = 0; k < n; k += N) {
-    const O::Bits r = hash32_lanes(O::xor_(O::index(bits.base_lo + uint32_t(k)), folded));
+    const O::Bits r = moment_bits_lanes(bits, uint32_t(k));
     // moment_random(r, which) >> 12, of each half h of r: (h << 4) | (h >> 12)
     const O::Bits m_random = O::or_(O::and_(O::sll(r, 4), 0xffff0u), O::and_(O::srl(r, 12), 0xfu));
     const O::Bits v_random = O::or_(O::and_(O::srl(r, 12), 0xffff0u), O::srl(r, 28));
