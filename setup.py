@@ -104,7 +104,8 @@ ISA_BUILDS = {
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     ),
 }
-ISA_KERNEL = "csrc/backends/cpu/kernel.cpp"
+# The files compiled once per instruction set.
+ISA_KERNELS = ["csrc/backends/cpu/kernel.cpp", "csrc/backends/cpu/norm_kernel.cpp"]
 
 
 def static_libstdcxx_symbols(path):
@@ -233,7 +234,7 @@ def main():
             def compile_isa(isa):
                 macros, flags = ISA_BUILDS[isa]
                 return self.compiler.compile(
-                    [ISA_KERNEL],
+                    ISA_KERNELS,
                     output_dir=os.path.join(self.build_temp, "isa", torch.__version__, isa),
                     macros=macros,
                     include_dirs=cpp_extension.include_paths(),
@@ -246,7 +247,8 @@ def main():
                 return [obj for objs in pool.map(compile_isa, isas) for obj in objs]
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    sources.remove(ISA_KERNEL)
+    for kernel in ISA_KERNELS:
+        sources.remove(kernel)
     macros = [("ADAMX_WITH_CUDA", None)] if build_cuda else []
     # at::parallel_for is inline code that opens an OpenMP region in *our* object files:
     # without -fopenmp it silently runs on one thread. The OpenMP runtime linked is the

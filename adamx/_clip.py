@@ -7,13 +7,19 @@ of its own before that. adamx's step already divides each grad by a scale in its
 once, for the norm, and hands the step a scale that includes the clip: the grads are
 scaled where the step reads them anyway.
 
-The norm is torch's own (``torch.nn.utils.get_total_norm``: per tensor, then over the
-tensors; multi-tensor on a GPU), so the returned norm is the one torch's loop returns, and
-the clip factor is torch's ``min(max_norm / (norm + 1e-6), 1)``, kept on the device: no
-host sync, unless ``error_if_nonfinite`` asks for one (as in torch).
+The norm is adamx's own multi-tensor kernel (``torch.ops.adamx.norm_accumulate``, one pass
+over all grads, accumulated in float64: csrc/math/norm.h) for norm types 1, 2, inf and any
+finite p > 0, with the root taken once and rounded to the dtype torch's norm returns; other
+norm types (0, -inf, negative p) and builds without the kernels take torch's
+``get_total_norm``. The clip factor is torch's ``min(max_norm / (norm + 1e-6), 1)``, kept
+on the device: no host sync, unless ``error_if_nonfinite`` asks for one (as in torch).
 
-DTensor grads of one mesh take the same route: torch's norm of them is the global one
-(reduced over the mesh), and its replicated value drives every rank's factor.
+DTensor grads of one mesh whose placements are ``Shard`` or ``Replicate`` (FSDP2, tensor
+parallel) take the kernel over their local shards, each shard counted on the ranks whose
+coordinate on its replicated mesh dimensions is 0 only, and the accumulators summed (order
+inf: their largest) over the mesh; ``Partial`` grads take torch's DTensor norm. The global
+norm, the same on every rank, drives every rank's factor. (torch's own inf norm of DTensor
+grads fails on a rank whose shard is empty: ``_foreach_norm`` has no identity for it.)
 
 With a GradScaler passed as ``grad_scaler``, the grads are still scaled: the norm of the
 scaled grads times GradScaler's inverse scale is the unscaled norm (exactly, for its
@@ -28,12 +34,76 @@ the step saves a write of every grad (with the norm's read, 32 bytes per float32
 instead of 36; torch's loop moves 40, or 48 with GradScaler's unscale).
 """
 
+import functools
+import math
+
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _sharded
+from . import _ops, _sharded
 
 __all__ = ["clip_grad_norm_"]
+
+
+def _total_norm(grads, norm_type, dtype=None, foreach=None):
+    """The norm torch's ``get_total_norm(grads, norm_type)`` computes (with ``dtype``: of
+    the grads taken in that dtype), by adamx's kernel where it applies: a plain tensor,
+    or, from torch's DTensor norm, a DTensor."""
+    acc = None
+    if _kernel_takes(grads, norm_type):
+        if not _sharded.is_dtensor(grads[0]):
+            acc = torch.ops.adamx.norm_accumulate(grads, norm_type)
+        else:
+            acc = _sharded_accumulator(grads, norm_type)
+    if acc is None:  # torch's norm
+        if dtype is None:
+            return torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        return torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]), norm_type)
+    if norm_type == 2.0:
+        acc = acc.sqrt()
+    elif norm_type != 1.0 and not math.isinf(norm_type):
+        acc = acc.pow(1.0 / norm_type)
+    return acc.to(dtype or functools.reduce(torch.promote_types, [g.dtype for g in grads]))
+
+
+def _kernel_takes(grads, norm_type):
+    return (_ops.is_compiled() and (norm_type > 0 and not math.isnan(norm_type))
+            and all(g.dtype in _KERNEL_DTYPES and g.layout == torch.strided for g in grads))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _sharded_accumulator(grads, norm_type):
+    """The accumulator of the global norm of DTensor grads of one mesh, the same on every
+    rank: each rank's kernel over the local shards it counts (a replicated one on the
+    first rank of each replicated mesh dimension only), summed over the mesh (order inf:
+    the largest, with a NaN anywhere kept). None for grads with Partial placements, which
+    torch's DTensor norm reduces."""
+    mesh = grads[0].device_mesh
+    coordinate = mesh.get_coordinate()
+    counted = []
+    for g in grads:
+        placements = g.placements
+        if any(not (p.is_shard() or p.is_replicate()) for p in placements):
+            return None
+        if all(coordinate[d] == 0 for d, p in enumerate(placements) if p.is_replicate()):
+            counted.append(g.to_local())
+    device = grads[0].to_local().device
+    acc = (torch.ops.adamx.norm_accumulate(counted, norm_type) if counted
+           else torch.zeros((), dtype=torch.float64, device=device))
+    dist = torch.distributed
+    if math.isinf(norm_type):
+        # the largest |x| and whether some rank saw a NaN (a max all-reduce need not keep
+        # a NaN), in one all-reduce
+        pair = torch.stack([torch.nan_to_num(acc, nan=0.0), acc.isnan().double()])
+        for d in range(mesh.ndim):
+            dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        return torch.where(pair[1] > 0, torch.full_like(pair[0], math.nan), pair[0])
+    for d in range(mesh.ndim):
+        dist.all_reduce(acc, group=mesh.get_group(d))
+    return acc
 
 
 def _params_with_grads(optimizer):
@@ -73,21 +143,16 @@ def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     with torch.no_grad():
-        if scaler is not None and any(g.dtype == torch.float16 for g in grads):
-            # Scaled float16 grads: their norm can pass float16's range (65504) where no
-            # grad does, which would read as an overflow and skip the step; take it in
-            # float32. (torch's loop cannot clip these: GradScaler refuses to unscale
-            # float16 grads.)
-            norm = torch.linalg.vector_norm(torch.stack([
-                torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]),
-                norm_type)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
-        if mesh is not None:
-            # DTensor grads of one mesh (FSDP2, tensor parallel): torch's norm is the
-            # global one (each rank's partial norms reduced over the mesh, replicated
-            # shards counted once); its value, the same on every rank, drives the clip,
-            # so every rank folds the same factor (and GradScaler's found-inf) into its step.
+        # Scaled float16 grads: their norm can pass float16's range (65504) where no grad
+        # does, which would read as an overflow and skip the step; take it in float32.
+        # (torch's loop cannot clip these: GradScaler refuses to unscale float16 grads.)
+        wide = scaler is not None and any(g.dtype == torch.float16 for g in grads)
+        norm = _total_norm(grads, norm_type, torch.float32 if wide else None, foreach)
+        if _sharded.is_dtensor(norm):
+            # torch's DTensor norm (each rank's partial norms reduced over the mesh,
+            # replicated shards counted once): its value, the same on every rank, drives
+            # the clip, so every rank folds the same factor (and GradScaler's found-inf)
+            # into its step.
             norm = norm.full_tensor()
         if scaler is not None:
             record = scaler._per_optimizer_states[id(optimizer)]

@@ -162,3 +162,27 @@ if _C is not None:
                 f"bool edge_blocks_only=False) -> int[]")
     # Test-only: the CUDA launch plan for tensors of these sizes (nothing is allocated).
     _lib.define(f"_cuda_launch_plan(int[] numels, {_geometry}) -> int[]")
+
+    # The accumulator of a norm over every element of the tensors (one device, float32,
+    # float64, float16 or bfloat16, any strides): a float64 scalar on their device, the
+    # sum of |x|^norm_type (norm_type 1, 2 or finite p > 0) or the largest |x| (inf); the
+    # caller takes the root (adamx/_clip.py). csrc/op/norm_op.h.
+    _lib.define("norm_accumulate(Tensor[] tensors, float norm_type) -> Tensor")
+
+    @torch.library.register_fake("adamx::norm_accumulate", lib=_lib)
+    def _norm_accumulate_fake(tensors, norm_type):
+        if not tensors:
+            raise RuntimeError("adamx: norm_accumulate needs at least one tensor")
+        for i, t in enumerate(tensors):
+            if t.device != tensors[0].device:
+                raise RuntimeError(f"adamx: norm_accumulate: tensors[{i}] is on {t.device} but "
+                                   f"tensors[0] is on {tensors[0].device}; one call takes the "
+                                   "tensors of one device")
+        return tensors[0].new_empty((), dtype=torch.float64)
+
+    # Test-only (csrc/backends/cuda/norm_emulate.cpp): norm_accumulate as the CUDA backend
+    # runs it, its kernel bodies executed on the CPU for every block and thread.
+    _lib.define(f"_norm_accumulate_emulated_cuda(Tensor[] tensors, float norm_type, "
+                f"int chunk_size={_C.CUDA_NORM_CHUNK_SIZE}, "
+                f"int max_tensors={_C.CUDA_NORM_MAX_TENSORS}, "
+                f"int block_dim={_C.CUDA_NORM_BLOCK_DIM}) -> Tensor")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint import state_dict as dsd
 
 import adamx
-from conftest import TOL
+from conftest import TOL, assert_norm_close
 from test_lifecycle import SHARDED_KINDS
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -68,6 +68,14 @@ class Mismatches:
     def close(self, what, got, want):
         try:  # (on the CPU: under CPU offload the replica is on the GPU, the shards not)
             torch.testing.assert_close(got.cpu(), want.cpu(), **TOL[want.dtype])
+        except AssertionError as exc:
+            self.found.append(f"{what}: {exc}")
+
+    def norm(self, what, got, torch_norm, grads, norm_type=2.0):
+        """conftest.assert_norm_close: half an ulp from the exact norm, no further than
+        torch's."""
+        try:
+            assert_norm_close(got.cpu(), torch_norm.cpu(), [g.cpu() for g in grads], norm_type)
         except AssertionError as exc:
             self.found.append(f"{what}: {exc}")
 
@@ -578,8 +586,10 @@ def dcp_reshard(ctx):
 
 
 def clip_sharded(ctx):
-    """Adam.clip_grad_norm_ on FSDP2 grads: the norm is torch's global one (the same
-    bits as torch.nn.utils.clip_grad_norm_ on the same DTensor grads) and every rank folds
+    """Adam.clip_grad_norm_ on FSDP2 grads: the norm is the global one (adamx's kernel on
+    each rank's shards, the accumulators summed over the mesh: within half an ulp of the
+    exact norm of the whole grads, no further than torch's clip_grad_norm_ on the same
+    DTensor grads, close to the unsharded run's) and every rank folds
     the same factor into its step, which matches the unsharded run (with GradScaler too,
     whose found-inf then comes from the global norm)."""
     m = Mismatches()
@@ -599,15 +609,18 @@ def clip_sharded(ctx):
             (scalers[0].scale(loss) if with_scaler else loss).backward()
             give_grads([ref_model], model)
             want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            whole = [full(p.grad) for p in model.parameters()]
             if with_scaler:
-                want = want * scalers[0]._scale.double().reciprocal().float()
+                inverse = scalers[0]._scale.double().reciprocal().float()
+                want = want * inverse
+                whole = [g * inverse for g in whole]  # (a power of two: exact)
             before = [p.grad.to_local().clone() for p in model.parameters()]
             got = opt.clip_grad_norm_(0.05, grad_scaler=scalers[0])
             for g, p in zip(before, model.parameters()):  # folded: no pass over the grads
                 m.bitwise("grads after clip_grad_norm_", p.grad.to_local(), g)
             ref_got = ref_opt.clip_grad_norm_(0.05, grad_scaler=scalers[1])
             what = f"{'scaler ' if with_scaler else ''}step {step + 1}"
-            m.bitwise(f"{what} norm vs torch's", full(got), full(want))
+            m.norm(f"{what} norm vs torch's", full(got), full(want), whole)
             m.close(f"{what} norm vs unsharded", full(got), ref_got)
             for o, scaler in ((opt, scalers[0]), (ref_opt, scalers[1])):
                 if scaler is None:
@@ -617,6 +630,51 @@ def clip_sharded(ctx):
                     scaler.update()
                 o.zero_grad()
             compare_models(m, what, model, ref_model, exact=False)
+    m.raise_if_any()
+
+
+def clip_placements(ctx):
+    """Adam.clip_grad_norm_ on DTensor grads of every placement on 1-D and 2-D meshes
+    (shards, replicas, both): each element counted once, so the norm is within half an
+    ulp of the exact norm of the whole grads and no further than torch's, the same on
+    every rank, for orders 2, 1, 3.5 and inf; and a NaN on one rank's shard makes every
+    rank's norm NaN."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    m = Mismatches()
+    world = ctx.world_size
+    mesh1 = init_device_mesh(ctx.device_type, (world,))
+    mesh2 = init_device_mesh(ctx.device_type, (world, 1), mesh_dim_names=("dp", "tp"))
+    settings = {
+        "1-D": (mesh1, [((5, 3), [Shard(0)]), ((1, 4), [Shard(0)]), ((4, 6), [Shard(1)]),
+                        ((7,), [Replicate()])]),
+        "2-D": (mesh2, [((5, 4), [Shard(0), Replicate()]), ((3, 4), [Replicate(), Shard(1)]),
+                        ((6,), [Replicate(), Replicate()]), ((4, 5), [Shard(1), Replicate()])]),
+    }
+    for name, (mesh, layouts) in settings.items():
+        g = torch.Generator().manual_seed(4)
+        wholes = [torch.randn(shape, generator=g).to(ctx.device) for shape, _ in layouts]
+        params = [nn.Parameter(distribute_tensor(torch.zeros_like(w), mesh, placements))
+                  for w, (_, placements) in zip(wholes, layouts)]
+        opt = adamx.Adam(params, lr=LR)
+        for norm_type in (2.0, 1.0, 3.5, float("inf")):
+            for p, w, (_, placements) in zip(params, wholes, layouts):
+                p.grad = distribute_tensor(w.clone(), mesh, placements)
+            # torch's norm of the whole grads (of the DTensor grads, order inf fails on
+            # rank 1's empty shard: _foreach_norm has no identity there)
+            want = torch.nn.utils.get_total_norm(wholes, norm_type)
+            got = full(opt.clip_grad_norm_(1e9, norm_type))
+            m.norm(f"{name} order {norm_type}", got, want, wholes, norm_type)
+            check_same_on_every_rank(m, f"{name} order {norm_type} norm", got.item())
+            opt.zero_grad()
+            # a NaN in rank 1's part of the first grad only
+            for p, w, (_, placements) in zip(params, wholes, layouts):
+                bad = w.clone()
+                if p is params[0]:
+                    bad[-1] = float("nan")
+                p.grad = distribute_tensor(bad, mesh, placements)
+            got = full(opt.clip_grad_norm_(1e9, norm_type))
+            m.check(got.isnan().item(), f"{name} order {norm_type}: a NaN on one rank gave {got}")
+            opt.zero_grad()
     m.raise_if_any()
 
 
@@ -1010,7 +1068,7 @@ def lifecycle_reshard(ctx):
 
 JOBS = {  # job -> its settings, run in this order
     "cpu2": [fsdp2, fsdp2_bf16, fsdp2_bf16_master, dtensor_placements, sharded_rounding,
-             fsdp2_lean, zero_ddp, dcp_save_load, clip_sharded],
+             fsdp2_lean, zero_ddp, dcp_save_load, clip_sharded, clip_placements],
     "cpu1": [dcp_reshard],
     "life2": [lifecycle_sharded(kind) for kind in SHARDED_KINDS],
     "life1": [lifecycle_reshard],

@@ -143,6 +143,10 @@ def test_clip_grad_norm_sharded(cpu2):
     check(cpu2, "clip_sharded")
 
 
+def test_clip_grad_norm_of_every_placement(cpu2):
+    check(cpu2, "clip_placements")
+
+
 def test_dcp_adamx_and_torch_both_ways(cpu2):
     check(cpu2, "dcp_save_load")
 

@@ -5,6 +5,7 @@
 
 #include "../backends/cpu/isa.h"
 #include "../backends/cuda/block_body.h"
+#include "../backends/cuda/norm_body.h"
 #include "step_group.h"
 
 namespace {
@@ -77,4 +78,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CUDA_MAX_TENSORS") = cuda::kMaxTensors;
   m.attr("CUDA_MAX_BLOCKS") = cuda::kMaxBlocks;
   m.attr("CUDA_MAX_SCALAR_SETS") = cuda::kMaxScalarSets;
+  // The CUDA norm's (norm_accumulate), the defaults of its emulation's arguments.
+  m.attr("CUDA_NORM_CHUNK_SIZE") = cuda::kNormChunkSize;
+  m.attr("CUDA_NORM_MAX_TENSORS") = cuda::kNormMaxTensors;
+  m.attr("CUDA_NORM_BLOCK_DIM") = cuda::kNormBlockDim;
 }
